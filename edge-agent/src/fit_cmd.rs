@@ -1,0 +1,149 @@
+//! `edge-agent fit`: build a PatchCore bundle from good images.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use insp_core::memory_bank::BankDtype;
+use insp_core::patchcore::{self, FitConfig, FitStage, ScoreRule};
+use std::path::PathBuf;
+
+/// Arguments of `fit`.
+#[derive(Args)]
+pub struct FitArgs {
+    /// MVTec-AD-layout data set folder (train/good is used).
+    #[arg(long)]
+    data: PathBuf,
+    /// Bundle folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Backbone: lite0, lite1 or lite2.
+    #[arg(long, default_value = "lite0")]
+    backbone: String,
+    /// Backbone stages whose features are used (1-based; 3 = stride 8, 5 = stride 16).
+    #[arg(long, value_delimiter = ',', default_value = "3,5")]
+    stages: Vec<usize>,
+    /// Square input side in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Local averaging window over feature cells.
+    #[arg(long, default_value_t = 3)]
+    pool: usize,
+    /// Upper bound on memory bank rows.
+    #[arg(long, default_value_t = FitConfig::default().bank_rows)]
+    bank_rows: usize,
+    /// Bank rows as a share of all training patches (the smaller bound wins).
+    #[arg(long, default_value_t = 0.1)]
+    coreset_ratio: f64,
+    /// Training patches the coreset chooses from, at most.
+    #[arg(long, default_value_t = FitConfig::default().max_candidates)]
+    max_candidates: usize,
+    /// Random projection dimensions used while choosing the coreset.
+    #[arg(long, default_value_t = FitConfig::default().coreset_dims)]
+    coreset_dims: usize,
+    /// Share of train/good held out for threshold calibration.
+    #[arg(long, default_value_t = 0.1)]
+    holdout: f64,
+    /// Seed of the hold-out split and sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Gaussian blur of the map in input pixels.
+    #[arg(long, default_value_t = 4.0)]
+    blur_sigma: f32,
+    /// Image score: `max`, or `reweighted:K` (PatchCore's re-weighting over K bank neighbours).
+    #[arg(long, default_value = "max")]
+    score: String,
+    /// Bank file precision: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    bank_dtype: BankDtype,
+    /// Images per backbone batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Folder of converted weights (default: where `weights fetch` puts them).
+    #[arg(long, env = "INSP_WEIGHTS_DIR")]
+    weights_dir: Option<PathBuf>,
+}
+
+/// Parses `max` or `reweighted:K`.
+pub fn parse_score_rule(s: &str) -> Result<ScoreRule> {
+    match s.split_once(':') {
+        None if s == "max" => Ok(ScoreRule::Max),
+        Some(("reweighted", k)) => Ok(ScoreRule::Reweighted {
+            neighbours: k.parse().context("reweighted:K needs a number")?,
+        }),
+        _ => anyhow::bail!("score rule {s:?}: use `max` or `reweighted:K`"),
+    }
+}
+
+/// Runs `fit`.
+pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
+    let config = FitConfig {
+        backbone: args.backbone.clone(),
+        stages: args.stages,
+        size: args.size,
+        pool: args.pool,
+        bank_rows: args.bank_rows,
+        coreset_ratio: args.coreset_ratio,
+        max_candidates: args.max_candidates,
+        coreset_dims: args.coreset_dims,
+        holdout: args.holdout,
+        seed: args.seed,
+        blur_sigma: args.blur_sigma,
+        score: parse_score_rule(&args.score)?,
+        bank_dtype: args.bank_dtype,
+        batch: args.batch,
+    };
+    let weights =
+        insp_core::weights::locate(&crate::weights_dir(args.weights_dir), &args.backbone)?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}<{eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut current = None;
+    let manifest = patchcore::fit(
+        &args.data,
+        &weights,
+        &config,
+        &args.out,
+        device,
+        &mut |stage, done, total| {
+            if current != Some(stage) {
+                current = Some(stage);
+                bar.reset();
+                bar.set_length(total as u64);
+                bar.set_message(match stage {
+                    FitStage::Embedding => "features",
+                    FitStage::Coreset => "coreset",
+                    FitStage::Calibrating => "calibration",
+                });
+            }
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    let m = &manifest.model;
+    println!(
+        "bundle {} written to {}",
+        manifest.version,
+        args.out.display()
+    );
+    println!(
+        "  {} training images ({} held out, {} skipped), bank {} x {} ({}), fit {:.1} s",
+        manifest.fit.train_images,
+        manifest.fit.holdout_images,
+        manifest.fit.skipped_images,
+        m.bank_rows,
+        m.feature_dims,
+        match m.bank_dtype {
+            BankDtype::F32 => "f32",
+            BankDtype::F16 => "f16",
+        },
+        manifest.fit.seconds
+    );
+    let c = &manifest.calibration;
+    if let (Some(p50), Some(p99), Some(max)) = (c.quantile(0.5), c.quantile(0.99), c.quantile(1.0))
+    {
+        println!("  held-out good scores: median {p50:.4}, p99 {p99:.4}, max {max:.4}");
+    }
+    Ok(())
+}

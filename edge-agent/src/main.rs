@@ -1,0 +1,93 @@
+//! `edge-agent`: the program beside each camera. It fits PatchCore bundles from good
+//! images, scores frames, evaluates and benchmarks bundles, and makes synthetic data.
+//! (The long-running frame pipeline to MQTT arrives with the edge agent issue.)
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+mod bench_cmd;
+mod eval_cmd;
+mod fit_cmd;
+mod score_cmd;
+mod synth_cmd;
+mod weights_cmd;
+
+/// Edge inspection agent: scores frames with a PatchCore memory bank.
+#[derive(Parser)]
+#[command(name = "edge-agent", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `insp_core=debug`.
+    #[arg(long, env = "INSP_LOG", default_value = "warn", global = true)]
+    log: String,
+    /// Compute device: `cpu`, `cuda` (first GPU) or `cuda:N`; default: a GPU if this build
+    /// has CUDA and one is present, else the CPU.
+    #[arg(long, env = "INSP_DEVICE", global = true)]
+    device: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch and convert the pretrained EfficientNet-Lite checkpoints.
+    Weights {
+        #[command(subcommand)]
+        action: weights_cmd::WeightsAction,
+    },
+    /// Build a PatchCore bundle from the good images of an MVTec-AD-layout folder.
+    Fit(fit_cmd::FitArgs),
+    /// Score a data set's test split: scores.csv, maps, overlays and metrics.
+    Eval(eval_cmd::EvalArgs),
+    /// Score image files and write a heatmap overlay for each.
+    Score(score_cmd::ScoreArgs),
+    /// Measure per-frame latency, throughput and memory of a bundle.
+    Bench(bench_cmd::BenchArgs),
+    /// Write a synthetic MVTec-AD-layout data set (textures with defects and masks).
+    Synth(synth_cmd::SynthArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = device(cli.device.as_deref()).and_then(|device| match cli.command {
+        Command::Weights { action } => weights_cmd::run(action),
+        Command::Fit(args) => fit_cmd::run(args, &device),
+        Command::Eval(args) => eval_cmd::run(args, &device),
+        Command::Score(args) => score_cmd::run(args, &device),
+        Command::Bench(args) => bench_cmd::run(args, &device),
+        Command::Synth(args) => synth_cmd::run(args),
+    });
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The weights directory a command uses: the flag, else the library default.
+pub fn weights_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.unwrap_or_else(insp_core::weights::default_dir)
+}
+
+/// Resolves the `--device` flag.
+fn device(flag: Option<&str>) -> Result<candle_core::Device> {
+    use candle_core::Device;
+    match flag {
+        None => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        Some("cpu") => Ok(Device::Cpu),
+        Some(spec) if spec.starts_with("cuda") => {
+            let ordinal = spec
+                .strip_prefix("cuda:")
+                .map(str::parse::<usize>)
+                .transpose()
+                .context("device index after `cuda:` must be a number")?;
+            Device::new_cuda(ordinal.unwrap_or(0)).with_context(|| format!("cannot open {spec}: this build has no CUDA (build with --features cuda) or no GPU is present"))
+        }
+        Some(other) => anyhow::bail!("unknown device {other:?}: use cpu, cuda or cuda:N"),
+    }
+}

@@ -1,0 +1,225 @@
+//! The edge-agent commands end to end on a synthetic data set with the real pretrained
+//! weights (fetched by `edge-agent weights fetch`, which the test script runs first).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(args)
+        .output()
+        .expect("edge-agent runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = agent(args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "edge-agent {args:?} failed:\n{text}");
+    text
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+/// Synthetic data and a small bundle fitted on it, shared by the tests of this file.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    bundle: PathBuf,
+    root: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let bundle = dir.path().join("bundle");
+    ok(&[
+        "synth",
+        "--out",
+        p(&data),
+        "--seed",
+        "3",
+        "--size",
+        "128",
+        "--train",
+        "24",
+        "--test-good",
+        "8",
+        "--test-defect",
+        "4",
+    ]);
+    let fit = ok(&[
+        "fit",
+        "--data",
+        p(&data),
+        "--out",
+        p(&bundle),
+        "--bank-rows",
+        "1000",
+    ]);
+    assert!(fit.contains("bank 1000 x 152"), "{fit}");
+    let root = dir.path().to_path_buf();
+    Fixture {
+        _dir: dir,
+        data,
+        bundle,
+        root,
+    }
+}
+
+#[test]
+fn fit_eval_score_on_synthetic_data() {
+    let f = fixture();
+    let out = f.root.join("eval");
+    let text = ok(&[
+        "eval",
+        "--bundle",
+        p(&f.bundle),
+        "--data",
+        p(&f.data),
+        "--out",
+        p(&out),
+    ]);
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["images"], 20, "{text}");
+    assert!(metrics["image_auroc"].as_f64().unwrap() > 0.9, "{metrics}");
+    assert!(metrics["pixel_auroc"].as_f64().unwrap() > 0.9, "{metrics}");
+    assert!(metrics["aupro"].as_f64().unwrap() > 0.7, "{metrics}");
+    let csv = std::fs::read_to_string(out.join("scores.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 21);
+    assert!(csv.starts_with("path,label,score\n"));
+    assert!(out.join("maps/test/hole/0000.npy").is_file());
+    assert!(out.join("overlays/test/scratch/0001.png").is_file());
+    // Manifest: hashes of every file, calibration from the held-out good images.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.bundle.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        manifest["calibration"]["good_scores"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(manifest["files"].as_object().unwrap().len(), 2);
+
+    // `score` on a good image, a defective one and a corrupt file: the bad file is
+    // reported and skipped, the others are scored, the exit status says one failed.
+    let corrupt = f.root.join("corrupt.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let heat = f.root.join("heat");
+    let good = f.data.join("test/good/0000.png");
+    let bad = f.data.join("test/hole/0000.png");
+    let out = agent(&[
+        "score",
+        "--bundle",
+        p(&f.bundle),
+        "--out",
+        p(&heat),
+        p(&good),
+        p(&corrupt),
+        p(&bad),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("corrupt.png"), "{stderr}");
+    let score_of = |name: &str| -> f32 {
+        stdout
+            .lines()
+            .find(|l| l.contains(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no score for {name} in {stdout}"))
+    };
+    assert!(
+        score_of("hole/0000.png") > score_of("good/0000.png"),
+        "{stdout}"
+    );
+    assert!(heat.join("0000.heatmap.png").is_file());
+}
+
+#[test]
+fn broken_inputs_get_clear_errors() {
+    let f = fixture();
+    // A bank file that does not match its hash is refused, naming the file.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(f.bundle.join("bank.safetensors"))
+        .and_then(|mut fh| std::io::Write::write_all(&mut fh, b"x"))
+        .unwrap();
+    let out = agent(&[
+        "score",
+        "--bundle",
+        p(&f.bundle),
+        p(&f.data.join("test/good/0000.png")),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bank.safetensors") && err.contains("sha256"),
+        "{err}"
+    );
+
+    // An empty training folder.
+    let empty = f.root.join("empty");
+    std::fs::create_dir_all(empty.join("train/good")).unwrap();
+    let out = agent(&["fit", "--data", p(&empty), "--out", p(&f.root.join("b2"))]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("train/good") && err.contains("no training images"),
+        "{err}"
+    );
+
+    // Not a bundle at all.
+    let out = agent(&[
+        "eval",
+        "--bundle",
+        p(&empty),
+        "--data",
+        p(&f.data),
+        "--out",
+        p(&f.root.join("e")),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("manifest.json"));
+}
+
+#[test]
+fn bench_reports_the_contracted_figures() {
+    let f = fixture();
+    let json = f.root.join("bench.json");
+    let text = ok(&[
+        "bench",
+        "--bundle",
+        p(&f.bundle),
+        "--data",
+        p(&f.data),
+        "--frames",
+        "5",
+        "--batch",
+        "2",
+        "--json",
+        p(&json),
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in [
+        "total_ms_p50",
+        "backbone_ms_p50",
+        "knn_ms_p50",
+        "map_ms_p50",
+    ] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key} in {v}");
+    }
+    assert_eq!(v["bank_rows"], 1000);
+    assert_eq!(v["bank_dims"], 152);
+    assert!(v["total_ms_p50"].as_f64().unwrap() >= v["backbone_ms_p50"].as_f64().unwrap());
+    assert!(text.contains("p99"), "{text}");
+}

@@ -1,0 +1,1 @@
+//! Protobuf payloads; generated code arrives with the MQTT issue.

@@ -1,0 +1,389 @@
+//! EfficientNet-Lite (Lite0, Lite1, Lite2) in candle, for ImageNet-pretrained features.
+//!
+//! Lite differs from EfficientNet in ways that matter for loading the checkpoints right:
+//! no squeeze-excite, ReLU6 instead of swish, stem (32) and head (1280) not scaled, and the
+//! first and last stages' repeats not scaled. The checkpoints were ported from TensorFlow,
+//! so convolutions use TensorFlow "same" padding (asymmetric for stride 2) and BatchNorm
+//! uses eps 1e-3. BatchNorm is folded into the convolutions at load time.
+//!
+//! Weight names follow the `efficientnet_pytorch` project: `_conv_stem`, `_bn0`,
+//! `_blocks.N._expand_conv`, `_blocks.N._bn0`, `_depthwise_conv`, `_bn1`,
+//! `_project_conv`, `_bn2`, `_conv_head`, `_bn1`, `_fc`.
+
+use crate::depthwise::{depthwise_conv, same_padding, DepthwiseGeometry};
+use crate::error::{Error, Result};
+use candle_core::{Module, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+const BN_EPS: f64 = 1e-3;
+
+/// Per-stage settings of EfficientNet-B0, which Lite scales: (kernel, stride, expand ratio,
+/// output channels, repeats).
+const BASE_STAGES: [(usize, usize, usize, usize, usize); 7] = [
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+];
+
+/// Architecture of one Lite variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiteConfig {
+    /// Variant name: `lite0`, `lite1` or `lite2`.
+    pub variant: String,
+    /// Channel multiplier.
+    pub width: f64,
+    /// Repeat multiplier.
+    pub depth: f64,
+    /// Native ImageNet input side.
+    pub native_size: usize,
+}
+
+impl LiteConfig {
+    /// Settings of a named variant.
+    pub fn for_variant(variant: &str) -> Result<Self> {
+        let (width, depth, native_size) = match variant {
+            "lite0" => (1.0, 1.0, 224),
+            "lite1" => (1.0, 1.1, 240),
+            "lite2" => (1.1, 1.2, 260),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown backbone {other:?}; choose lite0, lite1 or lite2"
+                )))
+            }
+        };
+        Ok(Self {
+            variant: variant.to_string(),
+            width,
+            depth,
+            native_size,
+        })
+    }
+
+    fn round_filters(&self, filters: usize) -> usize {
+        let f = filters as f64 * self.width;
+        let mut rounded = (((f + 4.0) as usize) / 8 * 8).max(8);
+        if (rounded as f64) < 0.9 * f {
+            rounded += 8;
+        }
+        rounded
+    }
+
+    /// Output channels of each stage (1-based stage numbers index this minus one).
+    pub fn stage_channels(&self) -> Vec<usize> {
+        BASE_STAGES
+            .iter()
+            .map(|s| self.round_filters(s.3))
+            .collect()
+    }
+
+    /// Total stride (input pixels per feature cell) after each stage.
+    pub fn stage_strides(&self) -> Vec<usize> {
+        let mut total = 2; // the stem
+        BASE_STAGES
+            .iter()
+            .map(|s| {
+                total *= s.1;
+                total
+            })
+            .collect()
+    }
+
+    /// Number of MBConv blocks in stages 1..=`stage`.
+    pub fn blocks_through(&self, stage: usize) -> usize {
+        (0..stage.min(BASE_STAGES.len()))
+            .map(|s| self.stage_repeats(s))
+            .sum()
+    }
+
+    fn stage_repeats(&self, stage: usize) -> usize {
+        let base = BASE_STAGES[stage].4;
+        if stage == 0 || stage == BASE_STAGES.len() - 1 {
+            base
+        } else {
+            (base as f64 * self.depth).ceil() as usize
+        }
+    }
+}
+
+/// A convolution with BatchNorm folded in: weight and bias.
+struct FoldedConv {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+fn fold_bn(weight: Tensor, vb: &VarBuilder, bn: &str) -> Result<FoldedConv> {
+    let out = weight.dim(0)?;
+    let vb = vb.pp(bn);
+    let gamma = vb.get(out, "weight")?;
+    let beta = vb.get(out, "bias")?;
+    let mean = vb.get(out, "running_mean")?;
+    let var = vb.get(out, "running_var")?;
+    let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
+    let mut shape = vec![out];
+    shape.resize(weight.rank(), 1);
+    let weight = weight.broadcast_mul(&scale.reshape(shape)?)?;
+    let bias = (beta - (mean * &scale)?)?;
+    Ok(FoldedConv { weight, bias })
+}
+
+/// 1x1 convolution as a matrix product; weight is (out, in).
+struct Pointwise {
+    conv: FoldedConv,
+    relu6: bool,
+}
+
+impl Pointwise {
+    fn load(
+        vb: &VarBuilder,
+        conv: &str,
+        bn: &str,
+        cin: usize,
+        cout: usize,
+        relu6: bool,
+    ) -> Result<Self> {
+        let w = vb.get((cout, cin, 1, 1), &format!("{conv}.weight"))?;
+        let conv = fold_bn(w.reshape((cout, cin))?, vb, bn)?;
+        Ok(Self { conv, relu6 })
+    }
+}
+
+impl Module for Pointwise {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let cout = self.conv.weight.dim(0)?;
+        let y = self
+            .conv
+            .weight
+            .broadcast_left(n)?
+            .matmul(&x.reshape((n, c, h * w))?)?;
+        let y = y.broadcast_add(&self.conv.bias.reshape((1, cout, 1))?)?;
+        let y = if self.relu6 { y.clamp(0f32, 6f32)? } else { y };
+        y.reshape((n, cout, h, w))
+    }
+}
+
+/// Depthwise k x k convolution with folded BatchNorm and ReLU6.
+struct Depthwise {
+    conv: FoldedConv,
+    geometry: DepthwiseGeometry,
+}
+
+impl Module for Depthwise {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        depthwise_conv(x, &self.conv.weight, &self.conv.bias, self.geometry)
+    }
+}
+
+/// Inverted residual block (MBConv) without squeeze-excite.
+struct MbConv {
+    expand: Option<Pointwise>,
+    depthwise: Depthwise,
+    project: Pointwise,
+    residual: bool,
+}
+
+impl MbConv {
+    fn load(
+        vb: &VarBuilder,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        expand: usize,
+    ) -> Result<Self> {
+        let mid = cin * expand;
+        let expand = if expand != 1 {
+            Some(Pointwise::load(vb, "_expand_conv", "_bn0", cin, mid, true)?)
+        } else {
+            None
+        };
+        let w = vb.get((mid, 1, kernel, kernel), "_depthwise_conv.weight")?;
+        let conv = fold_bn(w.reshape((mid, kernel * kernel))?, vb, "_bn1")?;
+        let depthwise = Depthwise {
+            conv,
+            geometry: DepthwiseGeometry {
+                kernel,
+                stride,
+                relu6: true,
+            },
+        };
+        let project = Pointwise::load(vb, "_project_conv", "_bn2", mid, cout, false)?;
+        Ok(Self {
+            expand,
+            depthwise,
+            project,
+            residual: stride == 1 && cin == cout,
+        })
+    }
+}
+
+impl Module for MbConv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = match &self.expand {
+            Some(e) => e.forward(x)?,
+            None => x.clone(),
+        };
+        let h = self.project.forward(&self.depthwise.forward(&h)?)?;
+        if self.residual {
+            h + x
+        } else {
+            Ok(h)
+        }
+    }
+}
+
+/// ImageNet classifier head: 1x1 conv to 1280, pooling, linear layer.
+struct Head {
+    conv: Pointwise,
+    fc_weight: Tensor,
+    fc_bias: Tensor,
+}
+
+/// The EfficientNet-Lite feature extractor (and, when loaded with its head, classifier).
+pub struct EfficientNetLite {
+    config: LiteConfig,
+    stem: FoldedConv,
+    /// Blocks grouped by stage.
+    stages: Vec<Vec<MbConv>>,
+    head: Option<Head>,
+}
+
+impl EfficientNetLite {
+    /// Loads the first `num_stages` stages (1..=7), plus the classifier head if asked.
+    pub fn load(
+        vb: VarBuilder,
+        config: LiteConfig,
+        num_stages: usize,
+        with_head: bool,
+    ) -> Result<Self> {
+        if num_stages == 0 || num_stages > BASE_STAGES.len() {
+            return Err(Error::Config(format!(
+                "stage count {num_stages} outside 1..=7"
+            )));
+        }
+        let num_stages = if with_head {
+            BASE_STAGES.len()
+        } else {
+            num_stages
+        };
+        let stem_w = vb.get((32, 3, 3, 3), "_conv_stem.weight")?;
+        let stem = fold_bn(stem_w, &vb, "_bn0")?;
+        let channels = config.stage_channels();
+        let mut cin = 32;
+        let mut index = 0;
+        let mut stages = Vec::new();
+        for (s, &(kernel, stride, expand, _, _)) in BASE_STAGES.iter().enumerate().take(num_stages)
+        {
+            let cout = channels[s];
+            let mut blocks = Vec::new();
+            for r in 0..config.stage_repeats(s) {
+                let stride = if r == 0 { stride } else { 1 };
+                blocks.push(MbConv::load(
+                    &vb.pp(format!("_blocks.{index}")),
+                    cin,
+                    cout,
+                    kernel,
+                    stride,
+                    expand,
+                )?);
+                cin = cout;
+                index += 1;
+            }
+            stages.push(blocks);
+        }
+        let head = if with_head {
+            let conv = Pointwise::load(&vb, "_conv_head", "_bn1", cin, 1280, true)?;
+            let fc_weight = vb.get((1000, 1280), "_fc.weight")?;
+            let fc_bias = vb.get(1000, "_fc.bias")?;
+            Some(Head {
+                conv,
+                fc_weight,
+                fc_bias,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            config,
+            stem,
+            stages,
+            head,
+        })
+    }
+
+    /// The architecture this model was loaded with.
+    pub fn config(&self) -> &LiteConfig {
+        &self.config
+    }
+
+    fn stem_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (_, pt, pb) = same_padding(h, 3, 2);
+        let (_, pl, pr) = same_padding(w, 3, 2);
+        let x = x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?;
+        let y = x.conv2d(&self.stem.weight, 0, 2, 1, 1)?;
+        let y = y.broadcast_add(&self.stem.bias.reshape((1, (), 1, 1))?)?;
+        Ok(y.clamp(0f32, 6f32)?)
+    }
+
+    /// Runs the network on normalised images (N, 3, H, W) and returns the output of each
+    /// requested stage (1-based, ascending), stopping after the last one asked for.
+    pub fn forward_stages(&self, x: &Tensor, wanted: &[usize]) -> Result<Vec<Tensor>> {
+        let last = wanted.iter().copied().max().unwrap_or(0);
+        if last == 0 || last > self.stages.len() || wanted.contains(&0) {
+            return Err(Error::Config(format!(
+                "stages {wanted:?} not available: this model has stages 1..={}",
+                self.stages.len()
+            )));
+        }
+        let mut h = self.stem_forward(x)?;
+        let mut out = Vec::with_capacity(wanted.len());
+        for (s, blocks) in self.stages.iter().enumerate().take(last) {
+            for block in blocks {
+                h = block.forward(&h)?;
+            }
+            if wanted.contains(&(s + 1)) {
+                out.push(h.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// ImageNet logits (N, 1000); needs the model loaded with its head.
+    pub fn classify(&self, x: &Tensor) -> Result<Tensor> {
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::Config("model was loaded without its classifier head".into()))?;
+        let features = self.forward_stages(x, &[BASE_STAGES.len()])?;
+        let h = head.conv.forward(&features[0])?;
+        let pooled = h.mean(D::Minus1)?.mean(D::Minus1)?;
+        Ok(pooled
+            .matmul(&head.fc_weight.t()?)?
+            .broadcast_add(&head.fc_bias)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lite_channel_tables() {
+        let l0 = LiteConfig::for_variant("lite0").unwrap();
+        assert_eq!(l0.stage_channels(), vec![16, 24, 40, 80, 112, 192, 320]);
+        assert_eq!(l0.stage_strides(), vec![2, 4, 8, 16, 16, 32, 32]);
+        let l2 = LiteConfig::for_variant("lite2").unwrap();
+        assert_eq!(l2.stage_channels(), vec![16, 24, 48, 88, 120, 208, 352]);
+        assert_eq!(
+            (0..7).map(|s| l2.stage_repeats(s)).collect::<Vec<_>>(),
+            vec![1, 3, 3, 4, 4, 5, 1]
+        );
+        assert!(LiteConfig::for_variant("b7").is_err());
+    }
+}

@@ -1,0 +1,587 @@
+//! PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", 2022):
+//! pretrained mid-level features, locally averaged, concatenated at the finest stage's
+//! resolution; a coreset of the training patches as the memory bank; each test patch
+//! scored by the distance to its nearest bank row. The image score is the largest patch
+//! score (optionally re-weighted as in the paper), the map is the patch scores upsampled
+//! to the input and Gaussian-blurred.
+
+use crate::anomaly_map::AnomalyMap;
+use crate::backbone::{EfficientNetLite, LiteConfig};
+use crate::bundle::{BackboneSpec, Bundle, Calibration, FitReport, Manifest, FORMAT_VERSION};
+use crate::coreset;
+use crate::dataset;
+use crate::error::{Error, Result};
+use crate::image::Preprocessing;
+use crate::memory_bank::{BankDtype, MemoryBank};
+use crate::rng::SplitMix64;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use image::DynamicImage;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How the image score is derived from the patch scores.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum ScoreRule {
+    /// The largest patch score.
+    #[default]
+    Max,
+    /// The largest patch score times PatchCore's weight, which lowers it when the matched
+    /// bank row lies in a dense region of the bank (paper, eq. 7).
+    Reweighted {
+        /// Bank neighbours of the matched row considered.
+        neighbours: usize,
+    },
+}
+
+/// PatchCore parameters stored in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatchCoreParams {
+    /// Always `patchcore` for this model.
+    pub kind: String,
+    /// Side of the local averaging window over feature cells.
+    pub pool: usize,
+    /// Dimension of a patch feature (sum of the stages' channels).
+    pub feature_dims: usize,
+    /// Rows of the memory bank.
+    pub bank_rows: usize,
+    /// Bank file inside the bundle.
+    pub bank_file: String,
+    /// Precision of the bank file.
+    pub bank_dtype: BankDtype,
+    /// Gaussian blur of the map, in input pixels.
+    pub blur_sigma: f32,
+    /// Image score rule.
+    pub score: ScoreRule,
+}
+
+/// Settings of a fit; every field has a default that runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FitConfig {
+    /// Backbone variant.
+    pub backbone: String,
+    /// 1-based stages whose features are concatenated.
+    pub stages: Vec<usize>,
+    /// Square input side in pixels.
+    pub size: usize,
+    /// Local averaging window.
+    pub pool: usize,
+    /// Upper bound on memory bank rows, whatever the number of training images.
+    pub bank_rows: usize,
+    /// Bank rows as a share of all training patches (the smaller of this and `bank_rows`).
+    pub coreset_ratio: f64,
+    /// Training patches considered by the coreset at most (sampled evenly per image).
+    pub max_candidates: usize,
+    /// Dimensions of the random projection used while choosing the coreset.
+    pub coreset_dims: usize,
+    /// Share of train/good held out to calibrate thresholds.
+    pub holdout: f64,
+    /// Seed for the hold-out split, patch sampling and coreset start.
+    pub seed: u64,
+    /// Gaussian blur of the map, in input pixels.
+    pub blur_sigma: f32,
+    /// Image score rule.
+    pub score: ScoreRule,
+    /// Precision of the bank file.
+    pub bank_dtype: BankDtype,
+    /// Images per backbone batch.
+    pub batch: usize,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        Self {
+            backbone: "lite0".into(),
+            stages: vec![3, 5],
+            size: 256,
+            pool: 3,
+            bank_rows: 4096,
+            coreset_ratio: 0.1,
+            max_candidates: 200_000,
+            coreset_dims: 32,
+            holdout: 0.1,
+            seed: 42,
+            blur_sigma: 4.0,
+            score: ScoreRule::Max,
+            bank_dtype: BankDtype::F32,
+            batch: 8,
+        }
+    }
+}
+
+/// Time spent in each part of scoring, summed over the frames scored.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Decode is the caller's; this is resize and normalisation.
+    pub preprocess: Duration,
+    /// Backbone forward pass and feature aggregation.
+    pub backbone: Duration,
+    /// Nearest-neighbour search.
+    pub knn: Duration,
+    /// Upsampling and blur of the map, and the image score.
+    pub map: Duration,
+}
+
+/// One scored frame.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// Image anomaly score (higher is more anomalous).
+    pub score: f32,
+    /// Anomaly map at the model input size, covering the whole frame.
+    pub map: AnomalyMap,
+}
+
+/// Loads the backbone stages a model needs from a name -> tensor map.
+fn load_backbone(
+    tensors: HashMap<String, Tensor>,
+    spec: &BackboneSpec,
+    device: &Device,
+) -> Result<EfficientNetLite> {
+    let config = LiteConfig::for_variant(&spec.variant)?;
+    let last = spec.stages.iter().copied().max().unwrap_or(0);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    EfficientNetLite::load(vb, config, last, false)
+}
+
+/// Stage outputs -> (N, h*w, D) patch features at the first stage's resolution.
+fn embed(
+    backbone: &EfficientNetLite,
+    stages: &[usize],
+    pool: usize,
+    x: &Tensor,
+) -> Result<(Tensor, usize, usize)> {
+    let features = backbone.forward_stages(x, stages)?;
+    let (n, _, h, w) = features[0].dims4()?;
+    let mut parts = Vec::with_capacity(features.len());
+    for f in features {
+        let f = if pool > 1 {
+            let (lo, hi) = ((pool - 1) / 2, pool / 2);
+            f.pad_with_zeros(2, lo, hi)?
+                .pad_with_zeros(3, lo, hi)?
+                .avg_pool2d_with_stride(pool, 1)?
+        } else {
+            f
+        };
+        let (_, _, fh, fw) = f.dims4()?;
+        parts.push(if (fh, fw) != (h, w) {
+            f.upsample_bilinear2d(h, w, false)?
+        } else {
+            f
+        });
+    }
+    let cat = Tensor::cat(&parts, 1)?;
+    let dims = cat.dim(1)?;
+    let patches = cat
+        .reshape((n, dims, h * w))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    Ok((patches, h, w))
+}
+
+/// A PatchCore model ready to score frames.
+pub struct PatchCore {
+    manifest: Manifest,
+    backbone: EfficientNetLite,
+    bank: MemoryBank,
+    device: Device,
+}
+
+impl PatchCore {
+    /// Opens and verifies a bundle folder and loads its model on `device`.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        Self::from_bundle(&Bundle::open(dir)?, device)
+    }
+
+    /// Loads the model of an already verified bundle.
+    pub fn from_bundle(bundle: &Bundle, device: &Device) -> Result<Self> {
+        let m = &bundle.manifest;
+        if m.model.kind != "patchcore" {
+            return Err(Error::Bundle {
+                path: bundle.dir.clone(),
+                reason: format!("model kind {:?} is not patchcore", m.model.kind),
+            });
+        }
+        let bad = |name: &str, e: String| Error::Bundle {
+            path: bundle.dir.join(name),
+            reason: e,
+        };
+        let weights =
+            candle_core::safetensors::load_buffer(bundle.file(&m.backbone.weights_file)?, device)
+                .map_err(|e| bad(&m.backbone.weights_file, format!("unreadable weights: {e}")))?;
+        let backbone = load_backbone(weights, &m.backbone, device)
+            .map_err(|e| bad(&m.backbone.weights_file, e.to_string()))?;
+        let bank = MemoryBank::from_safetensors(bundle.file(&m.model.bank_file)?, device)
+            .map_err(|e| bad(&m.model.bank_file, e.to_string()))?;
+        if bank.dims() != m.model.feature_dims {
+            return Err(bad(
+                &m.model.bank_file,
+                format!(
+                    "bank has {} dims, manifest says {}",
+                    bank.dims(),
+                    m.model.feature_dims
+                ),
+            ));
+        }
+        Ok(Self {
+            manifest: m.clone(),
+            backbone,
+            bank,
+            device: device.clone(),
+        })
+    }
+
+    /// The bundle manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The memory bank.
+    pub fn bank(&self) -> &MemoryBank {
+        &self.bank
+    }
+
+    /// Preprocessing this model expects.
+    pub fn preprocessing(&self) -> &Preprocessing {
+        &self.manifest.preprocessing
+    }
+
+    /// Scores decoded images as one batch.
+    pub fn score_images(
+        &self,
+        images: &[&DynamicImage],
+        timings: &mut Timings,
+    ) -> Result<Vec<Scored>> {
+        let t0 = Instant::now();
+        let x = self.manifest.preprocessing.batch(images, &self.device)?;
+        let t1 = Instant::now();
+        let (patches, h, w) = embed(
+            &self.backbone,
+            &self.manifest.backbone.stages,
+            self.manifest.model.pool,
+            &x,
+        )?;
+        let t2 = Instant::now();
+        timings.preprocess += t1 - t0;
+        timings.backbone += t2 - t1;
+        let mut out = Vec::with_capacity(images.len());
+        for i in 0..images.len() {
+            let t3 = Instant::now();
+            let q = patches.get(i)?;
+            let distances = self.bank.nearest_distances(&q)?;
+            let t4 = Instant::now();
+            let score = self.image_score(&q, &distances)?;
+            let p = &self.manifest.preprocessing;
+            let map = AnomalyMap::new(h, w, distances)
+                .resize(p.height, p.width)
+                .blur(self.manifest.model.blur_sigma);
+            timings.knn += t4 - t3;
+            timings.map += t4.elapsed();
+            out.push(Scored { score, map });
+        }
+        Ok(out)
+    }
+
+    /// Scores one decoded image.
+    pub fn score_image(&self, image: &DynamicImage, timings: &mut Timings) -> Result<Scored> {
+        Ok(self.score_images(&[image], timings)?.remove(0))
+    }
+
+    fn image_score(&self, patches: &Tensor, distances: &[f32]) -> Result<f32> {
+        let (best, &max) = distances
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .ok_or_else(|| Error::Config("no patches to score".into()))?;
+        match self.manifest.model.score {
+            ScoreRule::Max => Ok(max),
+            ScoreRule::Reweighted { neighbours } => {
+                let query = patches.get(best)?.to_vec1::<f32>()?;
+                let nearest = self.bank.nearest_k(&query, 1);
+                let Some(&(m_star, _)) = nearest.first() else {
+                    return Ok(max);
+                };
+                // Distances from the test patch to the matched row's bank neighbours.
+                let neighbourhood = self
+                    .bank
+                    .nearest_k(self.bank.row(m_star), neighbours.max(1));
+                let denom: f64 = neighbourhood
+                    .iter()
+                    .map(|&(i, _)| {
+                        let d: f32 = self
+                            .bank
+                            .row(i)
+                            .iter()
+                            .zip(&query)
+                            .map(|(a, b)| (a - b) * (a - b))
+                            .sum();
+                        (d.sqrt() as f64 - max as f64).exp()
+                    })
+                    .sum();
+                // exp(|m - m*|) / sum exp(|m - m_i|), computed relative to max for stability.
+                let weight = 1.0 - 1.0 / denom.max(1.0);
+                Ok((weight * max as f64) as f32)
+            }
+        }
+    }
+}
+
+/// What a fit is doing, for progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FitStage {
+    /// Extracting features of training images.
+    Embedding,
+    /// Choosing the coreset.
+    Coreset,
+    /// Scoring held-out good images.
+    Calibrating,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Fits a PatchCore bundle from `data/train/good` into `out`.
+///
+/// `progress(stage, done, total)` is called as work proceeds. Unreadable training images
+/// are skipped with a warning and counted in the manifest.
+pub fn fit(
+    data: &Path,
+    weights_file: &Path,
+    config: &FitConfig,
+    out: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(FitStage, usize, usize),
+) -> Result<Manifest> {
+    let started = Instant::now();
+    validate(config)?;
+    let mut images = dataset::train_images(data)?;
+    let mut rng = SplitMix64::new(config.seed);
+    rng.shuffle(&mut images);
+    let n_holdout = if images.len() >= 2 {
+        ((images.len() as f64 * config.holdout).round() as usize).min(images.len() - 1)
+    } else {
+        0
+    };
+    let holdout: Vec<PathBuf> = images.drain(..n_holdout).collect();
+    images.sort();
+
+    let lite = LiteConfig::for_variant(&config.backbone)?;
+    let last_stage = config.stages.iter().copied().max().unwrap_or(0);
+    let all_weights = crate::weights::load(weights_file, &Device::Cpu, DType::F32)?;
+    let keep_blocks = lite.blocks_through(last_stage);
+    let subset: HashMap<String, Tensor> = all_weights
+        .into_iter()
+        .filter(|(k, _)| {
+            k.starts_with("_conv_stem.")
+                || k.starts_with("_bn0.")
+                || k.strip_prefix("_blocks.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .is_some_and(|i| i < keep_blocks)
+        })
+        .collect();
+    let weights_bytes = safetensors::serialize(&subset, None)
+        .map_err(|e| Error::Config(format!("cannot serialise weights: {e}")))?;
+    let spec = BackboneSpec {
+        variant: config.backbone.clone(),
+        stages: config.stages.clone(),
+        weights_file: "backbone.safetensors".into(),
+    };
+    let on_device: HashMap<String, Tensor> = subset
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(device)?)))
+        .collect::<Result<_>>()?;
+    let backbone = load_backbone(on_device, &spec, device).map_err(|e| Error::Weights {
+        path: weights_file.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let preprocessing = Preprocessing::lite(config.size);
+
+    // Features of every training image; a bounded, evenly spread sample of patches.
+    let per_image_cap = config.max_candidates.div_ceil(images.len()).max(1);
+    let mut candidates: Vec<f32> = Vec::new();
+    let mut total_patches = 0usize;
+    let mut skipped = 0usize;
+    let mut dims = 0usize;
+    let mut used = 0usize;
+    for (b, chunk) in images.chunks(config.batch.max(1)).enumerate() {
+        let decoded: Vec<DynamicImage> = chunk
+            .iter()
+            .filter_map(|p| match crate::image::open(p) {
+                Ok(img) => Some(img),
+                Err(e) => {
+                    tracing::warn!("skipping training image: {e}");
+                    skipped += 1;
+                    None
+                }
+            })
+            .collect();
+        if !decoded.is_empty() {
+            let refs: Vec<&DynamicImage> = decoded.iter().collect();
+            let x = preprocessing.batch(&refs, device)?;
+            let (patches, _, _) = embed(&backbone, &config.stages, config.pool, &x)?;
+            let (n, p, d) = patches.dims3()?;
+            dims = d;
+            let host = patches.flatten_all()?.to_vec1::<f32>()?;
+            for i in 0..n {
+                let img = &host[i * p * d..(i + 1) * p * d];
+                total_patches += p;
+                used += 1;
+                if p <= per_image_cap {
+                    candidates.extend_from_slice(img);
+                } else {
+                    let mut idx: Vec<usize> = (0..p).collect();
+                    rng.shuffle(&mut idx);
+                    for &j in &idx[..per_image_cap] {
+                        candidates.extend_from_slice(&img[j * d..(j + 1) * d]);
+                    }
+                }
+            }
+        }
+        progress(
+            FitStage::Embedding,
+            ((b + 1) * config.batch).min(images.len()),
+            images.len(),
+        );
+    }
+    if used == 0 {
+        return Err(Error::Dataset {
+            path: data.join("train/good"),
+            reason: "none of the training images could be read".into(),
+        });
+    }
+
+    // Coreset.
+    let n_candidates = candidates.len() / dims;
+    let rows = ((total_patches as f64 * config.coreset_ratio).ceil() as usize)
+        .clamp(1, config.bank_rows)
+        .min(n_candidates);
+    let projected = coreset::random_projection(
+        &candidates,
+        dims,
+        config.coreset_dims.min(dims),
+        config.seed ^ 0xC0,
+    );
+    let chosen = coreset::greedy_k_center(
+        &projected,
+        config.coreset_dims.min(dims),
+        rows,
+        config.seed,
+        |done| {
+            if done % 64 == 0 || done == rows {
+                progress(FitStage::Coreset, done, rows);
+            }
+        },
+    );
+    drop(projected);
+    let mut bank_rows = Vec::with_capacity(chosen.len() * dims);
+    for &i in &chosen {
+        bank_rows.extend_from_slice(&candidates[i * dims..(i + 1) * dims]);
+    }
+    drop(candidates);
+    let bank = MemoryBank::new(bank_rows, dims, device)?;
+    let bank_bytes = bank.to_safetensors(config.bank_dtype)?;
+    // The scorer must see exactly what the bundle holds (f16 rounding included).
+    let bank = MemoryBank::from_safetensors(&bank_bytes, device)?;
+
+    let params = PatchCoreParams {
+        kind: "patchcore".into(),
+        pool: config.pool,
+        feature_dims: dims,
+        bank_rows: bank.rows(),
+        bank_file: "bank.safetensors".into(),
+        bank_dtype: config.bank_dtype,
+        blur_sigma: config.blur_sigma,
+        score: config.score,
+    };
+    let created = now_unix();
+    let mut manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        version: format!(
+            "patchcore-{created}-{}",
+            &crate::bundle::sha256_hex(&bank_bytes)[..8]
+        ),
+        parent_version: None,
+        created_unix: created,
+        backbone: spec,
+        preprocessing,
+        model: params,
+        calibration: Calibration::default(),
+        fit: FitReport::default(),
+        files: Default::default(),
+    };
+    let model = PatchCore {
+        manifest: manifest.clone(),
+        backbone,
+        bank,
+        device: device.clone(),
+    };
+
+    // Calibration on held-out good images.
+    let mut good_scores = Vec::with_capacity(holdout.len());
+    let mut timings = Timings::default();
+    for (i, path) in holdout.iter().enumerate() {
+        match crate::image::open(path) {
+            Ok(img) => good_scores.push(model.score_image(&img, &mut timings)?.score),
+            Err(e) => {
+                tracing::warn!("skipping held-out image: {e}");
+                skipped += 1;
+            }
+        }
+        progress(FitStage::Calibrating, i + 1, holdout.len());
+    }
+    good_scores.sort_by(f32::total_cmp);
+    manifest.calibration = Calibration { good_scores };
+    manifest.fit = FitReport {
+        data: data.display().to_string(),
+        train_images: used,
+        holdout_images: holdout.len(),
+        skipped_images: skipped,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    crate::bundle::write(
+        out,
+        &mut manifest,
+        &[
+            ("backbone.safetensors".to_string(), weights_bytes),
+            ("bank.safetensors".to_string(), bank_bytes),
+        ],
+    )?;
+    Ok(manifest)
+}
+
+fn validate(c: &FitConfig) -> Result<()> {
+    let bad = |m: String| Err(Error::Config(m));
+    if c.stages.is_empty() || c.stages.iter().any(|&s| s == 0 || s > 7) {
+        return bad(format!(
+            "stages {:?}: pick stages between 1 and 7",
+            c.stages
+        ));
+    }
+    if !c.stages.windows(2).all(|w| w[0] < w[1]) {
+        return bad(format!(
+            "stages {:?} must be ascending and distinct",
+            c.stages
+        ));
+    }
+    if c.size < 32 || c.size > 2048 {
+        return bad(format!("input size {} outside 32..=2048", c.size));
+    }
+    if c.bank_rows == 0 || !(0.0..=1.0).contains(&c.coreset_ratio) || c.coreset_ratio == 0.0 {
+        return bad("bank rows must be positive and the coreset ratio in (0, 1]".into());
+    }
+    if !(0.0..1.0).contains(&c.holdout) {
+        return bad(format!("hold-out share {} outside [0, 1)", c.holdout));
+    }
+    if c.pool == 0 || c.coreset_dims == 0 || c.max_candidates == 0 {
+        return bad("pool, coreset dims and candidate count must be positive".into());
+    }
+    Ok(())
+}
