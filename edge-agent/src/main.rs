@@ -48,6 +48,7 @@ enum Command {
 }
 
 fn main() {
+    insp_core::tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

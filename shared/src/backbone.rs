@@ -154,16 +154,7 @@ impl Pointwise {
 
 impl Module for Pointwise {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let cout = self.conv.weight.dim(0)?;
-        let y = self
-            .conv
-            .weight
-            .broadcast_left(n)?
-            .matmul(&x.reshape((n, c, h * w))?)?;
-        let y = y.broadcast_add(&self.conv.bias.reshape((1, cout, 1))?)?;
-        let y = if self.relu6 { y.clamp(0f32, 6f32)? } else { y };
-        y.reshape((n, cout, h, w))
+        crate::pointwise::pointwise_conv(x, &self.conv.weight, &self.conv.bias, self.relu6)
     }
 }
 

@@ -17,8 +17,24 @@ pub mod memory_bank;
 pub mod metrics;
 pub mod overlay;
 pub mod patchcore;
+pub mod pointwise;
 pub mod rng;
 pub mod synthetic;
 pub mod weights;
 
 pub use error::{Error, Result};
+
+/// Keeps freed large buffers in the heap for reuse (glibc on Linux).
+///
+/// Scoring allocates the same few-megabyte activations for every frame. By default glibc
+/// returns such blocks to the kernel on free and page-faults them in again on the next
+/// frame, which costs more than the arithmetic of some layers. Binaries call this once at
+/// start; it changes nothing elsewhere.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}

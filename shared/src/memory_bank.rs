@@ -1,8 +1,11 @@
 //! The memory bank: normal patch features, and exact nearest-neighbour search over them.
 //!
-//! Distances come from one matrix product per batch of queries:
-//! `|q - b|^2 = |q|^2 - 2 q.b + |b|^2`, with the bank stored transposed and its squared
-//! norms precomputed, so the search is a dense GEMM followed by a row minimum.
+//! Distances come from matrix products: `|q - b|^2 = |q|^2 - 2 q.b + |b|^2`, with the
+//! bank's squared norms precomputed. On the CPU the search runs in tiles (a block of
+//! queries against a block of bank rows, small enough to stay in cache), each a GEMM
+//! followed by a running row minimum, so memory stays bounded however large the bank and
+//! the distance matrix is never written out. Other devices use candle's matmul over bank
+//! chunks.
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -39,9 +42,16 @@ pub struct MemoryBank {
     transposed: Tensor,
     /// (1, rows) squared norms.
     sq_norms: Tensor,
-    /// Row-major host copy, for the few exact look-ups re-weighting needs.
+    /// Row-major host copy: the CPU search and re-weighting read it.
     host: Vec<f32>,
+    /// Squared norms on the host.
+    host_sq_norms: Vec<f32>,
 }
+
+/// Queries per CPU task.
+const QUERY_BLOCK: usize = 64;
+/// Bank rows per tile.
+const BANK_BLOCK: usize = 512;
 
 /// Name of the bank tensor inside its safetensors file.
 const BANK_TENSOR: &str = "bank";
@@ -59,13 +69,8 @@ impl MemoryBank {
         let t = Tensor::from_slice(&host, (rows, dims), device)?;
         let transposed = t.t()?.contiguous()?;
         let sq_norms = t.sqr()?.sum(1)?.reshape((1, rows))?;
-        Ok(Self {
-            rows,
-            dims,
-            transposed,
-            sq_norms,
-            host,
-        })
+        let host_sq_norms = host.chunks_exact(dims).map(|r| r.iter().map(|v| v * v).sum()).collect();
+        Ok(Self { rows, dims, transposed, sq_norms, host, host_sq_norms })
     }
 
     /// Number of rows.
@@ -90,14 +95,99 @@ impl MemoryBank {
 
     /// Euclidean distance from each query row (P, dims) to its nearest bank row.
     pub fn nearest_distances(&self, queries: &Tensor) -> Result<Vec<f32>> {
-        let dots = queries.matmul(&self.transposed)?; // (P, rows)
-        let partial = dots
-            .affine(-2.0, 0.0)?
-            .broadcast_add(&self.sq_norms)?
-            .min(D::Minus1)?;
+        if queries.device().is_cpu() {
+            let (_, dims) = queries.dims2()?;
+            if dims != self.dims {
+                return Err(Error::Config(format!("queries have {dims} dims, the bank {}", self.dims)));
+            }
+            let host = queries.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(self.nearest_distances_host(&host));
+        }
+        self.nearest_distances_tensor(queries)
+    }
+
+    /// Device-generic search with candle's matmul over bank chunks.
+    pub fn nearest_distances_tensor(&self, queries: &Tensor) -> Result<Vec<f32>> {
+        // Bank chunks bound the (P, chunk) distance block on the device.
+        const CHUNK: usize = 16_384;
+        let mut best: Option<Tensor> = None;
+        for start in (0..self.rows).step_by(CHUNK) {
+            let len = CHUNK.min(self.rows - start);
+            let dots = queries.matmul(&self.transposed.narrow(1, start, len)?)?;
+            let partial = dots
+                .affine(-2.0, 0.0)?
+                .broadcast_add(&self.sq_norms.narrow(1, start, len)?)?
+                .min(D::Minus1)?;
+            best = Some(match best {
+                None => partial,
+                Some(b) => b.minimum(&partial)?,
+            });
+        }
+        let best = best.ok_or_else(|| Error::Config("empty memory bank".into()))?;
         let q_norms = queries.sqr()?.sum(D::Minus1)?;
-        let d2 = (partial + q_norms)?.clamp(0f32, f32::MAX)?;
+        let d2 = (best + q_norms)?.clamp(0f32, f32::MAX)?;
         Ok(d2.sqrt()?.to_vec1::<f32>()?)
+    }
+
+    /// CPU search over row-major queries (P x dims): tiled GEMM with a running minimum.
+    pub fn nearest_distances_host(&self, queries: &[f32]) -> Vec<f32> {
+        use rayon::prelude::*;
+        let d = self.dims;
+        let mut out = vec![0f32; queries.len() / d];
+        out.par_chunks_mut(QUERY_BLOCK)
+            .zip(queries.par_chunks(QUERY_BLOCK * d))
+            .for_each(|(out_blk, q_blk)| {
+                let m = out_blk.len();
+                let mut tile = vec![0f32; m * BANK_BLOCK];
+                let mut best = vec![f32::INFINITY; m];
+                for r0 in (0..self.rows).step_by(BANK_BLOCK) {
+                    let n = BANK_BLOCK.min(self.rows - r0);
+                    // SAFETY: every pointer addresses a buffer at least as large as its
+                    // strides imply: tile m x n (row stride n), q_blk m x d (row stride d),
+                    // and bank rows r0..r0+n read as a d x n matrix (column stride d).
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            n,
+                            d,
+                            tile.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            false,
+                            q_blk.as_ptr(),
+                            1,
+                            d as isize,
+                            self.host.as_ptr().add(r0 * d),
+                            d as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    let norms = &self.host_sq_norms[r0..r0 + n];
+                    for (i, b) in best.iter_mut().enumerate() {
+                        let row = &tile[i * n..(i + 1) * n];
+                        let m = row
+                            .iter()
+                            .zip(norms)
+                            .map(|(dot, nb)| nb - 2.0 * dot)
+                            .fold(f32::INFINITY, f32::min);
+                        if m < *b {
+                            *b = m;
+                        }
+                    }
+                }
+                for (i, (o, b)) in out_blk.iter_mut().zip(&best).enumerate() {
+                    let q = &q_blk[i * d..(i + 1) * d];
+                    let qn: f32 = q.iter().map(|v| v * v).sum();
+                    *o = (b + qn).max(0.0).sqrt();
+                }
+            });
+        out
     }
 
     /// The `k` nearest bank rows to one query (index, distance), nearest first.
@@ -156,14 +246,19 @@ mod tests {
     fn gemm_search_matches_brute_force() {
         let mut rng = SplitMix64::new(11);
         let dims = 7;
-        let bank: Vec<f32> = (0..50 * dims).map(|_| rng.normal() as f32).collect();
-        let queries: Vec<f32> = (0..9 * dims).map(|_| rng.normal() as f32).collect();
+        // More rows and queries than one tile, and not multiples of the tile sizes.
+        let (rows, n_queries) = (BANK_BLOCK * 2 + 37, QUERY_BLOCK * 2 + 5);
+        let bank: Vec<f32> = (0..rows * dims).map(|_| rng.normal() as f32).collect();
+        let queries: Vec<f32> = (0..n_queries * dims).map(|_| rng.normal() as f32).collect();
         let mb = MemoryBank::new(bank, dims, &Device::Cpu).unwrap();
-        let q = Tensor::from_slice(&queries, (9, dims), &Device::Cpu).unwrap();
+        let q = Tensor::from_slice(&queries, (n_queries, dims), &Device::Cpu).unwrap();
         let fast = mb.nearest_distances(&q).unwrap();
-        for (i, f) in fast.iter().enumerate() {
+        let generic = mb.nearest_distances_tensor(&q).unwrap();
+        assert_eq!(fast.len(), n_queries);
+        for (i, (f, g)) in fast.iter().zip(&generic).enumerate() {
             let (_, want) = mb.nearest_k(&queries[i * dims..(i + 1) * dims], 1)[0];
             assert!((f - want).abs() < 1e-4, "query {i}: {f} vs {want}");
+            assert!((g - want).abs() < 1e-4, "query {i}: {g} vs {want}");
         }
     }
 

@@ -4,10 +4,11 @@
 use crate::anomaly_map::AnomalyMap;
 use image::{DynamicImage, Rgb, RgbImage};
 
-/// Blue -> cyan -> green -> yellow -> red for v in [0, 1].
+/// Dark blue -> cyan -> green -> yellow -> red for v in [0, 1] (a jet-like ramp that
+/// ends at full red).
 pub fn colour(v: f32) -> [u8; 3] {
     let v = v.clamp(0.0, 1.0);
-    let r = (1.5 - (4.0 * v - 3.0).abs()).clamp(0.0, 1.0);
+    let r = (4.0 * v - 1.5).clamp(0.0, 1.0);
     let g = (1.5 - (4.0 * v - 2.0).abs()).clamp(0.0, 1.0);
     let b = (1.5 - (4.0 * v - 1.0).abs()).clamp(0.0, 1.0);
     [(r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8]
