@@ -10,9 +10,10 @@
 //! `_blocks.N._expand_conv`, `_blocks.N._bn0`, `_depthwise_conv`, `_bn1`,
 //! `_project_conv`, `_bn2`, `_conv_head`, `_bn1`, `_fc`.
 
-use crate::depthwise::{depthwise_conv, same_padding, DepthwiseGeometry};
+use crate::depthwise::{depthwise_nchw, depthwise_nhwc, same_padding, DepthwiseGeometry};
 use crate::error::{Error, Result};
-use candle_core::{Module, Tensor, D};
+use crate::pointwise::{pointwise_nchw, pointwise_nhwc};
+use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -152,21 +153,32 @@ impl Pointwise {
     }
 }
 
-impl Module for Pointwise {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::pointwise::pointwise_conv(x, &self.conv.weight, &self.conv.bias, self.relu6)
+impl Pointwise {
+    fn forward(&self, x: &Tensor, channels_last: bool) -> Result<Tensor> {
+        Ok(if channels_last {
+            pointwise_nhwc(x, &self.conv.weight, &self.conv.bias, self.relu6)?
+        } else {
+            pointwise_nchw(x, &self.conv.weight, &self.conv.bias, self.relu6)?
+        })
     }
 }
 
 /// Depthwise k x k convolution with folded BatchNorm and ReLU6.
 struct Depthwise {
+    /// Weight (C, k*k) and bias, for the generic path.
     conv: FoldedConv,
+    /// The same weight as (k*k, C), for the channels-last CPU kernel.
+    taps: Tensor,
     geometry: DepthwiseGeometry,
 }
 
-impl Module for Depthwise {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        depthwise_conv(x, &self.conv.weight, &self.conv.bias, self.geometry)
+impl Depthwise {
+    fn forward(&self, x: &Tensor, channels_last: bool) -> Result<Tensor> {
+        Ok(if channels_last {
+            depthwise_nhwc(x, &self.taps, &self.conv.bias, self.geometry)?
+        } else {
+            depthwise_nchw(x, &self.conv.weight, &self.conv.bias, self.geometry)?
+        })
     }
 }
 
@@ -195,8 +207,10 @@ impl MbConv {
         };
         let w = vb.get((mid, 1, kernel, kernel), "_depthwise_conv.weight")?;
         let conv = fold_bn(w.reshape((mid, kernel * kernel))?, vb, "_bn1")?;
+        let taps = conv.weight.t()?.contiguous()?;
         let depthwise = Depthwise {
             conv,
+            taps,
             geometry: DepthwiseGeometry {
                 kernel,
                 stride,
@@ -211,20 +225,16 @@ impl MbConv {
             residual: stride == 1 && cin == cout,
         })
     }
-}
 
-impl Module for MbConv {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, channels_last: bool) -> Result<Tensor> {
         let h = match &self.expand {
-            Some(e) => e.forward(x)?,
+            Some(e) => e.forward(x, channels_last)?,
             None => x.clone(),
         };
-        let h = self.project.forward(&self.depthwise.forward(&h)?)?;
-        if self.residual {
-            h + x
-        } else {
-            Ok(h)
-        }
+        let h = self
+            .project
+            .forward(&self.depthwise.forward(&h, channels_last)?, channels_last)?;
+        Ok(if self.residual { (h + x)? } else { h })
     }
 }
 
@@ -239,6 +249,8 @@ struct Head {
 pub struct EfficientNetLite {
     config: LiteConfig,
     stem: FoldedConv,
+    /// The stem weight in the patch-matrix layout of the CPU stem kernel.
+    stem_patches: Tensor,
     /// Blocks grouped by stage.
     stages: Vec<Vec<MbConv>>,
     head: Option<Head>,
@@ -264,6 +276,7 @@ impl EfficientNetLite {
         };
         let stem_w = vb.get((32, 3, 3, 3), "_conv_stem.weight")?;
         let stem = fold_bn(stem_w, &vb, "_bn0")?;
+        let stem_patches = crate::stem_conv::patch_weight(&stem.weight)?;
         let channels = config.stage_channels();
         let mut cin = 32;
         let mut index = 0;
@@ -302,6 +315,7 @@ impl EfficientNetLite {
         Ok(Self {
             config,
             stem,
+            stem_patches,
             stages,
             head,
         })
@@ -323,8 +337,21 @@ impl EfficientNetLite {
     }
 
     /// Runs the network on normalised images (N, 3, H, W) and returns the output of each
-    /// requested stage (1-based, ascending), stopping after the last one asked for.
+    /// requested stage (1-based, ascending) as (N, C, H', W'), stopping after the last one
+    /// asked for. On the CPU the layers run channels-last on the project's own kernels;
+    /// elsewhere on candle's device kernels.
     pub fn forward_stages(&self, x: &Tensor, wanted: &[usize]) -> Result<Vec<Tensor>> {
+        let channels_last = x.device().is_cpu() && x.dtype() == DType::F32;
+        self.run(x, wanted, channels_last)
+    }
+
+    /// [`Self::forward_stages`] on the device-generic path whatever the device (for
+    /// checking the CPU kernels against it).
+    pub fn forward_stages_generic(&self, x: &Tensor, wanted: &[usize]) -> Result<Vec<Tensor>> {
+        self.run(x, wanted, false)
+    }
+
+    fn run(&self, x: &Tensor, wanted: &[usize], channels_last: bool) -> Result<Vec<Tensor>> {
         let last = wanted.iter().copied().max().unwrap_or(0);
         if last == 0 || last > self.stages.len() || wanted.contains(&0) {
             return Err(Error::Config(format!(
@@ -332,14 +359,22 @@ impl EfficientNetLite {
                 self.stages.len()
             )));
         }
-        let mut h = self.stem_forward(x)?;
+        let mut h = if channels_last {
+            crate::stem_conv::stem_nhwc(x, &self.stem_patches, &self.stem.bias)?
+        } else {
+            self.stem_forward(x)?
+        };
         let mut out = Vec::with_capacity(wanted.len());
         for (s, blocks) in self.stages.iter().enumerate().take(last) {
             for block in blocks {
-                h = block.forward(&h)?;
+                h = block.forward(&h, channels_last)?;
             }
             if wanted.contains(&(s + 1)) {
-                out.push(h.clone());
+                out.push(if channels_last {
+                    h.permute((0, 3, 1, 2))?.contiguous()?
+                } else {
+                    h.clone()
+                });
             }
         }
         Ok(out)
@@ -352,7 +387,7 @@ impl EfficientNetLite {
             .as_ref()
             .ok_or_else(|| Error::Config("model was loaded without its classifier head".into()))?;
         let features = self.forward_stages(x, &[BASE_STAGES.len()])?;
-        let h = head.conv.forward(&features[0])?;
+        let h = head.conv.forward(&features[0], false)?;
         let pooled = h.mean(D::Minus1)?.mean(D::Minus1)?;
         Ok(pooled
             .matmul(&head.fc_weight.t()?)?

@@ -3,12 +3,14 @@
 //!
 //! candle's `conv2d` with `groups > 1` runs one convolution per group, which is slow for
 //! depthwise layers (one group per channel), and EfficientNet-Lite is mostly depthwise
-//! layers. On the CPU this module runs its own kernel: per channel plane, each kernel tap
-//! adds a shifted, scaled input row to the output row, a loop the compiler vectorises.
-//! On other devices it composes the same sum from candle slicing ops, which run on the
-//! device's own kernels.
+//! layers. Two implementations:
+//! - [`depthwise_nhwc`], the CPU kernel, on channels-last tensors: each output pixel
+//!   accumulates k x k tap vectors over the contiguous channels, a loop the compiler
+//!   vectorises whatever the spatial size;
+//! - [`depthwise_nchw`], device-generic, composes the same sum from candle slices,
+//!   products and sums, which run on the device's own kernels (CUDA included).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Output size and padding (before, after) of TensorFlow's "same" padding.
@@ -29,22 +31,19 @@ pub struct DepthwiseGeometry {
     pub relu6: bool,
 }
 
-/// Applies a depthwise convolution: `x` is (N, C, H, W), `weight` (C, k*k), `bias` (C).
-pub fn depthwise_conv(
+/// CPU depthwise convolution on channels-last input: `x` is (N, H, W, C) f32, `taps`
+/// (k*k, C) with tap index `ky * k + kx`, `bias` (C); returns (N, H', W', C).
+pub fn depthwise_nhwc(
     x: &Tensor,
-    weight: &Tensor,
+    taps: &Tensor,
     bias: &Tensor,
     geometry: DepthwiseGeometry,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.apply_op3_no_bwd(weight, bias, &geometry)
-    } else {
-        depthwise_by_slices(x, weight, bias, geometry)
-    }
+    x.apply_op3_no_bwd(taps, bias, &geometry)
 }
 
-/// Device-generic depthwise convolution from slices, products and sums.
-pub fn depthwise_by_slices(
+/// Device-generic depthwise convolution: `x` is (N, C, H, W), `weight` (C, k*k), `bias` (C).
+pub fn depthwise_nchw(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
@@ -93,72 +92,25 @@ pub fn depthwise_by_slices(
     Ok(acc)
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+/// The contiguous f32 data of a CPU tensor, or an error naming `what`.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
     let data = match storage {
         CpuStorage::F32(data) => data,
-        _ => candle_core::bail!("depthwise conv: {what} must be f32"),
+        _ => candle_core::bail!("{what} must be f32"),
     };
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("depthwise conv: {what} must be contiguous"),
-    }
-}
-
-/// One output plane: the input plane convolved with one channel's k x k taps.
-#[allow(clippy::too_many_arguments)]
-fn plane(
-    input: &[f32],
-    (h, w): (usize, usize),
-    out: &mut [f32],
-    (oh, ow): (usize, usize),
-    taps: &[f32],
-    bias: f32,
-    (pt, pl): (usize, usize),
-    g: DepthwiseGeometry,
-) {
-    let (k, s) = (g.kernel, g.stride);
-    out.fill(bias);
-    for oy in 0..oh {
-        let orow = &mut out[oy * ow..(oy + 1) * ow];
-        for ky in 0..k {
-            let iy = (oy * s + ky) as isize - pt as isize;
-            if iy < 0 || iy >= h as isize {
-                continue;
-            }
-            let irow = &input[iy as usize * w..(iy as usize + 1) * w];
-            for kx in 0..k {
-                let wt = taps[ky * k + kx];
-                // Valid outputs: 0 <= ox*s + kx - pl < w.
-                let lo = pl.saturating_sub(kx).div_ceil(s);
-                let hi_excl = ((w + pl - kx) + s - 1) / s; // ox*s + kx - pl <= w - 1
-                let hi_excl = hi_excl.min(ow);
-                if lo >= hi_excl {
-                    continue;
-                }
-                let start = lo * s + kx - pl;
-                if s == 1 {
-                    let src = &irow[start..start + (hi_excl - lo)];
-                    for (o, i) in orow[lo..hi_excl].iter_mut().zip(src) {
-                        *o += wt * i;
-                    }
-                } else {
-                    for (j, o) in orow[lo..hi_excl].iter_mut().enumerate() {
-                        *o += wt * irow[start + j * s];
-                    }
-                }
-            }
-        }
-        if g.relu6 {
-            for o in orow.iter_mut() {
-                *o = o.clamp(0.0, 6.0);
-            }
-        }
+        None => candle_core::bail!("{what} must be contiguous"),
     }
 }
 
 impl CustomOp3 for DepthwiseGeometry {
     fn name(&self) -> &'static str {
-        "depthwise-conv2d-same"
+        "depthwise-conv2d-same-nhwc"
     }
 
     fn cpu_fwd(
@@ -170,35 +122,59 @@ impl CustomOp3 for DepthwiseGeometry {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = xl.shape().dims4()?;
-        let k = self.kernel;
+        let (n, h, w, c) = xl.shape().dims4()?;
+        let (k, s) = (self.kernel, self.stride);
         if wl.shape().elem_count() != c * k * k || bl.shape().elem_count() != c {
             candle_core::bail!(
-                "depthwise conv: weight {:?} / bias {:?} do not fit {c} channels of {k}x{k}",
+                "depthwise conv: taps {:?} / bias {:?} do not fit {c} channels of {k}x{k}",
                 wl.shape(),
                 bl.shape()
             );
         }
-        let x = contiguous_f32(xs, xl, "input")?;
-        let wt = contiguous_f32(ws, wl, "weight")?;
-        let b = contiguous_f32(bs, bl, "bias")?;
-        let (oh, pt, _) = same_padding(h, k, self.stride);
-        let (ow, pl, _) = same_padding(w, k, self.stride);
-        let mut out = vec![0f32; n * c * oh * ow];
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(p, o)| {
-            let ch = p % c;
-            plane(
-                &x[p * h * w..(p + 1) * h * w],
-                (h, w),
-                o,
-                (oh, ow),
-                &wt[ch * k * k..(ch + 1) * k * k],
-                b[ch],
-                (pt, pl),
-                *self,
-            );
-        });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+        let x = contiguous_f32(xs, xl, "depthwise input")?;
+        let taps = contiguous_f32(ws, wl, "depthwise taps")?;
+        let bias = contiguous_f32(bs, bl, "depthwise bias")?;
+        let (oh, pt, _) = same_padding(h, k, s);
+        let (ow, pl, _) = same_padding(w, k, s);
+        let mut out = vec![0f32; n * oh * ow * c];
+        // One output row per task. Loop order (tap, then pixels) keeps each tap's weights in
+        // registers while it sweeps the row, with no bounds logic in the inner loops.
+        out.par_chunks_mut(ow * c)
+            .enumerate()
+            .for_each(|(row_index, row)| {
+                let (img, oy) = (row_index / oh, row_index % oh);
+                let plane = &x[img * h * w * c..(img + 1) * h * w * c];
+                row.chunks_exact_mut(c)
+                    .for_each(|px| px.copy_from_slice(bias));
+                for ky in 0..k {
+                    let iy = (oy * s + ky) as isize - pt as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    let in_row = &plane[iy as usize * w * c..(iy as usize + 1) * w * c];
+                    for kx in 0..k {
+                        // Output pixels whose input column ox*s + kx - pl lies inside the row.
+                        let lo = pl.saturating_sub(kx).div_ceil(s);
+                        let hi = ((w - 1 + pl).saturating_sub(kx) / s + 1).min(ow);
+                        if lo >= hi || lo * s + kx < pl {
+                            continue;
+                        }
+                        let ix0 = lo * s + kx - pl;
+                        let tap = &taps[(ky * k + kx) * c..(ky * k + kx + 1) * c];
+                        let outs = row[lo * c..hi * c].chunks_exact_mut(c);
+                        let ins = in_row[ix0 * c..].chunks_exact(c).step_by(s);
+                        for (o, i) in outs.zip(ins) {
+                            for ((a, v), t) in o.iter_mut().zip(i).zip(tap) {
+                                *a += v * t;
+                            }
+                        }
+                    }
+                }
+                if self.relu6 {
+                    row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))))
     }
 }
 
@@ -249,7 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_kernel_and_slices_match_grouped_conv() {
+    fn nhwc_kernel_and_slices_match_grouped_conv() {
         let dev = Device::Cpu;
         for (k, s, h, w) in [
             (3, 1, 9, 11),
@@ -269,8 +245,13 @@ mod tests {
                     relu6,
                 };
                 let want = reference(&x, &wt, &b, g);
-                let fast = depthwise_conv(&x, &wt, &b, g).unwrap();
-                let slices = depthwise_by_slices(&x, &wt, &b, g).unwrap();
+                let x_nhwc = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+                let taps = wt.t().unwrap().contiguous().unwrap();
+                let fast = depthwise_nhwc(&x_nhwc, &taps, &b, g)
+                    .unwrap()
+                    .permute((0, 3, 1, 2))
+                    .unwrap();
+                let slices = depthwise_nchw(&x, &wt, &b, g).unwrap();
                 assert_eq!(fast.dims(), want.dims());
                 assert!(
                     max_abs_diff(&fast, &want) < 1e-4,

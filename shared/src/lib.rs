@@ -19,6 +19,7 @@ pub mod overlay;
 pub mod patchcore;
 pub mod pointwise;
 pub mod rng;
+pub mod stem_conv;
 pub mod synthetic;
 pub mod weights;
 

@@ -69,8 +69,18 @@ impl MemoryBank {
         let t = Tensor::from_slice(&host, (rows, dims), device)?;
         let transposed = t.t()?.contiguous()?;
         let sq_norms = t.sqr()?.sum(1)?.reshape((1, rows))?;
-        let host_sq_norms = host.chunks_exact(dims).map(|r| r.iter().map(|v| v * v).sum()).collect();
-        Ok(Self { rows, dims, transposed, sq_norms, host, host_sq_norms })
+        let host_sq_norms = host
+            .chunks_exact(dims)
+            .map(|r| r.iter().map(|v| v * v).sum())
+            .collect();
+        Ok(Self {
+            rows,
+            dims,
+            transposed,
+            sq_norms,
+            host,
+            host_sq_norms,
+        })
     }
 
     /// Number of rows.
@@ -98,9 +108,15 @@ impl MemoryBank {
         if queries.device().is_cpu() {
             let (_, dims) = queries.dims2()?;
             if dims != self.dims {
-                return Err(Error::Config(format!("queries have {dims} dims, the bank {}", self.dims)));
+                return Err(Error::Config(format!(
+                    "queries have {dims} dims, the bank {}",
+                    self.dims
+                )));
             }
-            let host = queries.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let host = queries
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             return Ok(self.nearest_distances_host(&host));
         }
         self.nearest_distances_tensor(queries)

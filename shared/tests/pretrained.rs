@@ -101,3 +101,45 @@ fn batch_of_two_matches_batch_of_one() {
         );
     }
 }
+
+#[test]
+fn cpu_kernels_match_the_generic_path_on_real_weights() {
+    // The channels-last CPU kernels (stem, depthwise, pointwise) against candle's own
+    // ops in NCHW, through every stage of every variant, on a real photograph.
+    let image = insp_core::image::open(&photos_dir().join("coffee.png")).unwrap();
+    for variant in ["lite0", "lite2"] {
+        let model = load(variant);
+        let x = Preprocessing::lite(200)
+            .batch(&[&image], &Device::Cpu)
+            .unwrap();
+        let fast = model.forward_stages(&x, &[3, 5, 7]).unwrap();
+        let generic = model.forward_stages_generic(&x, &[3, 5, 7]).unwrap();
+        for (a, b) in fast.iter().zip(&generic) {
+            assert_eq!(a.dims(), b.dims());
+            let scale = b
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "{variant} {:?}: differ by {diff} (scale {scale})",
+                a.dims()
+            );
+        }
+    }
+}
