@@ -21,6 +21,12 @@ pub struct BenchArgs {
     /// Images to stream: an MVTec-AD-layout folder (its test split) or a folder of images.
     #[arg(long)]
     data: PathBuf,
+    /// Search every bank row instead of the bundle's inverted lists (the exact baseline).
+    #[arg(long)]
+    exact_search: bool,
+    /// Override the inverted lists probed per query.
+    #[arg(long)]
+    probes: Option<usize>,
     /// Frames to time at batch 1 (after warm-up).
     #[arg(long, default_value_t = 100)]
     frames: usize,
@@ -74,7 +80,11 @@ fn peak_rss_bytes() -> u64 {
 
 /// Runs `bench`.
 pub fn run(args: BenchArgs, device: &candle_core::Device) -> Result<()> {
-    let model = PatchCore::open(&args.bundle, device)?;
+    let mut model = PatchCore::open(&args.bundle, device)?;
+    model.set_exact_search(args.exact_search);
+    if let Some(p) = args.probes {
+        model.set_probes(p);
+    }
     let frames = load_frames(&args.data)?;
     let threads = rayon::current_num_threads();
     // Warm-up: first calls allocate and fault in memory.
@@ -125,6 +135,10 @@ pub fn run(args: BenchArgs, device: &candle_core::Device) -> Result<()> {
         "bundle": model.manifest().version,
         "backbone": model.manifest().backbone.variant,
         "input": format!("{}x{}", p.width, p.height),
+        "search": match (args.exact_search, bank.inverted_lists()) {
+            (false, Some(index)) => format!("ivf {} lists, {} probes", index.lists(), index.probes),
+            _ => "exact".to_string(),
+        },
         "device": format!("{device:?}"),
         "threads": threads,
         "frames": total.len(),
@@ -178,10 +192,11 @@ pub fn run(args: BenchArgs, device: &candle_core::Device) -> Result<()> {
         );
     }
     println!(
-        "  bank        {} x {} ({:.2} MB f32)",
+        "  bank        {} x {} ({:.2} MB f32), search: {}",
         bank.rows(),
         bank.dims(),
-        bank.bytes() as f64 / 1e6
+        bank.bytes() as f64 / 1e6,
+        figures["search"].as_str().unwrap_or("?")
     );
     println!("  peak RSS    {:.1} MB", peak_rss_bytes() as f64 / 1e6);
     if let Some(path) = args.json {

@@ -16,6 +16,12 @@ pub struct EvalArgs {
     /// MVTec-AD-layout data set folder (test/ and ground_truth/ are used).
     #[arg(long)]
     data: PathBuf,
+    /// Search every bank row instead of the bundle's inverted lists (the exact baseline).
+    #[arg(long)]
+    exact_search: bool,
+    /// Override the inverted lists probed per query.
+    #[arg(long)]
+    probes: Option<usize>,
     /// Output folder: scores.csv, maps/, overlays/, metrics.json.
     #[arg(long)]
     out: PathBuf,
@@ -59,7 +65,11 @@ fn fmt(v: Option<f64>) -> String {
 
 /// Runs `eval`.
 pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
-    let model = PatchCore::open(&args.bundle, device)?;
+    let mut model = PatchCore::open(&args.bundle, device)?;
+    model.set_exact_search(args.exact_search);
+    if let Some(p) = args.probes {
+        model.set_probes(p);
+    }
     let items = insp_core::dataset::test_images(&args.data)?;
     let mut writer = ContractWriter::new(&args.out)?;
     let scale = overlay_scale(&model);

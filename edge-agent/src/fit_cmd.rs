@@ -25,6 +25,9 @@ pub struct FitArgs {
     /// Square input side in pixels.
     #[arg(long, default_value_t = 256)]
     size: usize,
+    /// Keep each frame's aspect ratio (input of about size x size pixels, sides multiples of 16).
+    #[arg(long)]
+    keep_aspect: bool,
     /// Local averaging window over feature cells.
     #[arg(long, default_value_t = 3)]
     pool: usize,
@@ -58,6 +61,12 @@ pub struct FitArgs {
     /// Images per backbone batch.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Inverted lists (k-means groups) over the bank for fast approximate search; 0 searches every row.
+    #[arg(long, default_value_t = FitConfig::default().ivf_lists)]
+    ivf_lists: usize,
+    /// Inverted lists probed per query.
+    #[arg(long, default_value_t = FitConfig::default().ivf_probes)]
+    ivf_probes: usize,
     /// Folder of converted weights (default: where `weights fetch` puts them).
     #[arg(long, env = "INSP_WEIGHTS_DIR")]
     weights_dir: Option<PathBuf>,
@@ -80,6 +89,7 @@ pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
         backbone: args.backbone.clone(),
         stages: args.stages,
         size: args.size,
+        keep_aspect: args.keep_aspect,
         pool: args.pool,
         bank_rows: args.bank_rows,
         coreset_ratio: args.coreset_ratio,
@@ -91,6 +101,8 @@ pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
         score: parse_score_rule(&args.score)?,
         bank_dtype: args.bank_dtype,
         batch: args.batch,
+        ivf_lists: args.ivf_lists,
+        ivf_probes: args.ivf_probes,
     };
     let weights =
         insp_core::weights::locate(&crate::weights_dir(args.weights_dir), &args.backbone)?;
@@ -140,6 +152,12 @@ pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
         },
         manifest.fit.seconds
     );
+    if m.search.lists > 0 {
+        println!(
+            "  search: {} inverted lists, {} probed per query",
+            m.search.lists, m.search.probes
+        );
+    }
     let c = &manifest.calibration;
     if let (Some(p50), Some(p99), Some(max)) = (c.quantile(0.5), c.quantile(0.99), c.quantile(1.0))
     {

@@ -32,6 +32,10 @@ pub struct BackboneSpec {
 pub struct Calibration {
     /// Image scores of the held-out good images, ascending.
     pub good_scores: Vec<f32>,
+    /// The held-out images (relative to the fit's data folder), in the order of
+    /// `good_scores`: they are never part of the memory bank.
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 impl Calibration {
@@ -197,6 +201,7 @@ mod tests {
     fn quantiles_interpolate() {
         let c = Calibration {
             good_scores: vec![1.0, 2.0, 3.0, 4.0, 5.0],
+            images: Vec::new(),
         };
         assert_eq!(c.quantile(0.0), Some(1.0));
         assert_eq!(c.quantile(1.0), Some(5.0));

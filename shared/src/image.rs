@@ -65,6 +65,10 @@ pub struct Preprocessing {
     pub mean: [f32; 3],
     /// Per-channel standard deviation the centred samples are divided by.
     pub std: [f32; 3],
+    /// Keep the frame's aspect ratio: the input then has about `height * width` pixels,
+    /// each side a multiple of 16, instead of exactly `height` x `width`.
+    #[serde(default)]
+    pub keep_aspect: bool,
 }
 
 impl Preprocessing {
@@ -76,13 +80,25 @@ impl Preprocessing {
             width: size,
             mean: [127.0 / 255.0; 3],
             std: [128.0 / 255.0; 3],
+            keep_aspect: false,
         }
     }
 
-    /// Normalised CHW samples of one image, resized to the input size.
+    /// Model input (height, width) for a frame of `width` x `height` pixels.
+    pub fn input_size(&self, width: u32, height: u32) -> (usize, usize) {
+        if !self.keep_aspect || width == 0 || height == 0 {
+            return (self.height, self.width);
+        }
+        let scale = ((self.height * self.width) as f64 / (width as f64 * height as f64)).sqrt();
+        let side = |v: u32| (((v as f64 * scale) / 16.0).round() as usize * 16).max(32);
+        (side(height), side(width))
+    }
+
+    /// Normalised CHW samples of one image, resized to its input size.
     pub fn input(&self, image: &DynamicImage) -> Vec<f32> {
-        let (w, h) = (self.width as u32, self.height as u32);
-        let plane = self.width * self.height;
+        let (ih, iw) = self.input_size(image.width(), image.height());
+        let (w, h) = (iw as u32, ih as u32);
+        let plane = iw * ih;
         let mut out = vec![0f32; 3 * plane];
         let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * self.std[c]));
         let offset: [f32; 3] = std::array::from_fn(|c| self.mean[c] / self.std[c]);
@@ -115,17 +131,36 @@ impl Preprocessing {
         out
     }
 
-    /// A batch tensor (N, 3, H, W) on `device` from decoded images.
+    /// A batch tensor (N, 3, H, W) on `device` from decoded images, which must share an
+    /// input size (see [`Preprocessing::groups_by_size`]).
     pub fn batch(&self, images: &[&DynamicImage], device: &Device) -> Result<Tensor> {
-        let mut data = Vec::with_capacity(images.len() * 3 * self.width * self.height);
+        let Some(first) = images.first() else {
+            return Err(Error::Config("empty batch".into()));
+        };
+        let (h, w) = self.input_size(first.width(), first.height());
+        let mut data = Vec::with_capacity(images.len() * 3 * w * h);
         for image in images {
+            if self.input_size(image.width(), image.height()) != (h, w) {
+                return Err(Error::Config(
+                    "a batch needs images of one input size".into(),
+                ));
+            }
             data.extend(self.input(image));
         }
-        Ok(Tensor::from_vec(
-            data,
-            (images.len(), 3, self.height, self.width),
-            device,
-        )?)
+        Ok(Tensor::from_vec(data, (images.len(), 3, h, w), device)?)
+    }
+
+    /// Indices of `images` grouped by input size, in order of first appearance.
+    pub fn groups_by_size(&self, images: &[&DynamicImage]) -> Vec<Vec<usize>> {
+        let mut groups: Vec<((usize, usize), Vec<usize>)> = Vec::new();
+        for (i, image) in images.iter().enumerate() {
+            let size = self.input_size(image.width(), image.height());
+            match groups.iter_mut().find(|(s, _)| *s == size) {
+                Some((_, g)) => g.push(i),
+                None => groups.push((size, vec![i])),
+            }
+        }
+        groups.into_iter().map(|(_, g)| g).collect()
     }
 }
 
@@ -167,6 +202,30 @@ mod tests {
         assert!(max_ab < 0.02, "gray vs rgba differ by {max_ab}");
         assert!(max_ac < 1e-6, "8-bit vs 16-bit differ by {max_ac}");
         assert!(a.iter().all(|v| (-1.0..=1.0).contains(v)));
+    }
+
+    #[test]
+    fn keep_aspect_keeps_area_and_ratio() {
+        let prep = Preprocessing {
+            keep_aspect: true,
+            ..Preprocessing::lite(256)
+        };
+        let (h, w) = prep.input_size(100, 300);
+        assert_eq!((h % 16, w % 16), (0, 0));
+        assert!((h as f64 / w as f64 - 3.0).abs() < 0.3, "{h}x{w}");
+        assert!(((h * w) as f64 / 65536.0 - 1.0).abs() < 0.15, "{h}x{w}");
+        assert_eq!(Preprocessing::lite(256).input_size(100, 300), (256, 256));
+        let a = DynamicImage::ImageLuma8(GrayImage::new(100, 300));
+        let b = DynamicImage::ImageLuma8(GrayImage::new(300, 100));
+        assert_eq!(
+            prep.groups_by_size(&[&a, &b, &a]),
+            vec![vec![0, 2], vec![1]]
+        );
+        assert!(prep.batch(&[&a, &b], &Device::Cpu).is_err());
+        assert_eq!(
+            prep.batch(&[&a, &a], &Device::Cpu).unwrap().dims(),
+            &[2, 3, h, w]
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod depthwise;
 pub mod error;
 pub mod evaluation;
 pub mod image;
+pub mod inverted_lists;
 pub mod memory_bank;
 pub mod metrics;
 pub mod overlay;

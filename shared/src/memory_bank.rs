@@ -8,6 +8,7 @@
 //! chunks.
 
 use crate::error::{Error, Result};
+use crate::inverted_lists::InvertedLists;
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -46,6 +47,10 @@ pub struct MemoryBank {
     host: Vec<f32>,
     /// Squared norms on the host.
     host_sq_norms: Vec<f32>,
+    /// Inverted lists over the rows, if the bank was built with them.
+    index: Option<InvertedLists>,
+    /// Search every row even when an index exists.
+    exact: bool,
 }
 
 /// Queries per CPU task.
@@ -55,6 +60,10 @@ const BANK_BLOCK: usize = 512;
 
 /// Name of the bank tensor inside its safetensors file.
 const BANK_TENSOR: &str = "bank";
+/// Inverted-list centroids (lists x dims), when the bank has an index.
+const CENTROIDS_TENSOR: &str = "ivf_centroids";
+/// Inverted-list row offsets (lists + 1).
+const OFFSETS_TENSOR: &str = "ivf_offsets";
 
 impl MemoryBank {
     /// A bank from row-major features.
@@ -80,7 +89,47 @@ impl MemoryBank {
             sq_norms,
             host,
             host_sq_norms,
+            index: None,
+            exact: false,
         })
+    }
+
+    /// A bank whose rows are grouped into `lists` inverted lists (k-means), searched
+    /// `probes` lists at a time. The rows are stored in list order.
+    pub fn with_inverted_lists(
+        host: Vec<f32>,
+        dims: usize,
+        lists: usize,
+        probes: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        if dims == 0 || host.len() % dims != 0 {
+            return Err(Error::Config(
+                "memory bank rows do not match their dimension".into(),
+            ));
+        }
+        let (rows, index) = crate::inverted_lists::build(&host, dims, lists, probes, 10, seed);
+        let mut bank = Self::new(rows, dims, device)?;
+        bank.index = Some(index);
+        Ok(bank)
+    }
+
+    /// The inverted lists, if any.
+    pub fn inverted_lists(&self) -> Option<&InvertedLists> {
+        self.index.as_ref()
+    }
+
+    /// Searches every row (true) or only the probed lists of the index (false, default).
+    pub fn set_exact_search(&mut self, exact: bool) {
+        self.exact = exact;
+    }
+
+    /// Sets how many lists a query probes (no effect without an index).
+    pub fn set_probes(&mut self, probes: usize) {
+        if let Some(index) = &mut self.index {
+            index.probes = probes.clamp(1, index.lists());
+        }
     }
 
     /// Number of rows.
@@ -149,6 +198,14 @@ impl MemoryBank {
     pub fn nearest_distances_host(&self, queries: &[f32]) -> Vec<f32> {
         use rayon::prelude::*;
         let d = self.dims;
+        if let (Some(index), false) = (&self.index, self.exact) {
+            let partial = index.search(queries, d, &self.host, &self.host_sq_norms);
+            return partial
+                .iter()
+                .zip(queries.chunks_exact(d))
+                .map(|(b, q)| (b + q.iter().map(|v| v * v).sum::<f32>()).max(0.0).sqrt())
+                .collect();
+        }
         let mut out = vec![0f32; queries.len() / d];
         out.par_chunks_mut(QUERY_BLOCK)
             .zip(queries.par_chunks(QUERY_BLOCK * d))
@@ -236,7 +293,19 @@ impl MemoryBank {
             BankDtype::F32 => t,
             BankDtype::F16 => t.to_dtype(DType::F16)?,
         };
-        let map: HashMap<String, Tensor> = [(BANK_TENSOR.to_string(), t)].into();
+        let mut map: HashMap<String, Tensor> = [(BANK_TENSOR.to_string(), t)].into();
+        if let Some(index) = &self.index {
+            let lists = index.lists();
+            map.insert(
+                CENTROIDS_TENSOR.into(),
+                Tensor::from_slice(&index.centroids, (lists, self.dims), &Device::Cpu)?,
+            );
+            let offsets: Vec<i64> = index.offsets.iter().map(|&o| o as i64).collect();
+            map.insert(
+                OFFSETS_TENSOR.into(),
+                Tensor::from_vec(offsets, lists + 1, &Device::Cpu)?,
+            );
+        }
         safetensors::serialize(&map, None)
             .map_err(|e| Error::Config(format!("cannot serialise the bank: {e}")))
     }
@@ -249,7 +318,38 @@ impl MemoryBank {
         })?;
         let (_, dims) = t.dims2()?;
         let host = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Self::new(host, dims, device)
+        let mut bank = Self::new(host, dims, device)?;
+        if let (Some(c), Some(o)) = (map.get(CENTROIDS_TENSOR), map.get(OFFSETS_TENSOR)) {
+            let centroids = c.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let offsets: Vec<usize> = o
+                .to_dtype(DType::I64)?
+                .to_vec1::<i64>()?
+                .into_iter()
+                .map(|v| v.max(0) as usize)
+                .collect();
+            let lists = offsets.len().saturating_sub(1);
+            let sane = lists > 0
+                && centroids.len() == lists * dims
+                && offsets[0] == 0
+                && offsets[lists] == bank.rows
+                && offsets.windows(2).all(|w| w[0] <= w[1]);
+            if !sane {
+                return Err(Error::Config(
+                    "the bank's inverted lists do not match its rows".into(),
+                ));
+            }
+            let centroid_sq = centroids
+                .chunks_exact(dims)
+                .map(|r| r.iter().map(|v| v * v).sum())
+                .collect();
+            bank.index = Some(InvertedLists {
+                centroids,
+                centroid_sq,
+                offsets,
+                probes: lists,
+            });
+        }
+        Ok(bank)
     }
 }
 

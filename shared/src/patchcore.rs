@@ -56,6 +56,19 @@ pub struct PatchCoreParams {
     pub blur_sigma: f32,
     /// Image score rule.
     pub score: ScoreRule,
+    /// Nearest-neighbour search: inverted lists of the bank (0 = exact search) and the
+    /// lists probed per query.
+    #[serde(default)]
+    pub search: SearchParams,
+}
+
+/// How the memory bank is searched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SearchParams {
+    /// Inverted lists (k-means groups) of the bank; 0 searches every row.
+    pub lists: usize,
+    /// Lists probed per query.
+    pub probes: usize,
 }
 
 /// Settings of a fit; every field has a default that runs.
@@ -66,8 +79,10 @@ pub struct FitConfig {
     pub backbone: String,
     /// 1-based stages whose features are concatenated.
     pub stages: Vec<usize>,
-    /// Square input side in pixels.
+    /// Square input side in pixels (with `keep_aspect`, the input has as many pixels).
     pub size: usize,
+    /// Keep each frame's aspect ratio instead of stretching it to a square.
+    pub keep_aspect: bool,
     /// Local averaging window.
     pub pool: usize,
     /// Upper bound on memory bank rows, whatever the number of training images.
@@ -90,6 +105,10 @@ pub struct FitConfig {
     pub bank_dtype: BankDtype,
     /// Images per backbone batch.
     pub batch: usize,
+    /// Inverted lists over the bank (0 = exact search of every row).
+    pub ivf_lists: usize,
+    /// Lists probed per query.
+    pub ivf_probes: usize,
 }
 
 impl Default for FitConfig {
@@ -98,6 +117,7 @@ impl Default for FitConfig {
             backbone: "lite0".into(),
             stages: vec![3, 5],
             size: 256,
+            keep_aspect: false,
             pool: 3,
             bank_rows: 4096,
             coreset_ratio: 0.1,
@@ -109,6 +129,8 @@ impl Default for FitConfig {
             score: ScoreRule::Max,
             bank_dtype: BankDtype::F32,
             batch: 8,
+            ivf_lists: 0,
+            ivf_probes: 8,
         }
     }
 }
@@ -214,8 +236,9 @@ impl PatchCore {
                 .map_err(|e| bad(&m.backbone.weights_file, format!("unreadable weights: {e}")))?;
         let backbone = load_backbone(weights, &m.backbone, device)
             .map_err(|e| bad(&m.backbone.weights_file, e.to_string()))?;
-        let bank = MemoryBank::from_safetensors(bundle.file(&m.model.bank_file)?, device)
+        let mut bank = MemoryBank::from_safetensors(bundle.file(&m.model.bank_file)?, device)
             .map_err(|e| bad(&m.model.bank_file, e.to_string()))?;
+        bank.set_probes(m.model.search.probes);
         if bank.dims() != m.model.feature_dims {
             return Err(bad(
                 &m.model.bank_file,
@@ -244,17 +267,41 @@ impl PatchCore {
         &self.bank
     }
 
+    /// Searches every bank row (true) instead of the probed inverted lists.
+    pub fn set_exact_search(&mut self, exact: bool) {
+        self.bank.set_exact_search(exact);
+    }
+
+    /// Overrides the number of inverted lists probed per query.
+    pub fn set_probes(&mut self, probes: usize) {
+        self.bank.set_probes(probes);
+    }
+
     /// Preprocessing this model expects.
     pub fn preprocessing(&self) -> &Preprocessing {
         &self.manifest.preprocessing
     }
 
-    /// Scores decoded images as one batch.
+    /// Scores decoded images, batching those of equal input size.
     pub fn score_images(
         &self,
         images: &[&DynamicImage],
         timings: &mut Timings,
     ) -> Result<Vec<Scored>> {
+        let mut out: Vec<Option<Scored>> = vec![None; images.len()];
+        for group in self.manifest.preprocessing.groups_by_size(images) {
+            let batch: Vec<&DynamicImage> = group.iter().map(|&i| images[i]).collect();
+            for (i, scored) in group.into_iter().zip(self.score_batch(&batch, timings)?) {
+                out[i] = Some(scored);
+            }
+        }
+        out.into_iter()
+            .map(|s| s.ok_or_else(|| Error::Config("an image was not scored".into())))
+            .collect()
+    }
+
+    /// Scores images of one input size as one batch.
+    fn score_batch(&self, images: &[&DynamicImage], timings: &mut Timings) -> Result<Vec<Scored>> {
         let t0 = Instant::now();
         let x = self.manifest.preprocessing.batch(images, &self.device)?;
         let t1 = Instant::now();
@@ -274,9 +321,9 @@ impl PatchCore {
             let distances = self.bank.nearest_distances(&q)?;
             let t4 = Instant::now();
             let score = self.image_score(&q, &distances)?;
-            let p = &self.manifest.preprocessing;
+            let (_, _, in_h, in_w) = x.dims4()?;
             let map = AnomalyMap::new(h, w, distances)
-                .resize(p.height, p.width)
+                .resize(in_h, in_w)
                 .blur(self.manifest.model.blur_sigma);
             timings.knn += t4 - t3;
             timings.map += t4.elapsed();
@@ -402,7 +449,10 @@ pub fn fit(
         path: weights_file.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let preprocessing = Preprocessing::lite(config.size);
+    let preprocessing = Preprocessing {
+        keep_aspect: config.keep_aspect,
+        ..Preprocessing::lite(config.size)
+    };
 
     // Features of every training image; a bounded, evenly spread sample of patches.
     let per_image_cap = config.max_candidates.div_ceil(images.len()).max(1);
@@ -425,22 +475,25 @@ pub fn fit(
             .collect();
         if !decoded.is_empty() {
             let refs: Vec<&DynamicImage> = decoded.iter().collect();
-            let x = preprocessing.batch(&refs, device)?;
-            let (patches, _, _) = embed(&backbone, &config.stages, config.pool, &x)?;
-            let (n, p, d) = patches.dims3()?;
-            dims = d;
-            let host = patches.flatten_all()?.to_vec1::<f32>()?;
-            for i in 0..n {
-                let img = &host[i * p * d..(i + 1) * p * d];
-                total_patches += p;
-                used += 1;
-                if p <= per_image_cap {
-                    candidates.extend_from_slice(img);
-                } else {
-                    let mut idx: Vec<usize> = (0..p).collect();
-                    rng.shuffle(&mut idx);
-                    for &j in &idx[..per_image_cap] {
-                        candidates.extend_from_slice(&img[j * d..(j + 1) * d]);
+            for group in preprocessing.groups_by_size(&refs) {
+                let batch: Vec<&DynamicImage> = group.iter().map(|&i| refs[i]).collect();
+                let x = preprocessing.batch(&batch, device)?;
+                let (patches, _, _) = embed(&backbone, &config.stages, config.pool, &x)?;
+                let (n, p, d) = patches.dims3()?;
+                dims = d;
+                let host = patches.flatten_all()?.to_vec1::<f32>()?;
+                for i in 0..n {
+                    let img = &host[i * p * d..(i + 1) * p * d];
+                    total_patches += p;
+                    used += 1;
+                    if p <= per_image_cap {
+                        candidates.extend_from_slice(img);
+                    } else {
+                        let mut idx: Vec<usize> = (0..p).collect();
+                        rng.shuffle(&mut idx);
+                        for &j in &idx[..per_image_cap] {
+                            candidates.extend_from_slice(&img[j * d..(j + 1) * d]);
+                        }
                     }
                 }
             }
@@ -486,10 +539,26 @@ pub fn fit(
         bank_rows.extend_from_slice(&candidates[i * dims..(i + 1) * dims]);
     }
     drop(candidates);
-    let bank = MemoryBank::new(bank_rows, dims, device)?;
+    let bank = if config.ivf_lists > 0 {
+        MemoryBank::with_inverted_lists(
+            bank_rows,
+            dims,
+            config.ivf_lists,
+            config.ivf_probes,
+            config.seed,
+            device,
+        )?
+    } else {
+        MemoryBank::new(bank_rows, dims, device)?
+    };
+    let search = SearchParams {
+        lists: bank.inverted_lists().map(|i| i.lists()).unwrap_or(0),
+        probes: bank.inverted_lists().map(|i| i.probes).unwrap_or(0),
+    };
     let bank_bytes = bank.to_safetensors(config.bank_dtype)?;
     // The scorer must see exactly what the bundle holds (f16 rounding included).
-    let bank = MemoryBank::from_safetensors(&bank_bytes, device)?;
+    let mut bank = MemoryBank::from_safetensors(&bank_bytes, device)?;
+    bank.set_probes(search.probes);
 
     let params = PatchCoreParams {
         kind: "patchcore".into(),
@@ -500,6 +569,7 @@ pub fn fit(
         bank_dtype: config.bank_dtype,
         blur_sigma: config.blur_sigma,
         score: config.score,
+        search,
     };
     let created = now_unix();
     let mut manifest = Manifest {
@@ -525,11 +595,18 @@ pub fn fit(
     };
 
     // Calibration on held-out good images.
-    let mut good_scores = Vec::with_capacity(holdout.len());
+    let mut scored: Vec<(f32, String)> = Vec::with_capacity(holdout.len());
     let mut timings = Timings::default();
     for (i, path) in holdout.iter().enumerate() {
         match crate::image::open(path) {
-            Ok(img) => good_scores.push(model.score_image(&img, &mut timings)?.score),
+            Ok(img) => {
+                let name = path
+                    .strip_prefix(data)
+                    .unwrap_or(path)
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                scored.push((model.score_image(&img, &mut timings)?.score, name));
+            }
             Err(e) => {
                 tracing::warn!("skipping held-out image: {e}");
                 skipped += 1;
@@ -537,8 +614,12 @@ pub fn fit(
         }
         progress(FitStage::Calibrating, i + 1, holdout.len());
     }
-    good_scores.sort_by(f32::total_cmp);
-    manifest.calibration = Calibration { good_scores };
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (good_scores, images) = scored.into_iter().unzip();
+    manifest.calibration = Calibration {
+        good_scores,
+        images,
+    };
     manifest.fit = FitReport {
         data: data.display().to_string(),
         train_images: used,
