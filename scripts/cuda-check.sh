@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 root=.cache/cuda
 python=${INSP_PYTHON:-python3}
 if [ -z "$(find "$root" -name nvcc -type f 2>/dev/null | head -n1)" ]; then
-  "$python" -m pip install --quiet --target "$root" "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*"
+  "$python" -m pip install --quiet --target "$root" "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*"
 fi
 nvcc=$(find "$root" -name nvcc -type f | head -n1)
 chmod +x "$nvcc" "$(dirname "$nvcc")"/* 2>/dev/null || true

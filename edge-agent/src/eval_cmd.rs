@@ -76,6 +76,7 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
     let bar = indicatif::ProgressBar::new(items.len() as u64);
     let mut timings = Timings::default();
     let mut failed = Vec::new();
+    let mut banded: Vec<(f32, bool)> = Vec::new();
     let started = Instant::now();
     for item in &items {
         bar.inc(1);
@@ -89,6 +90,7 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
         };
         let scored = model.score_image(&image, &mut timings)?;
         writer.add(item, scored.score, &scored.map)?;
+        banded.push((scored.score, item.label == 1));
         if !args.no_overlays {
             let path = args
                 .out
@@ -125,6 +127,28 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
     );
     for (class, auroc) in &report.image_auroc_per_class {
         println!("    {class:<12} image AUROC {auroc:.4}");
+    }
+    if let Some(t) = model.manifest().thresholds {
+        let r = insp_core::routing::BandReport::tally(&t, banded.iter().copied());
+        println!(
+            "  bands (OK < {:.3} <= UNCERTAIN <= {:.3} < NG):",
+            t.ok_below, t.ng_above
+        );
+        for (name, (n, d)) in [("OK", r.ok), ("UNCERTAIN", r.uncertain), ("NG", r.ng)] {
+            println!("    {name:<10} {n:>5} frames, {d:>5} defective");
+        }
+        println!(
+            "    escalation rate {:.1} %, defects passed as OK {} of {}",
+            100.0 * r.escalation_rate(),
+            r.ok.1,
+            report.defective
+        );
+        std::fs::write(
+            args.out.join("bands.json"),
+            serde_json::to_string_pretty(
+                &serde_json::json!({"thresholds": t, "bands": r, "escalation_rate": r.escalation_rate()}),
+            )?,
+        )?;
     }
     let n = (report.images.max(1)) as f64;
     println!(

@@ -25,8 +25,9 @@ pub struct FitArgs {
     /// Square input side in pixels.
     #[arg(long, default_value_t = 256)]
     size: usize,
-    /// Keep each frame's aspect ratio (input of about size x size pixels, sides multiples of 16).
-    #[arg(long)]
+    /// Keep each frame's aspect ratio (input of about size x size pixels, sides multiples of
+    /// 16); `--keep-aspect false` stretches frames to size x size.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     keep_aspect: bool,
     /// Local averaging window over feature cells.
     #[arg(long, default_value_t = 3)]
@@ -50,7 +51,7 @@ pub struct FitArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Gaussian blur of the map in input pixels.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = FitConfig::default().blur_sigma)]
     blur_sigma: f32,
     /// Image score: `max`, or `reweighted:K` (PatchCore's re-weighting over K bank neighbours).
     #[arg(long, default_value = "max")]
@@ -61,12 +62,28 @@ pub struct FitArgs {
     /// Images per backbone batch.
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Inverted lists (k-means groups) over the bank for fast approximate search; 0 searches every row.
-    #[arg(long, default_value_t = FitConfig::default().ivf_lists)]
-    ivf_lists: usize,
+    /// Inverted lists (k-means groups) over the bank for fast approximate search; 0 searches
+    /// every row; default: one list per 128 rows for banks of 4096 rows or more.
+    #[arg(long)]
+    ivf_lists: Option<usize>,
     /// Inverted lists probed per query.
     #[arg(long, default_value_t = FitConfig::default().ivf_probes)]
     ivf_probes: usize,
+    /// OK band: scores below this quantile of the held-out good scores.
+    #[arg(long, default_value_t = 0.95)]
+    ok_quantile: f64,
+    /// NG band: scores above the largest held-out good score times (1 + margin).
+    #[arg(long, default_value_t = 0.10)]
+    ng_margin: f64,
+    /// Aim the OK threshold at escalating about this share of good frames (overrides --ok-quantile).
+    #[arg(long)]
+    target_escalation: Option<f64>,
+    /// MVTec-AD-layout folder of validation images whose defects tighten the OK band (not the evaluation set).
+    #[arg(long)]
+    validation: Option<PathBuf>,
+    /// Share of validation defects allowed in the OK band.
+    #[arg(long, default_value_t = 0.0)]
+    max_missed_defects: f64,
     /// Folder of converted weights (default: where `weights fetch` puts them).
     #[arg(long, env = "INSP_WEIGHTS_DIR")]
     weights_dir: Option<PathBuf>,
@@ -103,6 +120,13 @@ pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
         batch: args.batch,
         ivf_lists: args.ivf_lists,
         ivf_probes: args.ivf_probes,
+        routing: insp_core::routing::RoutingPolicy {
+            ok_quantile: args.ok_quantile,
+            ng_margin: args.ng_margin,
+            target_escalation: args.target_escalation,
+            max_missed_defects: args.max_missed_defects,
+        },
+        validation: args.validation,
     };
     let weights =
         insp_core::weights::locate(&crate::weights_dir(args.weights_dir), &args.backbone)?;
@@ -152,6 +176,12 @@ pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
         },
         manifest.fit.seconds
     );
+    println!(
+        "  time: features {:.1} s, coreset {:.1} s, calibration {:.1} s",
+        manifest.fit.embedding_seconds,
+        manifest.fit.coreset_seconds,
+        manifest.fit.calibration_seconds
+    );
     if m.search.lists > 0 {
         println!(
             "  search: {} inverted lists, {} probed per query",
@@ -162,6 +192,12 @@ pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
     if let (Some(p50), Some(p99), Some(max)) = (c.quantile(0.5), c.quantile(0.99), c.quantile(1.0))
     {
         println!("  held-out good scores: median {p50:.4}, p99 {p99:.4}, max {max:.4}");
+    }
+    if let Some(t) = manifest.thresholds {
+        println!(
+            "  bands: OK below {:.4}, NG above {:.4}, UNCERTAIN between (escalated)",
+            t.ok_below, t.ng_above
+        );
     }
     Ok(())
 }

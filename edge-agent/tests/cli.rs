@@ -96,6 +96,22 @@ fn fit_eval_score_on_synthetic_data() {
     assert!(csv.starts_with("path,label,score\n"));
     assert!(out.join("maps/test/hole/0000.npy").is_file());
     assert!(out.join("overlays/test/scratch/0001.png").is_file());
+    // Bands: thresholds from the held-out good images, every frame counted once, and on
+    // this easy data no defect passed as OK.
+    let bands: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bands.json")).unwrap()).unwrap();
+    let count = |b: &str, i: usize| bands["bands"][b][i].as_u64().unwrap();
+    assert_eq!(
+        count("ok", 0) + count("uncertain", 0) + count("ng", 0),
+        20,
+        "{bands}"
+    );
+    assert_eq!(count("ok", 1), 0, "{bands}");
+    let t = &bands["thresholds"];
+    assert!(
+        t["ok_below"].as_f64().unwrap() <= t["ng_above"].as_f64().unwrap(),
+        "{bands}"
+    );
     // Manifest: hashes of every file, calibration from the held-out good images.
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(f.bundle.join("manifest.json")).unwrap())

@@ -92,42 +92,39 @@ impl AnomalyMap {
             if n == 1 {
                 return 0;
             }
+            if (0..n).contains(&i) {
+                return i as usize;
+            }
             let period = 2 * (n - 1);
             let m = i.rem_euclid(period);
             (if m < n { m } else { period - m }) as usize
         };
+        use rayon::prelude::*;
+        // Horizontal pass: each row padded with reflected borders, then a branch-free
+        // sweep per tap that the compiler vectorises.
         let mut tmp = vec![0f32; h * w];
-        for y in 0..h {
-            let row = &self.data[y * w..][..w];
-            for x in 0..w {
-                let mut acc = 0f32;
+        tmp.par_chunks_mut(w)
+            .zip(self.data.par_chunks(w))
+            .for_each(|(out_row, row)| {
+                let padded: Vec<f32> = (0..w + 2 * r)
+                    .map(|i| row[reflect(i as isize - r as isize, w)])
+                    .collect();
                 for (k, kv) in kernel.iter().enumerate() {
-                    let xi = x as isize + k as isize - r as isize;
-                    let xi = if xi >= 0 && (xi as usize) < w {
-                        xi as usize
-                    } else {
-                        reflect(xi, w)
-                    };
-                    acc += kv * row[xi];
+                    for (o, v) in out_row.iter_mut().zip(&padded[k..k + w]) {
+                        *o += kv * v;
+                    }
                 }
-                tmp[y * w + x] = acc;
-            }
-        }
+            });
+        // Vertical pass: each output row sums reflected source rows.
         let mut out = vec![0f32; h * w];
-        for (k, kv) in kernel.iter().enumerate() {
-            for y in 0..h {
-                let yi = y as isize + k as isize - r as isize;
-                let yi = if yi >= 0 && (yi as usize) < h {
-                    yi as usize
-                } else {
-                    reflect(yi, h)
-                };
-                let src = &tmp[yi * w..][..w];
-                for (o, s) in out[y * w..][..w].iter_mut().zip(src) {
-                    *o += kv * s;
+        out.par_chunks_mut(w).enumerate().for_each(|(y, out_row)| {
+            for (k, kv) in kernel.iter().enumerate() {
+                let yi = reflect(y as isize + k as isize - r as isize, h);
+                for (o, v) in out_row.iter_mut().zip(&tmp[yi * w..(yi + 1) * w]) {
+                    *o += kv * v;
                 }
             }
-        }
+        });
         AnomalyMap {
             height: h,
             width: w,

@@ -66,6 +66,15 @@ pub struct FitReport {
     pub skipped_images: usize,
     /// Wall time of the whole fit, seconds.
     pub seconds: f64,
+    /// Of which: feature extraction of the training images.
+    #[serde(default)]
+    pub embedding_seconds: f64,
+    /// Of which: coreset selection (and the inverted lists, if any).
+    #[serde(default)]
+    pub coreset_seconds: f64,
+    /// Of which: scoring the held-out images.
+    #[serde(default)]
+    pub calibration_seconds: f64,
 }
 
 /// The manifest of a bundle.
@@ -87,6 +96,9 @@ pub struct Manifest {
     pub model: crate::patchcore::PatchCoreParams,
     /// Held-out good scores.
     pub calibration: Calibration,
+    /// OK / UNCERTAIN / NG thresholds calibrated at fit time.
+    #[serde(default)]
+    pub thresholds: Option<crate::routing::Thresholds>,
     /// How the bundle was fitted.
     pub fit: FitReport,
     /// Every other file of the bundle and its sha256 (hex).

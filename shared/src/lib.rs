@@ -20,6 +20,7 @@ pub mod overlay;
 pub mod patchcore;
 pub mod pointwise;
 pub mod rng;
+pub mod routing;
 pub mod stem_conv;
 pub mod synthetic;
 pub mod weights;

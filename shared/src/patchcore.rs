@@ -71,6 +71,11 @@ pub struct SearchParams {
     pub probes: usize,
 }
 
+/// Automatic inverted lists: one per this many bank rows.
+pub const ROWS_PER_LIST: usize = 128;
+/// Automatic inverted lists only for banks of at least this many rows.
+pub const INDEX_FROM_ROWS: usize = 4096;
+
 /// Settings of a fit; every field has a default that runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -105,10 +110,17 @@ pub struct FitConfig {
     pub bank_dtype: BankDtype,
     /// Images per backbone batch.
     pub batch: usize,
-    /// Inverted lists over the bank (0 = exact search of every row).
-    pub ivf_lists: usize,
+    /// Inverted lists over the bank: `Some(0)` searches every row; `None` picks one list
+    /// per [`ROWS_PER_LIST`] rows for banks of [`INDEX_FROM_ROWS`] rows or more, else
+    /// exact search.
+    pub ivf_lists: Option<usize>,
     /// Lists probed per query.
     pub ivf_probes: usize,
+    /// How the OK / NG thresholds are derived.
+    pub routing: crate::routing::RoutingPolicy,
+    /// An MVTec-AD-layout folder whose defective test images tighten the OK band (never
+    /// the data set the bundle is evaluated on).
+    pub validation: Option<PathBuf>,
 }
 
 impl Default for FitConfig {
@@ -117,20 +129,22 @@ impl Default for FitConfig {
             backbone: "lite0".into(),
             stages: vec![3, 5],
             size: 256,
-            keep_aspect: false,
+            keep_aspect: true,
             pool: 3,
-            bank_rows: 4096,
+            bank_rows: 32_768,
             coreset_ratio: 0.1,
             max_candidates: 200_000,
             coreset_dims: 32,
             holdout: 0.1,
             seed: 42,
-            blur_sigma: 4.0,
+            blur_sigma: 8.0,
             score: ScoreRule::Max,
             bank_dtype: BankDtype::F32,
             batch: 8,
-            ivf_lists: 0,
+            ivf_lists: None,
             ivf_probes: 8,
+            routing: Default::default(),
+            validation: None,
         }
     }
 }
@@ -511,6 +525,7 @@ pub fn fit(
         });
     }
 
+    let embedding_seconds = started.elapsed().as_secs_f64();
     // Coreset.
     let n_candidates = candidates.len() / dims;
     let rows = ((total_patches as f64 * config.coreset_ratio).ceil() as usize)
@@ -539,11 +554,17 @@ pub fn fit(
         bank_rows.extend_from_slice(&candidates[i * dims..(i + 1) * dims]);
     }
     drop(candidates);
-    let bank = if config.ivf_lists > 0 {
+    let n_rows = bank_rows.len() / dims;
+    let lists = config.ivf_lists.unwrap_or(if n_rows >= INDEX_FROM_ROWS {
+        n_rows / ROWS_PER_LIST
+    } else {
+        0
+    });
+    let bank = if lists > 0 {
         MemoryBank::with_inverted_lists(
             bank_rows,
             dims,
-            config.ivf_lists,
+            lists,
             config.ivf_probes,
             config.seed,
             device,
@@ -551,6 +572,7 @@ pub fn fit(
     } else {
         MemoryBank::new(bank_rows, dims, device)?
     };
+    let coreset_seconds = started.elapsed().as_secs_f64() - embedding_seconds;
     let search = SearchParams {
         lists: bank.inverted_lists().map(|i| i.lists()).unwrap_or(0),
         probes: bank.inverted_lists().map(|i| i.probes).unwrap_or(0),
@@ -584,6 +606,7 @@ pub fn fit(
         preprocessing,
         model: params,
         calibration: Calibration::default(),
+        thresholds: None,
         fit: FitReport::default(),
         files: Default::default(),
     };
@@ -620,12 +643,35 @@ pub fn fit(
         good_scores,
         images,
     };
+    let mut defect_scores = Vec::new();
+    if let Some(validation) = &config.validation {
+        for item in dataset::test_images(validation)?
+            .into_iter()
+            .filter(|t| t.label == 1)
+        {
+            match crate::image::open(&item.path) {
+                Ok(img) => defect_scores.push(model.score_image(&img, &mut timings)?.score),
+                Err(e) => tracing::warn!("skipping validation image: {e}"),
+            }
+        }
+    }
+    manifest.thresholds =
+        match crate::routing::calibrate(&manifest.calibration, &defect_scores, &config.routing) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!("bundle has no thresholds: {e}");
+                None
+            }
+        };
     manifest.fit = FitReport {
         data: data.display().to_string(),
         train_images: used,
         holdout_images: holdout.len(),
         skipped_images: skipped,
         seconds: started.elapsed().as_secs_f64(),
+        embedding_seconds,
+        coreset_seconds,
+        calibration_seconds: started.elapsed().as_secs_f64() - embedding_seconds - coreset_seconds,
     };
     crate::bundle::write(
         out,

@@ -82,7 +82,7 @@ fn a_reloaded_bundle_reproduces_the_fit_scores_bit_for_bit() {
 fn inverted_lists_only_ever_overestimate_and_stay_close() {
     let config = FitConfig {
         bank_rows: 800,
-        ivf_lists: 16,
+        ivf_lists: Some(16),
         ivf_probes: 3,
         keep_aspect: true,
         ..FitConfig::default()
