@@ -134,7 +134,7 @@ pub fn run(args: BenchArgs, device: &candle_core::Device) -> Result<()> {
     let figures = json!({
         "bundle": model.manifest().version,
         "backbone": model.manifest().backbone.variant,
-        "input": format!("{}x{}", p.width, p.height),
+        "input": if p.keep_aspect { format!("about {}x{} pixels, aspect kept", p.width, p.height) } else { format!("{}x{}", p.width, p.height) },
         "search": match (args.exact_search, bank.inverted_lists()) {
             (false, Some(index)) => format!("ivf {} lists, {} probes", index.lists(), index.probes),
             _ => "exact".to_string(),

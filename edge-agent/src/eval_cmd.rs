@@ -33,14 +33,17 @@ pub struct EvalArgs {
     pro_limit: f64,
 }
 
-/// Colour scale of overlays: twice the largest held-out good score shows fully red.
-pub fn overlay_scale(model: &PatchCore) -> f32 {
-    model
-        .manifest()
-        .calibration
-        .quantile(1.0)
-        .map(|m| 2.0 * m)
-        .unwrap_or(0.0)
+/// Colour range of overlays: from half the median held-out good image score (blue) to
+/// the NG threshold (red), so red means "as anomalous as a rejected part".
+pub fn overlay_scale(model: &PatchCore) -> (f32, f32) {
+    let m = model.manifest();
+    let lo = m.calibration.quantile(0.5).map(|v| 0.5 * v).unwrap_or(0.0);
+    let hi = m
+        .thresholds
+        .map(|t| t.ng_above)
+        .or_else(|| m.calibration.quantile(1.0))
+        .unwrap_or(0.0);
+    (lo, hi)
 }
 
 /// Writes an overlay PNG, creating folders.
@@ -48,7 +51,7 @@ pub fn write_overlay(
     path: &Path,
     frame: &image::DynamicImage,
     map: &insp_core::anomaly_map::AnomalyMap,
-    scale: f32,
+    scale: (f32, f32),
 ) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)

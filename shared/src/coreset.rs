@@ -29,6 +29,23 @@ pub fn random_projection(rows: &[f32], dims: usize, out_dims: usize, seed: u64) 
     out
 }
 
+/// Squared Euclidean distance, accumulated in eight independent lanes so that the
+/// compiler can vectorise it (a single running f32 sum must stay in order).
+#[inline]
+pub fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            let d = x[l] - y[l];
+            lanes[l] += d * d;
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| (x - y) * (x - y)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Indices of `k` rows of `points` (n x dims) chosen by greedy k-center, starting from a
 /// seeded random row. Returns all rows if `k >= n`. `progress` is called after each pick.
 pub fn greedy_k_center(
@@ -58,7 +75,7 @@ pub fn greedy_k_center(
             .map(|(c, (md, pts))| {
                 let mut best = (usize::MAX, f32::NEG_INFINITY);
                 for (i, (m, p)) in md.iter_mut().zip(pts.chunks_exact(dims)).enumerate() {
-                    let d: f32 = p.iter().zip(&center).map(|(a, b)| (a - b) * (a - b)).sum();
+                    let d = squared_distance(p, &center);
                     if d < *m {
                         *m = d;
                     }

@@ -14,19 +14,24 @@ pub fn colour(v: f32) -> [u8; 3] {
     [(r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8]
 }
 
-/// Blends the map over the frame. Map values are divided by `scale` (a score that should
-/// show as fully red, e.g. twice the largest good score); low values stay transparent.
-pub fn render(frame: &DynamicImage, map: &AnomalyMap, scale: f32) -> RgbImage {
+/// Blends the map over the frame. Map values are mapped linearly from `range.0` (blue,
+/// e.g. a typical good patch score) to `range.1` (red, e.g. the NG threshold); with an
+/// empty range, from the map's own minimum to its maximum. Low values stay transparent.
+pub fn render(frame: &DynamicImage, map: &AnomalyMap, range: (f32, f32)) -> RgbImage {
     let base = frame.to_rgb8();
     let (w, h) = base.dimensions();
     let resized = map.resize(h as usize, w as usize);
-    let scale = if scale > 0.0 {
-        scale
+    let (lo, hi) = if range.1 > range.0 {
+        range
     } else {
-        resized.max().max(f32::EPSILON)
+        (
+            resized.data.iter().copied().fold(f32::INFINITY, f32::min),
+            resized.max(),
+        )
     };
+    let span = (hi - lo).max(f32::EPSILON);
     RgbImage::from_fn(w, h, |x, y| {
-        let v = resized.data[(y * w + x) as usize] / scale;
+        let v = (resized.data[(y * w + x) as usize] - lo) / span;
         let alpha = (0.15 + 0.6 * v).clamp(0.0, 0.75);
         let c = colour(v);
         let p = base.get_pixel(x, y).0;
@@ -46,7 +51,7 @@ mod tests {
             DynamicImage::ImageLuma8(image::GrayImage::from_pixel(8, 8, image::Luma([128])));
         let mut data = vec![0f32; 64];
         data[0] = 2.0;
-        let img = render(&frame, &AnomalyMap::new(8, 8, data), 2.0);
+        let img = render(&frame, &AnomalyMap::new(8, 8, data), (0.0, 2.0));
         let hot = img.get_pixel(0, 0).0;
         let cold = img.get_pixel(7, 7).0;
         assert!(hot[0] > 200 && hot[2] < 100, "{hot:?}");
