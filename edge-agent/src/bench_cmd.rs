@@ -7,7 +7,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use insp_core::patchcore::{PatchCore, Timings};
+use insp_core::patchcore::Timings;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,18 +15,11 @@ use std::time::{Duration, Instant};
 /// Arguments of `bench`.
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Bundle folder written by `fit`.
-    #[arg(long)]
-    bundle: PathBuf,
+    #[command(flatten)]
+    model: crate::model_args::ModelArgs,
     /// Images to stream: an MVTec-AD-layout folder (its test split) or a folder of images.
     #[arg(long)]
     data: PathBuf,
-    /// Search every bank row instead of the bundle's inverted lists (the exact baseline).
-    #[arg(long)]
-    exact_search: bool,
-    /// Override the inverted lists probed per query.
-    #[arg(long)]
-    probes: Option<usize>,
     /// Frames to time at batch 1 (after warm-up).
     #[arg(long, default_value_t = 100)]
     frames: usize,
@@ -80,11 +73,7 @@ fn peak_rss_bytes() -> u64 {
 
 /// Runs `bench`.
 pub fn run(args: BenchArgs, device: &candle_core::Device) -> Result<()> {
-    let mut model = PatchCore::open(&args.bundle, device)?;
-    model.set_exact_search(args.exact_search);
-    if let Some(p) = args.probes {
-        model.set_probes(p);
-    }
+    let model = args.model.load(device)?;
     let frames = load_frames(&args.data)?;
     let threads = rayon::current_num_threads();
     // Warm-up: first calls allocate and fault in memory.
@@ -135,7 +124,7 @@ pub fn run(args: BenchArgs, device: &candle_core::Device) -> Result<()> {
         "bundle": model.manifest().version,
         "backbone": model.manifest().backbone.variant,
         "input": if p.keep_aspect { format!("about {}x{} pixels, aspect kept", p.width, p.height) } else { format!("{}x{}", p.width, p.height) },
-        "search": match (args.exact_search, bank.inverted_lists()) {
+        "search": match (args.model.exact_search, bank.inverted_lists()) {
             (false, Some(index)) => format!("ivf {} lists, {} probes", index.lists(), index.probes),
             _ => "exact".to_string(),
         },

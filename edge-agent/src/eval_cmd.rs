@@ -10,18 +10,11 @@ use std::time::Instant;
 /// Arguments of `eval`.
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Bundle folder written by `fit`.
-    #[arg(long)]
-    bundle: PathBuf,
+    #[command(flatten)]
+    model: crate::model_args::ModelArgs,
     /// MVTec-AD-layout data set folder (test/ and ground_truth/ are used).
     #[arg(long)]
     data: PathBuf,
-    /// Search every bank row instead of the bundle's inverted lists (the exact baseline).
-    #[arg(long)]
-    exact_search: bool,
-    /// Override the inverted lists probed per query.
-    #[arg(long)]
-    probes: Option<usize>,
     /// Output folder: scores.csv, maps/, overlays/, metrics.json.
     #[arg(long)]
     out: PathBuf,
@@ -68,11 +61,7 @@ fn fmt(v: Option<f64>) -> String {
 
 /// Runs `eval`.
 pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
-    let mut model = PatchCore::open(&args.bundle, device)?;
-    model.set_exact_search(args.exact_search);
-    if let Some(p) = args.probes {
-        model.set_probes(p);
-    }
+    let model = args.model.load(device)?;
     let items = insp_core::dataset::test_images(&args.data)?;
     let mut writer = ContractWriter::new(&args.out)?;
     let scale = overlay_scale(&model);

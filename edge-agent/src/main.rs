@@ -9,6 +9,7 @@ use std::path::PathBuf;
 mod bench_cmd;
 mod eval_cmd;
 mod fit_cmd;
+mod model_args;
 mod score_cmd;
 mod synth_cmd;
 mod weights_cmd;

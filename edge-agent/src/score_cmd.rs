@@ -2,15 +2,14 @@
 
 use anyhow::Result;
 use clap::Args;
-use insp_core::patchcore::{PatchCore, Timings};
+use insp_core::patchcore::Timings;
 use std::path::PathBuf;
 
 /// Arguments of `score`.
 #[derive(Args)]
 pub struct ScoreArgs {
-    /// Bundle folder written by `fit`.
-    #[arg(long)]
-    bundle: PathBuf,
+    #[command(flatten)]
+    model: crate::model_args::ModelArgs,
     /// Folder for the heatmap overlays (`<name>.heatmap.png`).
     #[arg(long, default_value = "heatmaps")]
     out: PathBuf,
@@ -22,7 +21,7 @@ pub struct ScoreArgs {
 /// Runs `score`: one line per image; unreadable files are reported and skipped, and the
 /// exit status is non-zero if any was.
 pub fn run(args: ScoreArgs, device: &candle_core::Device) -> Result<()> {
-    let model = PatchCore::open(&args.bundle, device)?;
+    let model = args.model.load(device)?;
     let scale = crate::eval_cmd::overlay_scale(&model);
     let good_max = model.manifest().calibration.quantile(1.0);
     let mut failures = 0;
