@@ -11,6 +11,8 @@ mod eval_cmd;
 mod fit_cmd;
 mod model_args;
 mod score_cmd;
+#[allow(dead_code)] // used by the MQTT pipeline (edge agent issue); tested now
+mod spool;
 mod synth_cmd;
 mod weights_cmd;
 
