@@ -1,19 +1,30 @@
-//! `edge-agent`: the program beside each camera. It fits PatchCore bundles from good
-//! images, scores frames, evaluates and benchmarks bundles, and makes synthetic data.
-//! (The long-running frame pipeline to MQTT arrives with the edge agent issue.)
+//! `edge-agent`: the program beside each camera. `run` is the long-running pipeline
+//! (frames in, verdicts out over MQTT, never losing a result); the other commands fit
+//! PatchCore bundles from good images, score frames, evaluate and benchmark bundles, and
+//! make synthetic data.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 mod bench_cmd;
+mod config;
+mod decisions;
 mod eval_cmd;
 mod fit_cmd;
+mod frame;
+mod hooks;
+mod http;
+mod link;
 mod model_args;
+mod outbox;
+mod run_cmd;
 mod score_cmd;
-#[allow(dead_code)] // used by the MQTT pipeline (edge agent issue); tested now
+mod scorer;
+mod sources;
 mod spool;
 mod synth_cmd;
+mod telemetry;
 mod weights_cmd;
 
 /// Edge inspection agent: scores frames with a PatchCore memory bank.
@@ -33,6 +44,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the inspection pipeline: frames in, bands and verdicts out over MQTT.
+    Run(run_cmd::RunArgs),
     /// Fetch and convert the pretrained EfficientNet-Lite checkpoints.
     Weights {
         #[command(subcommand)]
@@ -60,6 +73,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = device(cli.device.as_deref()).and_then(|device| match cli.command {
+        Command::Run(args) => run_cmd::run(args, &device),
         Command::Weights { action } => weights_cmd::run(action),
         Command::Fit(args) => fit_cmd::run(args, &device),
         Command::Eval(args) => eval_cmd::run(args, &device),

@@ -1,16 +1,16 @@
-//! A durable on-disk queue for store-and-forward: what the agent could not publish yet.
+//! A durable on-disk queue for store-and-forward: what the agent has not delivered yet.
 //!
 //! Records are appended to segment files (`<first sequence number>.seg`), each record as
 //! `length (u32 LE) | crc32 (u32 LE) | payload`. A `cursor` file, replaced atomically,
-//! says how far delivery has been acknowledged. On open, a torn record at the end of the
-//! last segment (a crash mid-write, kill -9) is cut off, so the queue always reopens to a
-//! clean state. When the queue exceeds its byte budget the oldest segments are dropped,
-//! and every dropped record is counted: the caller makes that loud.
+//! says how far delivery has been acknowledged. On open, a torn record at the end of a
+//! segment (a crash mid-write, kill -9) is cut off, so the queue always reopens to a clean
+//! state. When the queue exceeds its byte budget the oldest segments are dropped, and every
+//! dropped undelivered record is counted: the caller makes that loud.
 //!
 //! The agent keeps two of these: results (small, every frame) and escalations (frames),
 //! so escalation images can be dropped under pressure while every result is kept.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -18,25 +18,37 @@ use std::path::{Path, PathBuf};
 /// Size at which a new segment is started.
 const SEGMENT_BYTES: u64 = 4 << 20;
 /// Bytes of a record header.
-const HEADER: u64 = 8;
+const HEADER: usize = 8;
 /// Largest record accepted.
-pub const MAX_RECORD: usize = 64 << 20;
+pub const MAX_RECORD: usize = 256 << 20;
+
+/// One segment file: its first sequence number, the offsets of its records, its size.
+struct Segment {
+    start: u64,
+    offsets: Vec<u64>,
+    bytes: u64,
+}
+
+impl Segment {
+    fn end(&self) -> u64 {
+        self.start + self.offsets.len() as u64
+    }
+}
 
 /// One durable queue in its own folder.
 pub struct Spool {
     dir: PathBuf,
     budget: u64,
-    /// Segment start sequence numbers, ascending; the last one is appended to.
-    segments: Vec<u64>,
+    /// Segments in ascending order; the last one is appended to.
+    segments: Vec<Segment>,
     /// Sequence number the next appended record gets.
     next_seq: u64,
-    /// Records of each segment, with their byte offsets, in order.
-    index: Vec<Vec<u64>>,
     /// First unacknowledged sequence number.
     acked_until: u64,
-    /// Records dropped to stay within the budget since open.
+    /// Undelivered records dropped to stay within the budget since open.
     dropped: u64,
     writer: Option<File>,
+    unsynced: bool,
 }
 
 fn seg_path(dir: &Path, start: u64) -> PathBuf {
@@ -48,11 +60,20 @@ fn scan(path: &Path) -> Result<(Vec<u64>, u64)> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let (mut offsets, mut pos) = (Vec::new(), 0usize);
-    while pos + HEADER as usize <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into()?) as usize;
-        let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into()?);
-        let end = pos + HEADER as usize + len;
-        if len > MAX_RECORD || end > bytes.len() || crc32fast::hash(&bytes[pos + 8..end]) != crc {
+    while pos + HEADER <= bytes.len() {
+        let len = u32::from_le_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]])
+            as usize;
+        let crc = u32::from_le_bytes([
+            bytes[pos + 4],
+            bytes[pos + 5],
+            bytes[pos + 6],
+            bytes[pos + 7],
+        ]);
+        let end = pos + HEADER + len;
+        if len > MAX_RECORD
+            || end > bytes.len()
+            || crc32fast::hash(&bytes[pos + HEADER..end]) != crc
+        {
             break;
         }
         offsets.push(pos as u64);
@@ -62,131 +83,199 @@ fn scan(path: &Path) -> Result<(Vec<u64>, u64)> {
 }
 
 impl Spool {
-    /// Opens (or creates) the queue in `dir`, repairing a torn last record.
+    /// Opens (or creates) the queue in `dir`, repairing torn records.
     pub fn open(dir: &Path, budget: u64) -> Result<Spool> {
-        fs::create_dir_all(dir).with_context(|| format!("cannot create spool folder {}", dir.display()))?;
-        let mut segments: Vec<u64> = fs::read_dir(dir)?
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create spool folder {}", dir.display()))?;
+        let mut starts: Vec<u64> = fs::read_dir(dir)
+            .with_context(|| format!("cannot list spool folder {}", dir.display()))?
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
             .collect();
-        segments.sort_unstable();
-        let mut index = Vec::with_capacity(segments.len());
-        for (i, &start) in segments.iter().enumerate() {
+        starts.sort_unstable();
+        let mut segments = Vec::with_capacity(starts.len());
+        for start in starts {
             let path = seg_path(dir, start);
-            let (offsets, good_end) = scan(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            if fs::metadata(&path)?.len() != good_end {
-                if i + 1 != segments.len() {
-                    bail!("spool segment {} is corrupt in the middle; move it away to continue", path.display());
-                }
-                tracing::warn!("spool: cutting a torn record off {}", path.display());
-                OpenOptions::new().write(true).open(&path)?.set_len(good_end)?;
+            let (offsets, good_end) =
+                scan(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let size = fs::metadata(&path)?.len();
+            if size != good_end {
+                tracing::warn!(
+                    "spool: cutting {} damaged bytes off {} (a write cut short by a crash)",
+                    size - good_end,
+                    path.display()
+                );
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(good_end))
+                    .with_context(|| format!("cannot repair {}", path.display()))?;
             }
-            index.push(offsets);
+            segments.push(Segment {
+                start,
+                offsets,
+                bytes: good_end,
+            });
         }
-        let next_seq = segments.last().map(|&s| s + index.last().map_or(0, |o| o.len() as u64)).unwrap_or(0);
-        let acked_until = fs::read_to_string(dir.join("cursor")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        let mut spool = Spool { dir: dir.to_path_buf(), budget, segments, next_seq, index, acked_until, dropped: 0, writer: None };
-        spool.acked_until = spool.acked_until.clamp(spool.first_seq(), spool.next_seq);
+        let next_seq = segments.last().map_or(0, Segment::end);
+        let acked_until = fs::read_to_string(dir.join("cursor"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let mut spool = Spool {
+            dir: dir.to_path_buf(),
+            budget,
+            segments,
+            next_seq,
+            acked_until: 0,
+            dropped: 0,
+            writer: None,
+            unsynced: false,
+        };
+        spool.acked_until = acked_until.clamp(spool.first_seq(), spool.next_seq);
         spool.collect_acked()?;
         Ok(spool)
     }
 
     fn first_seq(&self) -> u64 {
-        self.segments.first().copied().unwrap_or(self.next_seq)
+        self.segments.first().map_or(self.next_seq, |s| s.start)
     }
 
     /// Records waiting for delivery.
     pub fn len(&self) -> u64 {
-        self.next_seq - self.acked_until
-    }
-
-    /// True when nothing waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.segments
+            .iter()
+            .map(|s| s.end().saturating_sub(self.acked_until.max(s.start)))
+            .sum()
     }
 
     /// Bytes on disk.
     pub fn bytes(&self) -> u64 {
-        self.segments.iter().filter_map(|&s| fs::metadata(seg_path(&self.dir, s)).ok()).map(|m| m.len()).sum()
+        self.segments.iter().map(|s| s.bytes).sum()
     }
 
-    /// Records dropped to stay within the budget since the queue was opened.
+    /// Undelivered records dropped to stay within the budget since the queue was opened.
     pub fn dropped(&self) -> u64 {
         self.dropped
     }
 
-    /// Appends a record durably (written and synced before returning); returns its
-    /// sequence number. Drops the oldest segments if the budget is exceeded.
-    pub fn push(&mut self, payload: &[u8]) -> Result<u64> {
+    /// The first sequence number not yet acknowledged.
+    pub fn acked_until(&self) -> u64 {
+        self.acked_until
+    }
+
+    /// Appends a record (call [`Spool::sync`] to make it durable); returns its sequence
+    /// number. Drops the oldest segments if the budget is exceeded.
+    pub fn append(&mut self, payload: &[u8]) -> Result<u64> {
         if payload.len() > MAX_RECORD {
-            bail!("spool record of {} bytes exceeds the {} byte limit", payload.len(), MAX_RECORD);
+            anyhow::bail!(
+                "spool record of {} bytes exceeds the {MAX_RECORD} byte limit",
+                payload.len()
+            );
         }
-        let need_new = match self.segments.last() {
-            None => true,
-            Some(&s) => fs::metadata(seg_path(&self.dir, s)).map(|m| m.len() >= SEGMENT_BYTES).unwrap_or(true),
-        };
-        if need_new {
-            self.segments.push(self.next_seq);
-            self.index.push(Vec::new());
+        if self
+            .segments
+            .last()
+            .is_none_or(|s| s.bytes >= SEGMENT_BYTES)
+        {
+            self.sync()?;
             self.writer = None;
+            self.segments.push(Segment {
+                start: self.next_seq,
+                offsets: Vec::new(),
+                bytes: 0,
+            });
         }
-        let start = *self.segments.last().context("no segment")?;
+        let Some(segment) = self.segments.last_mut() else {
+            anyhow::bail!("spool has no segment to write to");
+        };
         if self.writer.is_none() {
-            let path = seg_path(&self.dir, start);
-            self.writer = Some(OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot write {}", path.display()))?);
+            let path = seg_path(&self.dir, segment.start);
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            file.seek(SeekFrom::End(0))?;
+            self.writer = Some(file);
         }
-        let file = self.writer.as_mut().context("no writer")?;
-        let offset = file.seek(SeekFrom::End(0))?;
-        let mut record = Vec::with_capacity(payload.len() + HEADER as usize);
+        let Some(file) = self.writer.as_mut() else {
+            anyhow::bail!("spool writer is not open");
+        };
+        let mut record = Vec::with_capacity(payload.len() + HEADER);
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         record.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         record.extend_from_slice(payload);
-        file.write_all(&record).context("spool write failed (disk full?)")?;
-        file.sync_data().context("spool sync failed")?;
-        if let Some(last) = self.index.last_mut() {
-            last.push(offset);
+        if let Err(e) = file.write_all(&record) {
+            // Leave no partial record behind: the next append starts at a clean offset.
+            let _ = file.set_len(segment.bytes);
+            return Err(e).with_context(|| {
+                format!("spool write to {} failed (disk full?)", self.dir.display())
+            });
         }
+        segment.offsets.push(segment.bytes);
+        segment.bytes += record.len() as u64;
+        self.unsynced = true;
         let seq = self.next_seq;
         self.next_seq += 1;
         self.enforce_budget()?;
         Ok(seq)
     }
 
-    fn enforce_budget(&mut self) -> Result<()> {
-        while self.segments.len() > 1 && self.bytes() > self.budget {
-            let start = self.segments.remove(0);
-            let offsets = self.index.remove(0);
-            let end = start + offsets.len() as u64;
-            let unacked = end.saturating_sub(self.acked_until.max(start));
-            self.dropped += unacked;
-            if unacked > 0 {
-                tracing::error!("spool {}: over its {} byte budget, dropped {unacked} undelivered records", self.dir.display(), self.budget);
+    /// Flushes appended records to the disk.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.unsynced {
+            if let Some(file) = &self.writer {
+                file.sync_data()
+                    .with_context(|| format!("spool sync in {} failed", self.dir.display()))?;
             }
-            self.acked_until = self.acked_until.max(end);
-            fs::remove_file(seg_path(&self.dir, start))?;
+            self.unsynced = false;
         }
         Ok(())
     }
 
-    /// The oldest undelivered records, up to `max`, with their sequence numbers.
-    pub fn peek(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+    fn enforce_budget(&mut self) -> Result<()> {
+        while self.segments.len() > 1 && self.bytes() > self.budget {
+            let segment = self.segments.remove(0);
+            let unacked = segment
+                .end()
+                .saturating_sub(self.acked_until.max(segment.start));
+            self.dropped += unacked;
+            if unacked > 0 {
+                tracing::error!(
+                    "spool {}: over its {} byte budget, dropped the {unacked} oldest undelivered records",
+                    self.dir.display(),
+                    self.budget
+                );
+            }
+            self.acked_until = self.acked_until.max(segment.end());
+            let path = seg_path(&self.dir, segment.start);
+            fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Up to `max` records with sequence numbers from `from` on (or from the oldest kept,
+    /// if those were dropped), in order.
+    pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
-        for (i, &start) in self.segments.iter().enumerate() {
-            let offsets = &self.index[i];
-            if start + offsets.len() as u64 <= self.acked_until {
+        for segment in &self.segments {
+            if segment.end() <= from || out.len() >= max {
                 continue;
             }
-            let mut file = File::open(seg_path(&self.dir, start))?;
-            for (j, &off) in offsets.iter().enumerate() {
-                let seq = start + j as u64;
-                if seq < self.acked_until {
+            let path = seg_path(&self.dir, segment.start);
+            let mut file =
+                File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            for (j, &offset) in segment.offsets.iter().enumerate() {
+                let seq = segment.start + j as u64;
+                if seq < from {
                     continue;
                 }
                 if out.len() >= max {
-                    return Ok(out);
+                    break;
                 }
-                let mut header = [0u8; HEADER as usize];
-                file.seek(SeekFrom::Start(off))?;
+                let mut header = [0u8; HEADER];
+                file.seek(SeekFrom::Start(offset))?;
                 file.read_exact(&mut header)?;
                 let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
                 let mut payload = vec![0u8; len];
@@ -197,26 +286,31 @@ impl Spool {
         Ok(out)
     }
 
-    /// Marks every record up to and including `seq` delivered, durably.
-    pub fn ack(&mut self, seq: u64) -> Result<()> {
-        let until = (seq + 1).min(self.next_seq);
+    /// Marks every record before `until` delivered, durably.
+    pub fn ack_until(&mut self, until: u64) -> Result<()> {
+        let until = until.min(self.next_seq);
         if until <= self.acked_until {
             return Ok(());
         }
         self.acked_until = until;
         let tmp = self.dir.join("cursor.partial");
-        fs::write(&tmp, until.to_string())?;
-        File::open(&tmp)?.sync_all()?;
-        fs::rename(&tmp, self.dir.join("cursor"))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(until.to_string().as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, self.dir.join("cursor"))
+        };
+        write()
+            .with_context(|| format!("cannot save the spool cursor in {}", self.dir.display()))?;
         self.collect_acked()
     }
 
     /// Deletes segments whose records are all delivered (never the one being written).
     fn collect_acked(&mut self) -> Result<()> {
-        while self.segments.len() > 1 && self.segments[0] + self.index[0].len() as u64 <= self.acked_until {
-            let start = self.segments.remove(0);
-            self.index.remove(0);
-            fs::remove_file(seg_path(&self.dir, start))?;
+        while self.segments.len() > 1 && self.segments[0].end() <= self.acked_until {
+            let segment = self.segments.remove(0);
+            let path = seg_path(&self.dir, segment.start);
+            fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         }
         Ok(())
     }
@@ -226,38 +320,79 @@ impl Spool {
 mod tests {
     use super::*;
 
+    fn values(records: &[(u64, Vec<u8>)]) -> Vec<u32> {
+        records
+            .iter()
+            .map(|(_, p)| u32::from_le_bytes(p[..4].try_into().unwrap()))
+            .collect()
+    }
+
     #[test]
     fn records_survive_reopen_in_order_and_acks_stick() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 30).unwrap();
         for i in 0..10u32 {
-            s.push(&i.to_le_bytes()).unwrap();
+            s.append(&i.to_le_bytes()).unwrap();
         }
-        let first = s.peek(3).unwrap();
+        s.sync().unwrap();
+        let first = s.read_from(0, 3).unwrap();
         assert_eq!(first.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 1, 2]);
-        s.ack(2).unwrap();
+        s.ack_until(3).unwrap();
         drop(s);
         let s = Spool::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(s.len(), 7);
-        let rest: Vec<u32> = s.peek(100).unwrap().iter().map(|(_, p)| u32::from_le_bytes(p[..4].try_into().unwrap())).collect();
-        assert_eq!(rest, (3..10).collect::<Vec<_>>());
+        assert_eq!(s.acked_until(), 3);
+        let rest = s.read_from(s.acked_until(), 100).unwrap();
+        assert_eq!(values(&rest), (3..10).collect::<Vec<_>>());
+        assert_eq!(values(&s.read_from(8, 100).unwrap()), vec![8, 9]);
     }
 
     #[test]
     fn a_torn_tail_is_cut_and_appending_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 30).unwrap();
-        s.push(b"one").unwrap();
-        s.push(b"two").unwrap();
+        s.append(b"one").unwrap();
+        s.append(b"two").unwrap();
+        s.sync().unwrap();
         drop(s);
         // A crash mid-write: half a header and some bytes.
         let seg = seg_path(dir.path(), 0);
-        OpenOptions::new().append(true).open(&seg).unwrap().write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .unwrap()
+            .write_all(&[9, 0, 0, 0, 1, 2])
+            .unwrap();
         let mut s = Spool::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(s.len(), 2);
-        s.push(b"three").unwrap();
-        let all: Vec<Vec<u8>> = s.peek(10).unwrap().into_iter().map(|r| r.1).collect();
-        assert_eq!(all, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        s.append(b"three").unwrap();
+        let all: Vec<Vec<u8>> = s
+            .read_from(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.1)
+            .collect();
+        assert_eq!(
+            all,
+            vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
+    }
+
+    #[test]
+    fn a_corrupt_record_keeps_what_precedes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 30).unwrap();
+        for i in 0..4u32 {
+            s.append(&i.to_le_bytes()).unwrap();
+        }
+        drop(s);
+        // Flip a payload byte of the third record: its CRC no longer matches.
+        let seg = seg_path(dir.path(), 0);
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[2 * 12 + HEADER] ^= 0xff;
+        fs::write(&seg, bytes).unwrap();
+        let s = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(values(&s.read_from(0, 10).unwrap()), vec![0, 1]);
     }
 
     #[test]
@@ -266,13 +401,22 @@ mod tests {
         let mut s = Spool::open(dir.path(), 10 << 20).unwrap();
         let big = vec![7u8; 1 << 20];
         for _ in 0..30 {
-            s.push(&big).unwrap();
+            s.append(&big).unwrap();
         }
-        assert!(s.bytes() <= (10 << 20) + SEGMENT_BYTES, "{} bytes", s.bytes());
+        assert!(
+            s.bytes() <= (10 << 20) + SEGMENT_BYTES,
+            "{} bytes",
+            s.bytes()
+        );
         assert!(s.dropped() > 0);
         assert_eq!(s.len() + s.dropped(), 30);
-        let waiting = s.peek(100).unwrap();
+        let waiting = s.read_from(0, 100).unwrap();
         assert_eq!(waiting.len() as u64, s.len());
         assert_eq!(waiting.last().unwrap().0, 29, "the newest records are kept");
+        assert_eq!(
+            waiting[0].0,
+            s.acked_until(),
+            "reading resumes at the oldest kept"
+        );
     }
 }

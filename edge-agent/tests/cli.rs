@@ -1,76 +1,9 @@
 //! The edge-agent commands end to end on a synthetic data set with the real pretrained
 //! weights (fetched by `edge-agent weights fetch`, which the test script runs first).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn agent(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edge-agent"))
-        .args(args)
-        .output()
-        .expect("edge-agent runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = agent(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "edge-agent {args:?} failed:\n{text}");
-    text
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
-
-/// Synthetic data and a small bundle fitted on it, shared by the tests of this file.
-struct Fixture {
-    _dir: tempfile::TempDir,
-    data: PathBuf,
-    bundle: PathBuf,
-    root: PathBuf,
-}
-
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let bundle = dir.path().join("bundle");
-    ok(&[
-        "synth",
-        "--out",
-        p(&data),
-        "--seed",
-        "3",
-        "--size",
-        "128",
-        "--train",
-        "24",
-        "--test-good",
-        "8",
-        "--test-defect",
-        "4",
-    ]);
-    let fit = ok(&[
-        "fit",
-        "--data",
-        p(&data),
-        "--out",
-        p(&bundle),
-        "--bank-rows",
-        "1000",
-    ]);
-    assert!(fit.contains("bank 1000 x 152"), "{fit}");
-    let root = dir.path().to_path_buf();
-    Fixture {
-        _dir: dir,
-        data,
-        bundle,
-        root,
-    }
-}
+use common::{agent, fixture, ok, p};
 
 #[test]
 fn fit_eval_score_on_synthetic_data() {

@@ -30,6 +30,29 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Image files anywhere under `dir` (hidden folders skipped), sorted by path.
+pub fn list_images_recursive(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| Error::Dataset {
+            path: d.clone(),
+            reason: format!("cannot list the folder ({e})"),
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            if path.is_dir() && !hidden {
+                stack.push(path);
+            } else if path.is_file() && !hidden && is_image(&path) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Good training images of an MVTec-AD-layout folder; an error if there are none.
 pub fn train_images(root: &Path) -> Result<Vec<PathBuf>> {
     let dir = root.join("train").join("good");

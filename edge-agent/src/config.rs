@@ -1,0 +1,438 @@
+//! The agent's one configuration file (`edge.toml`), typed, with defaults that run.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file, environment variables
+//! `INSP_EDGE__SECTION__KEY=value` (e.g. `INSP_EDGE__MQTT__HOST=broker.local`), then
+//! `--set section.key=value` flags. Values are read as TOML literals where they parse
+//! (`10`, `true`, `"x"`, `[1, 2]`) and as plain strings otherwise. Unknown keys are errors,
+//! so a typo does not silently fall back to a default.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Prefix of environment variables that override settings.
+pub const ENV_PREFIX: &str = "INSP_EDGE__";
+
+/// Everything `edge-agent run` needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Who this agent is.
+    pub device: DeviceConfig,
+    /// The model bundle.
+    pub model: ModelConfig,
+    /// Where frames come from (besides the push endpoint).
+    pub source: SourceConfig,
+    /// Queue between sources and the scorer.
+    pub queue: QueueConfig,
+    /// Band thresholds and what happens while the cloud decides.
+    pub routing: RoutingConfig,
+    /// The MQTT connection.
+    pub mqtt: MqttConfig,
+    /// The store-and-forward spool.
+    pub spool: SpoolConfig,
+    /// The HTTP endpoint: frame push, Prometheus metrics, health.
+    pub http: HttpConfig,
+    /// What runs on a final NG decision (a reject gate).
+    pub hooks: HookConfig,
+}
+
+/// Identity of the device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Site (plant, line) name: the second topic level.
+    pub site: String,
+    /// Device name, unique within the site; default: the host name.
+    pub id: String,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self {
+            site: "site-1".into(),
+            id: host_name(),
+        }
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && !s.contains(['/', '+', '#']))
+        .unwrap_or_else(|| "edge-1".into())
+}
+
+/// The model bundle and how it is searched.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Bundle folder written by `edge-agent fit`.
+    pub bundle: PathBuf,
+    /// Search every bank row instead of the bundle's inverted lists.
+    pub exact_search: bool,
+    /// Inverted lists probed per query (default: the bundle's).
+    pub probes: Option<usize>,
+    /// Check the bundle folder this often and swap in a new version between frames
+    /// (0 = never). A bundle that fails to verify is refused and the old one kept.
+    pub reload_check_s: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            bundle: PathBuf::from("bundle"),
+            exact_search: false,
+            probes: None,
+            reload_check_s: 10,
+        }
+    }
+}
+
+/// Which frame source feeds the scorer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Only the HTTP push endpoint.
+    None,
+    /// New image files in a folder, once each, in arrival order.
+    Watch,
+    /// Every image under a folder at a set rate (demos, load).
+    Replay,
+}
+
+/// What happens to a watched file once its result is safely spooled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterScoring {
+    /// Move into `done/` (unreadable files into `rejected/`) under the watched folder.
+    Move,
+    /// Delete the file.
+    Delete,
+    /// Leave it; it is remembered until the agent restarts (then scored again, with the
+    /// same frame id, so consumers drop the duplicate).
+    Keep,
+}
+
+/// Frame source settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `none`, `watch` or `replay`.
+    pub kind: SourceKind,
+    /// Folder watched or replayed.
+    pub path: PathBuf,
+    /// Watch: how often the folder is listed.
+    pub poll_ms: u64,
+    /// Watch: a file is taken once its size and modification time have not changed for
+    /// this long (so half-written files are not read). Writers that create files under
+    /// a temporary name (`.name`, `*.tmp`, `*.partial`) and rename them can set 0.
+    pub settle_ms: u64,
+    /// Watch: what to do with a scored file.
+    pub after: AfterScoring,
+    /// Replay: frames per second (0 = as fast as the scorer takes them).
+    pub rate_fps: f64,
+    /// Replay: start again at the end.
+    pub repeat: bool,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            kind: SourceKind::None,
+            path: PathBuf::from("incoming"),
+            poll_ms: 200,
+            settle_ms: 300,
+            after: AfterScoring::Move,
+            rate_fps: 10.0,
+            repeat: false,
+        }
+    }
+}
+
+/// Queue between the sources and the scorer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Frames waiting to be scored at most; beyond it pushes get 503 and folder sources
+    /// wait.
+    pub capacity: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { capacity: 16 }
+    }
+}
+
+/// The decision taken for an UNCERTAIN frame whose verdict does not arrive in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Treat as defective (quarantine the part): the safe default.
+    Ng,
+    /// Let the part pass.
+    Ok,
+}
+
+/// Routing settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Override the bundle's OK threshold (scores below are OK).
+    pub ok_below: Option<f32>,
+    /// Override the bundle's NG threshold (scores above are NG).
+    pub ng_above: Option<f32>,
+    /// How long an UNCERTAIN frame waits for the cloud verdict.
+    pub verdict_deadline_ms: u64,
+    /// The decision when the deadline passes.
+    pub fallback: Fallback,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            ok_below: None,
+            ng_above: None,
+            verdict_deadline_ms: 5_000,
+            fallback: Fallback::Ng,
+        }
+    }
+}
+
+/// MQTT connection settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Publish at all; without it results only go to the spool (and the log).
+    pub enabled: bool,
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Client id; default `edge-{site}-{device}`.
+    pub client_id: Option<String>,
+    /// User name, if the broker wants one.
+    pub username: Option<String>,
+    /// Password, if the broker wants one (prefer the env var
+    /// `INSP_EDGE__MQTT__PASSWORD` to writing it here).
+    pub password: Option<String>,
+    /// Keep-alive interval.
+    pub keep_alive_s: u64,
+    /// Largest MQTT packet sent or received. The broker must allow at least this much
+    /// (Mosquitto: `max_packet_size`; the hub's embedded broker is configured to match).
+    pub max_payload_bytes: usize,
+    /// QoS 1 publishes in flight before waiting for acknowledgements.
+    pub inflight: u16,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max_ms: u64,
+    /// Device metrics are published this often (0 = never).
+    pub metrics_interval_s: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: None,
+            username: None,
+            password: None,
+            keep_alive_s: 15,
+            max_payload_bytes: 16 << 20,
+            inflight: 64,
+            reconnect_max_ms: 5_000,
+            metrics_interval_s: 30,
+        }
+    }
+}
+
+/// Spool settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Folder of the two queues (`results/`, `escalations/`).
+    pub dir: PathBuf,
+    /// Byte budget of results: the default holds more than a day at 10 frames per
+    /// second (about 150 bytes a result).
+    pub results_bytes: u64,
+    /// Byte budget of escalations (frames and maps); the oldest go first when full.
+    pub escalations_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("spool"),
+            results_bytes: 512 << 20,
+            escalations_bytes: 2 << 30,
+        }
+    }
+}
+
+/// HTTP endpoint settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address; empty disables the endpoint.
+    pub listen: String,
+    /// Largest frame accepted by `POST /v1/frames`.
+    pub max_frame_bytes: usize,
+    /// Longest a caller may wait for the cloud verdict (`?wait_ms=`).
+    pub max_wait_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9180".into(),
+            max_frame_bytes: 64 << 20,
+            max_wait_ms: 10_000,
+        }
+    }
+}
+
+/// Reject-gate hooks, run on every final NG decision.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HookConfig {
+    /// A command and its arguments; `{frame_id}`, `{source}`, `{score}` and
+    /// `{decided_by}` in the arguments are replaced.
+    pub on_ng_command: Vec<String>,
+    /// An `http://` URL that gets the decision as a JSON POST.
+    pub on_ng_webhook: Option<String>,
+}
+
+impl AgentConfig {
+    /// Reads `path` (if given), then applies environment and `--set` overrides.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<AgentConfig> {
+        let mut tree = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config file {}", p.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("config file {} is not valid TOML", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut env: Vec<(String, String)> = std::env::vars()
+            .filter_map(|(k, v)| Some((k.strip_prefix(ENV_PREFIX)?.to_string(), v)))
+            .collect();
+        env.sort();
+        for (key, value) in env {
+            let key = key.to_ascii_lowercase().replace("__", ".");
+            apply(&mut tree, &key, &value)
+                .with_context(|| format!("environment variable {ENV_PREFIX}{key}"))?;
+        }
+        for set in sets {
+            let Some((key, value)) = set.split_once('=') else {
+                bail!("--set {set:?}: expected section.key=value");
+            };
+            apply(&mut tree, key.trim(), value.trim()).with_context(|| format!("--set {set}"))?;
+        }
+        let config: AgentConfig = tree
+            .try_into()
+            .context("invalid configuration (see `edge-agent run --print-config` for every key)")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        insp_proto::topic(
+            &self.device.site,
+            &self.device.id,
+            insp_proto::TopicKind::Result,
+        )
+        .map_err(anyhow::Error::msg)?;
+        if self.queue.capacity == 0 {
+            bail!("queue.capacity must be at least 1");
+        }
+        if self.mqtt.inflight == 0 {
+            bail!("mqtt.inflight must be at least 1");
+        }
+        if self.source.kind == SourceKind::Replay && self.source.rate_fps < 0.0 {
+            bail!("source.rate_fps must not be negative");
+        }
+        Ok(())
+    }
+
+    /// The MQTT client id.
+    pub fn client_id(&self) -> String {
+        self.mqtt
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("edge-{}-{}", self.device.site, self.device.id))
+    }
+}
+
+/// Sets `dotted.key` in a TOML tree to `raw`, read as a TOML literal where it parses.
+fn apply(tree: &mut toml::Table, key: &str, raw: &str) -> Result<()> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("bad key {key:?}");
+    }
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut table = tree;
+    for part in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => bail!("{part} in {key:?} is not a section"),
+        };
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_and_overrides_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(
+            &file,
+            "[device]\nsite = \"plant-7\"\nid = \"cam-2\"\n[mqtt]\nport = 1884\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(
+            Some(&file),
+            &["mqtt.port=2000".into(), "source.kind=watch".into()],
+        )
+        .unwrap();
+        assert_eq!(c.device.site, "plant-7");
+        assert_eq!(c.mqtt.port, 2000);
+        assert_eq!(c.source.kind, SourceKind::Watch);
+        assert_eq!(c.client_id(), "edge-plant-7-cam-2");
+        assert_eq!(c.routing.fallback, Fallback::Ng);
+        // A plain string that is not a TOML literal is taken as a string.
+        let c = AgentConfig::load(None, &["mqtt.host=broker.local".into()]).unwrap();
+        assert_eq!(c.mqtt.host, "broker.local");
+    }
+
+    #[test]
+    fn typos_and_bad_names_are_errors() {
+        let err = AgentConfig::load(None, &["mqtt.hots=x".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("hots"), "{err:#}");
+        assert!(AgentConfig::load(None, &["device.id=a/b".into()]).is_err());
+        assert!(AgentConfig::load(None, &["noequals".into()]).is_err());
+        assert!(AgentConfig::load(None, &["queue.capacity=0".into()]).is_err());
+    }
+
+    #[test]
+    fn the_default_config_round_trips_through_toml() {
+        let text = toml::to_string(&AgentConfig::default()).unwrap();
+        let back: AgentConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back.mqtt.max_payload_bytes, 16 << 20);
+    }
+}

@@ -1,0 +1,172 @@
+//! The agent's HTTP endpoint: camera programs push frames (`POST /v1/frames`), Prometheus
+//! scrapes `/metrics`, supervisors probe `/healthz` and `/readyz`, people read
+//! `/v1/status`.
+//!
+//! A pushed frame is answered as soon as it is scored and its result is durably spooled,
+//! with its id and edge band; a caller may opt in to waiting a bounded time for the
+//! cloud's verdict on an UNCERTAIN frame (`?wait_ms=`). A full queue answers 503 with
+//! `Retry-After` at once, so a camera program is never stalled by the agent.
+
+use crate::decisions::DecisionBook;
+use crate::frame::{fresh_frame_id, unix_ms, Frame, Handled};
+use crate::telemetry::Telemetry;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use insp_core::routing::Band;
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The scorer's queue.
+    pub frames: mpsc::Sender<Frame>,
+    /// Final decisions.
+    pub book: Arc<DecisionBook>,
+    /// Metrics.
+    pub telemetry: Arc<Telemetry>,
+    /// Device name.
+    pub device: String,
+    /// Longest allowed `wait_ms`.
+    pub max_wait: Duration,
+}
+
+/// Query parameters of `POST /v1/frames`.
+#[derive(Debug, Deserialize)]
+pub struct PushQuery {
+    /// A label for people (camera name, part serial).
+    pub source: Option<String>,
+    /// Milliseconds to wait for the cloud verdict on an UNCERTAIN frame.
+    pub wait_ms: Option<u64>,
+    /// The caller's frame UUID, to make retries idempotent.
+    pub frame_id: Option<String>,
+    /// When the camera took the frame (Unix milliseconds).
+    pub captured_unix_ms: Option<i64>,
+}
+
+/// The router of every endpoint.
+pub fn router(state: AppState, max_frame_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/frames", post(push_frame))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .layer(DefaultBodyLimit::max(max_frame_bytes))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn push_frame(
+    State(app): State<AppState>,
+    Query(q): Query<PushQuery>,
+    body: Bytes,
+) -> Response {
+    if body.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "empty body: send the encoded image (PNG, JPEG, BMP or TIFF) as the request body",
+        );
+    }
+    let id = match q.frame_id.as_deref().map(uuid::Uuid::parse_str) {
+        None => fresh_frame_id(),
+        Some(Ok(id)) => id,
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("frame_id: {e}")),
+    };
+    let (reply, handled) = oneshot::channel();
+    let frame = Frame {
+        id,
+        source: q.source.unwrap_or_else(|| "push".into()),
+        bytes: body.to_vec(),
+        captured_unix_ms: q.captured_unix_ms.unwrap_or_else(unix_ms),
+        arrived: Instant::now(),
+        reply: Some(reply),
+    };
+    match app.frames.try_send(frame) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            app.telemetry.frame_dropped("queue_full");
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the scorer's queue is full; retry later",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return r;
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the agent is shutting down",
+            );
+        }
+    }
+    let decision = match handled.await {
+        Ok(Handled::Scored(d)) => d,
+        Ok(Handled::Rejected(reason)) => return error(StatusCode::UNPROCESSABLE_ENTITY, reason),
+        Err(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the frame was not handled (agent shutting down)",
+            )
+        }
+    };
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(app.max_wait);
+    let decision = if decision.edge_band == Band::Uncertain && !wait.is_zero() {
+        app.book
+            .wait_final(decision.frame_id, wait)
+            .await
+            .unwrap_or(decision)
+    } else {
+        decision
+    };
+    Json(decision).into_response()
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.telemetry.render(),
+    )
+        .into_response()
+}
+
+async fn ready(State(app): State<AppState>) -> Response {
+    if app.frames.is_closed() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "scorer stopped");
+    }
+    (StatusCode::OK, "ready\n").into_response()
+}
+
+async fn status(State(app): State<AppState>) -> Response {
+    let t = &app.telemetry;
+    let m = t.device_metrics(&app.device);
+    Json(json!({
+        "device": app.device,
+        "model_version": m.model_version,
+        "broker_connected": t.connected(),
+        "queue_free": app.frames.capacity(),
+        "pending_verdicts": app.book.pending(),
+        "frames": { "ok": m.frames_ok, "uncertain": m.frames_uncertain, "ng": m.frames_ng,
+                    "rejected": m.frames_rejected, "dropped": m.frames_dropped },
+        "spool": { "results": m.spool_results, "escalations": m.spool_escalations,
+                   "dropped": m.spool_dropped },
+        "verdict_fallbacks": m.verdict_fallbacks,
+        "late_verdicts": m.late_verdicts,
+        "score_latency_ms_mean": m.score_latency_ms_mean,
+    }))
+    .into_response()
+}

@@ -1,0 +1,319 @@
+//! The outbox: every result and escalation is written to the durable spool first, then
+//! published from there (a write-ahead log). The MQTT link reads the spool in order and
+//! acknowledges records as the broker acknowledges them, so nothing the scorer produced
+//! is lost to a dead broker, a restart or a kill -9, and the frame path never waits for
+//! the network.
+//!
+//! One writer thread appends what the scorer sends and syncs once per batch (group
+//! commit). If the disk refuses writes (full, failing), records wait in memory, bounded,
+//! and are retried; past the bound the oldest escalations are dropped first, then the
+//! oldest results, all counted.
+
+use crate::frame::Handled;
+use crate::spool::Spool;
+use crate::telemetry::Telemetry;
+use anyhow::{Context, Result};
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+
+/// Records held in memory while the disk refuses writes, at most.
+const MEMORY_RECORDS: usize = 50_000;
+/// Bytes held in memory while the disk refuses writes, at most.
+const MEMORY_BYTES: usize = 256 << 20;
+
+/// The two queues of the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    /// Compact results, one per frame.
+    Results,
+    /// Escalations: frames and maps of UNCERTAIN frames.
+    Escalations,
+}
+
+impl Queue {
+    /// Both queues, results first.
+    pub const ALL: [Queue; 2] = [Queue::Results, Queue::Escalations];
+
+    /// Name used for folders and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Queue::Results => "results",
+            Queue::Escalations => "escalations",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A message to publish, as stored in the spool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// MQTT topic.
+    pub topic: String,
+    /// When the frame arrived at the agent (Unix milliseconds), for delivery latency.
+    pub arrived_unix_ms: i64,
+    /// Protobuf payload.
+    pub payload: Vec<u8>,
+}
+
+impl Envelope {
+    /// `topic length (u16 LE) | topic | arrived (i64 LE) | payload`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(10 + self.topic.len() + self.payload.len());
+        out.extend_from_slice(&(self.topic.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.topic.as_bytes());
+        out.extend_from_slice(&self.arrived_unix_ms.to_le_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// Reads an encoded envelope.
+    pub fn decode(bytes: &[u8]) -> Result<Envelope> {
+        let n = u16::from_le_bytes(
+            bytes
+                .get(..2)
+                .context("spool record too short")?
+                .try_into()?,
+        ) as usize;
+        let topic = bytes.get(2..2 + n).context("spool record too short")?;
+        let arrived = bytes.get(2 + n..10 + n).context("spool record too short")?;
+        Ok(Envelope {
+            topic: String::from_utf8(topic.to_vec()).context("spool topic is not UTF-8")?,
+            arrived_unix_ms: i64::from_le_bytes(arrived.try_into()?),
+            payload: bytes[10 + n..].to_vec(),
+        })
+    }
+}
+
+/// The two spool queues, shared by the writer thread and the MQTT link.
+pub struct Spools {
+    queues: [Mutex<Spool>; 2],
+    /// Signalled whenever records were appended.
+    pub appended: Notify,
+}
+
+impl Spools {
+    /// Opens `dir/results` and `dir/escalations` with their byte budgets.
+    pub fn open(dir: &Path, results_bytes: u64, escalations_bytes: u64) -> Result<Arc<Spools>> {
+        let open = |q: Queue, budget| {
+            Spool::open(&dir.join(q.name()), budget)
+                .with_context(|| format!("cannot open the {} spool", q.name()))
+        };
+        Ok(Arc::new(Spools {
+            queues: [
+                Mutex::new(open(Queue::Results, results_bytes)?),
+                Mutex::new(open(Queue::Escalations, escalations_bytes)?),
+            ],
+            appended: Notify::new(),
+        }))
+    }
+
+    /// Locks one queue.
+    pub fn lock(&self, q: Queue) -> MutexGuard<'_, Spool> {
+        self.queues[q.index()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the queues' depth, size and drops as metrics.
+    pub fn report(&self, telemetry: &Telemetry) {
+        for q in Queue::ALL {
+            let s = self.lock(q);
+            telemetry.set_spool(q.name(), s.len(), s.bytes(), s.dropped());
+        }
+    }
+}
+
+/// One record for the writer, with who to tell once it is durable.
+pub struct Item {
+    /// Which queue.
+    pub queue: Queue,
+    /// The message.
+    pub envelope: Envelope,
+    /// Sent once the record is synced to disk.
+    pub on_durable: Option<(oneshot::Sender<Handled>, Handled)>,
+}
+
+/// The scorer's handle on the outbox.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: SyncSender<Item>,
+}
+
+impl Outbox {
+    /// Starts the writer thread over `spools`.
+    pub fn start(
+        spools: Arc<Spools>,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<(Outbox, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = sync_channel(4096);
+        let handle = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || write_loop(rx, &spools, &telemetry))
+            .context("cannot start the spool writer thread")?;
+        Ok((Outbox { tx }, handle))
+    }
+
+    /// Hands a record to the writer (waits only if the writer is thousands behind).
+    pub fn send(&self, item: Item) {
+        if self.tx.send(item).is_err() {
+            tracing::error!("spool writer has stopped: a record was not spooled");
+        }
+    }
+}
+
+fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
+    let mut waiting: VecDeque<Item> = VecDeque::new();
+    let mut waiting_bytes = 0usize;
+    let mut failing = false;
+    loop {
+        let timeout = if waiting.is_empty() {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_secs(1)
+        };
+        match rx.recv_timeout(timeout) {
+            Ok(item) => {
+                waiting_bytes += item.envelope.payload.len();
+                waiting.push_back(item);
+                while let Ok(item) = rx.try_recv() {
+                    waiting_bytes += item.envelope.payload.len();
+                    waiting.push_back(item);
+                    if waiting.len() >= 512 && !failing {
+                        break;
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) if waiting.is_empty() => break,
+            Err(RecvTimeoutError::Disconnected) => {
+                if failing {
+                    tracing::error!(
+                        "shutting down with {} records the disk would not take",
+                        waiting.len()
+                    );
+                    break;
+                }
+            }
+        }
+        let mut done = Vec::new();
+        let mut error = None;
+        while let Some(item) = waiting.pop_front() {
+            let appended = spools.lock(item.queue).append(&item.envelope.encode());
+            match appended {
+                Ok(_) => {
+                    waiting_bytes -= item.envelope.payload.len();
+                    done.push(item);
+                }
+                Err(e) => {
+                    error = Some(e);
+                    waiting.push_front(item);
+                    break;
+                }
+            }
+        }
+        for q in Queue::ALL {
+            if let Err(e) = spools.lock(q).sync() {
+                error.get_or_insert(e);
+            }
+        }
+        match error {
+            Some(e) => {
+                telemetry.spool_write_failed();
+                if !failing {
+                    tracing::error!("{e:#}; holding records in memory and retrying");
+                }
+                failing = true;
+                shed(&mut waiting, &mut waiting_bytes, telemetry);
+            }
+            None if failing => {
+                tracing::warn!("spool writes work again");
+                failing = false;
+            }
+            None => {}
+        }
+        if !done.is_empty() {
+            spools.appended.notify_one();
+        }
+        for item in done {
+            if let Some((tx, handled)) = item.on_durable {
+                let _ = tx.send(handled);
+            }
+        }
+        spools.report(telemetry);
+    }
+}
+
+/// Drops the oldest escalations, then the oldest results, beyond the memory bounds.
+fn shed(waiting: &mut VecDeque<Item>, bytes: &mut usize, telemetry: &Telemetry) {
+    for q in [Queue::Escalations, Queue::Results] {
+        while waiting.len() > MEMORY_RECORDS || *bytes > MEMORY_BYTES {
+            let Some(pos) = waiting.iter().position(|i| i.queue == q) else {
+                break;
+            };
+            if let Some(item) = waiting.remove(pos) {
+                *bytes -= item.envelope.payload.len();
+                telemetry.spool_write_failed();
+                tracing::error!(
+                    "disk refuses writes and memory is full: dropped an {} record",
+                    q.name()
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_round_trip_and_short_records_are_errors() {
+        let e = Envelope {
+            topic: "insp/v1/s/d/result".into(),
+            arrived_unix_ms: 1_700_000_000_123,
+            payload: vec![1, 2, 3],
+        };
+        assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+        assert!(Envelope::decode(&[5, 0, b'a']).is_err());
+    }
+
+    #[test]
+    fn the_writer_spools_and_reports_durability() {
+        let dir = tempfile::tempdir().unwrap();
+        let spools = Spools::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let t = Arc::new(Telemetry::new());
+        let (outbox, handle) = Outbox::start(spools.clone(), t.clone()).unwrap();
+        let (tx, rx) = oneshot::channel();
+        let mut reply = Some((tx, Handled::Rejected("x".into())));
+        for i in 0..3u8 {
+            outbox.send(Item {
+                queue: if i == 1 {
+                    Queue::Escalations
+                } else {
+                    Queue::Results
+                },
+                envelope: Envelope {
+                    topic: format!("t/{i}"),
+                    arrived_unix_ms: 0,
+                    payload: vec![i],
+                },
+                on_durable: if i == 2 { reply.take() } else { None },
+            });
+        }
+        drop(outbox);
+        assert!(matches!(rx.blocking_recv().unwrap(), Handled::Rejected(_)));
+        handle.join().unwrap();
+        assert_eq!(spools.lock(Queue::Results).len(), 2);
+        assert_eq!(spools.lock(Queue::Escalations).len(), 1);
+        let rec = spools.lock(Queue::Results).read_from(0, 10).unwrap();
+        assert_eq!(Envelope::decode(&rec[1].1).unwrap().topic, "t/2");
+        assert_eq!(t.spool_records("results"), 2);
+    }
+}

@@ -1,0 +1,257 @@
+//! `edge-agent run`: the long-running pipeline beside a camera.
+//!
+//! ```text
+//! watch / replay / HTTP push --> queue --> scorer --> outbox (spool) --> MQTT link --> broker
+//!                                            |                            |
+//!                                            '--> decisions <-- verdicts -'
+//! ```
+//!
+//! Shutdown (SIGINT, SIGTERM) stops the sources, lets the scorer finish what is queued,
+//! syncs the spool, gives the broker a moment to take what is in flight, and announces the
+//! device OFFLINE. What is not delivered stays in the spool for the next start.
+
+use crate::config::{AgentConfig, SourceKind};
+use crate::decisions::DecisionBook;
+use crate::outbox::{Outbox, Queue, Spools};
+use crate::scorer::{ActiveModel, Scorer};
+use crate::telemetry::Telemetry;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Arguments of `run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML); every key has a default. See `--print-config`.
+    #[arg(long, env = "INSP_EDGE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Override one setting, e.g. `--set mqtt.host=broker.local` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Shorthand for `--set model.bundle=DIR`.
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Exit once the replay source has played everything and it is all delivered and
+    /// decided (demos and tests).
+    #[arg(long)]
+    pub exit_when_done: bool,
+}
+
+/// Runs the agent until a signal (or, with `--exit-when-done`, the end of the replay).
+pub fn run(args: RunArgs, device: &candle_core::Device) -> Result<()> {
+    let mut sets = args.sets.clone();
+    if let Some(b) = &args.bundle {
+        sets.push(format!("model.bundle={:?}", b.display().to_string()));
+    }
+    let config = AgentConfig::load(args.config.as_deref(), &sets)?;
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string(&config).context("cannot print the configuration")?
+        );
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("edge-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_pipeline(config, device.clone(), args.exit_when_done))
+}
+
+async fn run_pipeline(
+    config: AgentConfig,
+    device: candle_core::Device,
+    exit_when_done: bool,
+) -> Result<()> {
+    let active = {
+        let (config, device) = (config.clone(), device.clone());
+        tokio::task::spawn_blocking(move || ActiveModel::load(&config, &device)).await??
+    };
+    let version = active.version().to_string();
+    tracing::info!(
+        "device {}/{}: model {version}, OK below {:.4}, NG above {:.4}",
+        config.device.site,
+        config.device.id,
+        active.thresholds.ok_below,
+        active.thresholds.ng_above
+    );
+    let telemetry = Arc::new(Telemetry::new());
+    let spools = Spools::open(
+        &config.spool.dir,
+        config.spool.results_bytes,
+        config.spool.escalations_bytes,
+    )?;
+    spools.report(&telemetry);
+    for q in Queue::ALL {
+        let waiting = spools.lock(q).len();
+        if waiting > 0 {
+            tracing::info!(
+                "{waiting} {} from before are waiting in the spool",
+                q.name()
+            );
+        }
+    }
+    let hooks = crate::hooks::start(&config.hooks, telemetry.clone());
+    let book = DecisionBook::new(
+        Duration::from_millis(config.routing.verdict_deadline_ms),
+        config.routing.fallback,
+        telemetry.clone(),
+        hooks,
+    );
+    tokio::spawn(book.clone().run_deadlines());
+    let (outbox, writer) = Outbox::start(spools.clone(), telemetry.clone())?;
+    let (frames_tx, frames_rx) = mpsc::channel(config.queue.capacity);
+    let updates = crate::scorer::watch_bundle(config.clone(), device.clone(), version);
+    let scorer = Scorer::new(
+        &config,
+        active,
+        updates,
+        outbox,
+        book.clone(),
+        telemetry.clone(),
+    )?;
+    let scorer = std::thread::Builder::new()
+        .name("scorer".into())
+        .spawn(move || scorer.run(frames_rx))
+        .context("cannot start the scorer thread")?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (link_stop_tx, link_stop_rx) = watch::channel(false);
+    let link = if config.mqtt.enabled {
+        let link =
+            crate::link::Link::new(&config, spools.clone(), book.clone(), telemetry.clone())?;
+        let reconnect = Duration::from_millis(config.mqtt.reconnect_max_ms);
+        Some(tokio::spawn(link.run(reconnect, link_stop_rx)))
+    } else {
+        tracing::warn!("mqtt.enabled = false: results stay in the spool");
+        None
+    };
+
+    let server = if config.http.listen.is_empty() {
+        None
+    } else {
+        let state = crate::http::AppState {
+            frames: frames_tx.clone(),
+            book: book.clone(),
+            telemetry: telemetry.clone(),
+            device: config.device.id.clone(),
+            max_wait: Duration::from_millis(config.http.max_wait_ms),
+        };
+        let listener = tokio::net::TcpListener::bind(&config.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (http.listen)", config.http.listen))?;
+        tracing::info!("HTTP endpoint on {}", listener.local_addr()?);
+        let mut stop = stop_rx.clone();
+        let app = crate::http::router(state, config.http.max_frame_bytes);
+        Some(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!("HTTP endpoint failed: {e}");
+            }
+        }))
+    };
+
+    let source = {
+        let (cfg, dev, tx, stop) = (
+            config.source.clone(),
+            config.device.id.clone(),
+            frames_tx.clone(),
+            stop_rx.clone(),
+        );
+        match config.source.kind {
+            SourceKind::None => None,
+            SourceKind::Watch => Some(tokio::spawn(crate::sources::watch_folder(
+                cfg, dev, tx, stop,
+            ))),
+            SourceKind::Replay => Some(tokio::spawn(crate::sources::replay_folder(
+                cfg, dev, tx, stop,
+            ))),
+        }
+    };
+
+    let mut source = source;
+    let done_watch = async {
+        if !exit_when_done {
+            return std::future::pending::<()>().await;
+        }
+        if let Some(s) = source.as_mut() {
+            match s.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("frame source failed: {e:#}"),
+                Err(e) => tracing::error!("frame source panicked: {e}"),
+            }
+        }
+        loop {
+            let queue_empty = frames_tx.capacity() == frames_tx.max_capacity();
+            let spooled = spools.lock(Queue::Results).len() + spools.lock(Queue::Escalations).len();
+            let delivered = !config.mqtt.enabled || spooled == 0;
+            if queue_empty && delivered && book.pending() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("stopping on signal"),
+        _ = done_watch => tracing::info!("replay finished and everything delivered; stopping"),
+    }
+
+    let _ = stop_tx.send(true);
+    if let Some(s) = server {
+        let _ = s.await;
+    }
+    if let Some(s) = source {
+        s.abort();
+    }
+    drop(frames_tx);
+    tokio::task::spawn_blocking(move || {
+        let _ = scorer.join();
+        let _ = writer.join();
+    })
+    .await?;
+    let _ = link_stop_tx.send(true);
+    if let Some(link) = link {
+        let _ = link.await;
+    }
+    spools.report(&telemetry);
+    let left = spools.lock(Queue::Results).len() + spools.lock(Queue::Escalations).len();
+    if left > 0 {
+        tracing::warn!("{left} records stay in the spool for the next start");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,289 @@
+//! Frame sources that read files: a watched folder (each new image once, in arrival
+//! order) and a replayed folder (every image at a set rate, for demos and load). Both
+//! wait when the scorer's queue is full, so no file is skipped under load. (Cameras that
+//! push frames use the HTTP endpoint instead.)
+
+use crate::config::{AfterScoring, SourceConfig};
+use crate::frame::{file_frame_id, unix_ms, Frame, Handled};
+use anyhow::{Context, Result};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Subfolder of the watched folder for scored files (with `after = "move"`).
+pub const DONE_DIR: &str = "done";
+/// Subfolder of the watched folder for files that could not be decoded.
+pub const REJECTED_DIR: &str = "rejected";
+
+/// True for a file the watcher should consider: an image, not hidden, not a temporary
+/// name that a writer will rename.
+fn is_candidate(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    !name.starts_with('.')
+        && !name.ends_with(".tmp")
+        && !name.ends_with(".partial")
+        && insp_core::dataset::is_image(path)
+}
+
+/// What the watcher knows of a file it has seen but not taken yet.
+struct Sighting {
+    size: u64,
+    modified: SystemTime,
+    since: Instant,
+}
+
+/// Watches `config.path` until `shutdown`; sends each settled new image to `frames`.
+pub async fn watch_folder(
+    config: SourceConfig,
+    device: String,
+    frames: mpsc::Sender<Frame>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let dir = config.path.clone();
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .with_context(|| format!("cannot create the watched folder {}", dir.display()))?;
+    tracing::info!("watching {} for new frames", dir.display());
+    let settle = Duration::from_millis(config.settle_ms);
+    let mut sightings: HashMap<PathBuf, Sighting> = HashMap::new();
+    let busy: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
+    let mut kept: HashSet<(PathBuf, u64, SystemTime)> = HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(config.poll_ms.max(10)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let mut entries = match list_files(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("cannot list {}: {e:#}", dir.display());
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let present: HashSet<PathBuf> = entries.iter().map(|e| e.0.clone()).collect();
+        sightings.retain(|p, _| present.contains(p));
+        kept.retain(|(p, _, _)| present.contains(p));
+        let mut ready = Vec::new();
+        for (path, size, modified) in entries.drain(..) {
+            if lock(&busy).contains(&path) || kept.contains(&(path.clone(), size, modified)) {
+                continue;
+            }
+            let settled = match sightings.get(&path) {
+                Some(s) if s.size == size && s.modified == modified => {
+                    now.duration_since(s.since) >= settle
+                }
+                _ => {
+                    sightings.insert(
+                        path.clone(),
+                        Sighting {
+                            size,
+                            modified,
+                            since: now,
+                        },
+                    );
+                    settle.is_zero()
+                }
+            };
+            if settled {
+                ready.push((modified, path, size));
+            }
+        }
+        ready.sort();
+        for (modified, path, size) in ready {
+            sightings.remove(&path);
+            let bytes = match tokio::fs::read(&path).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!("cannot read {}: {e}", path.display());
+                    continue;
+                }
+            };
+            let source = path
+                .strip_prefix(&dir)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            let (reply, handled) = oneshot::channel();
+            let frame = Frame {
+                id: file_frame_id(&device, &source, &bytes, 0),
+                source,
+                bytes,
+                captured_unix_ms: modified
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or_else(|_| unix_ms()),
+                arrived: Instant::now(),
+                reply: Some(reply),
+            };
+            lock(&busy).insert(path.clone());
+            if config.after == AfterScoring::Keep {
+                kept.insert((path.clone(), size, modified));
+            }
+            if frames.send(frame).await.is_err() {
+                return Ok(());
+            }
+            let busy = busy.clone();
+            let (after, dir) = (config.after, dir.clone());
+            tokio::spawn(async move {
+                // The file is only moved once its result is durable: a crash before
+                // that leaves it in place, to be scored again under the same id.
+                if let Ok(handled) = handled.await {
+                    finish_file(&dir, &path, after, &handled).await;
+                }
+                lock(&busy).remove(&path);
+            });
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Image files directly in `dir` with their size and modification time.
+fn list_files(dir: &Path) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if !is_candidate(&path) {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        out.push((
+            path,
+            meta.len(),
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        ));
+    }
+    Ok(out)
+}
+
+/// Moves or deletes a handled file.
+async fn finish_file(dir: &Path, path: &Path, after: AfterScoring, handled: &Handled) {
+    let sub = match handled {
+        Handled::Scored(_) => DONE_DIR,
+        Handled::Rejected(_) => REJECTED_DIR,
+    };
+    let result = match after {
+        AfterScoring::Keep => return,
+        AfterScoring::Delete => tokio::fs::remove_file(path).await,
+        AfterScoring::Move => {
+            let target_dir = dir.join(sub);
+            let Some(name) = path.file_name() else { return };
+            let mut target = target_dir.join(name);
+            let mut n = 1;
+            while target.exists() {
+                target = target_dir.join(format!("{n}-{}", name.to_string_lossy()));
+                n += 1;
+            }
+            match tokio::fs::create_dir_all(&target_dir).await {
+                Ok(()) => tokio::fs::rename(path, &target).await,
+                Err(e) => Err(e),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(
+            "cannot move or delete {} after scoring: {e}",
+            path.display()
+        );
+    }
+}
+
+/// Plays every image under `config.path` (sorted, recursively) at `rate_fps`, once or
+/// repeatedly; sources are paths relative to the folder.
+pub async fn replay_folder(
+    config: SourceConfig,
+    device: String,
+    frames: mpsc::Sender<Frame>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let files = insp_core::dataset::list_images_recursive(&config.path)
+        .with_context(|| format!("cannot list the replay folder {}", config.path.display()))?;
+    anyhow::ensure!(
+        !files.is_empty(),
+        "no images under the replay folder {}",
+        config.path.display()
+    );
+    tracing::info!(
+        "replaying {} images from {} at {} frames/s",
+        files.len(),
+        config.path.display(),
+        config.rate_fps
+    );
+    let mut tick = (config.rate_fps > 0.0).then(|| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate_fps));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let mut round = 0u64;
+    loop {
+        for path in &files {
+            if let Some(t) = tick.as_mut() {
+                tokio::select! {
+                    _ = t.tick() => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+            }
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let bytes = match tokio::fs::read(path).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!("cannot read {}: {e}", path.display());
+                    continue;
+                }
+            };
+            let source = path
+                .strip_prefix(&config.path)
+                .unwrap_or(path)
+                .display()
+                .to_string();
+            let frame = Frame {
+                id: file_frame_id(&device, &source, &bytes, round),
+                source,
+                bytes,
+                captured_unix_ms: unix_ms(),
+                arrived: Instant::now(),
+                reply: None,
+            };
+            if frames.send(frame).await.is_err() {
+                return Ok(());
+            }
+        }
+        if !config.repeat {
+            tracing::info!("replay of {} finished", config.path.display());
+            return Ok(());
+        }
+        round += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_and_hidden_names_are_not_taken() {
+        assert!(is_candidate(Path::new("in/a.png")));
+        assert!(is_candidate(Path::new("in/a.JPG")));
+        assert!(!is_candidate(Path::new("in/.a.png")));
+        assert!(!is_candidate(Path::new("in/a.png.partial")));
+        assert!(!is_candidate(Path::new("in/a.tmp")));
+        assert!(!is_candidate(Path::new("in/notes.txt")));
+    }
+}

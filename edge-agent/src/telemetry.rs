@@ -1,0 +1,400 @@
+//! The agent's Prometheus metrics: one struct of counters, gauges and histograms that
+//! every pipeline stage updates, rendered in the text exposition format at `/metrics`
+//! and summarised in the periodic MQTT metrics message.
+
+use insp_core::routing::Band;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Label set of one label.
+type Label = Vec<(&'static str, String)>;
+
+fn label(key: &'static str, value: impl Into<String>) -> Label {
+    vec![(key, value.into())]
+}
+
+/// Every metric of the agent.
+pub struct Telemetry {
+    registry: Registry,
+    frames: Family<Label, Counter>,
+    rejected: Counter,
+    dropped: Family<Label, Counter>,
+    decisions: Family<Label, Counter>,
+    fallbacks: Counter,
+    late_verdicts: Counter,
+    oversized: Counter,
+    hook_failures: Counter,
+    score_latency: Histogram,
+    score_micros_total: AtomicU64,
+    scored_total: AtomicU64,
+    /// Seconds from frame arrival to the broker's acknowledgement of its result.
+    pub publish_latency: Histogram,
+    /// Seconds from escalation to the cloud verdict.
+    pub verdict_latency: Histogram,
+    queue_depth: Gauge,
+    spool_records: Family<Label, Gauge>,
+    spool_bytes: Family<Label, Gauge>,
+    spool_dropped: Family<Label, Counter>,
+    spool_write_errors: Counter,
+    connected: Gauge,
+    model: Family<Label, Gauge<f64, AtomicU64>>,
+    model_version: std::sync::Mutex<String>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    /// All metrics, registered under the `insp_edge_` prefix.
+    pub fn new() -> Self {
+        let latency = || Histogram::new(exponential_buckets(0.002, 2.0, 14));
+        let mut t = Telemetry {
+            registry: Registry::with_prefix("insp_edge"),
+            frames: Family::default(),
+            rejected: Counter::default(),
+            dropped: Family::default(),
+            decisions: Family::default(),
+            fallbacks: Counter::default(),
+            late_verdicts: Counter::default(),
+            oversized: Counter::default(),
+            hook_failures: Counter::default(),
+            score_latency: latency(),
+            score_micros_total: AtomicU64::new(0),
+            scored_total: AtomicU64::new(0),
+            publish_latency: latency(),
+            verdict_latency: latency(),
+            queue_depth: Gauge::default(),
+            spool_records: Family::default(),
+            spool_bytes: Family::default(),
+            spool_dropped: Family::default(),
+            spool_write_errors: Counter::default(),
+            connected: Gauge::default(),
+            model: Family::default(),
+            model_version: Default::default(),
+        };
+        let r = &mut t.registry;
+        r.register("frames", "Frames scored, by edge band", t.frames.clone());
+        r.register(
+            "frames_rejected",
+            "Frames that could not be decoded",
+            t.rejected.clone(),
+        );
+        r.register(
+            "frames_dropped",
+            "Frames refused before scoring, by reason",
+            t.dropped.clone(),
+        );
+        r.register(
+            "decisions",
+            "Final decisions, by band and by who decided (edge, cloud, fallback)",
+            t.decisions.clone(),
+        );
+        r.register(
+            "verdict_fallbacks",
+            "UNCERTAIN frames decided by the fallback because no verdict came in time",
+            t.fallbacks.clone(),
+        );
+        r.register(
+            "late_verdicts",
+            "Cloud verdicts that arrived after the fallback decision",
+            t.late_verdicts.clone(),
+        );
+        r.register(
+            "escalations_oversized",
+            "Escalations too large for the MQTT payload limit",
+            t.oversized.clone(),
+        );
+        r.register(
+            "hook_failures",
+            "Reject-gate hooks that failed",
+            t.hook_failures.clone(),
+        );
+        r.register(
+            "score_latency_seconds",
+            "Frame arrival to score",
+            t.score_latency.clone(),
+        );
+        r.register(
+            "publish_latency_seconds",
+            "Frame arrival to the broker's acknowledgement of its result",
+            t.publish_latency.clone(),
+        );
+        r.register(
+            "verdict_latency_seconds",
+            "Escalation to cloud verdict",
+            t.verdict_latency.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Frames waiting to be scored",
+            t.queue_depth.clone(),
+        );
+        r.register(
+            "spool_records",
+            "Records waiting for delivery, by queue",
+            t.spool_records.clone(),
+        );
+        r.register(
+            "spool_bytes",
+            "Bytes of the spool on disk, by queue",
+            t.spool_bytes.clone(),
+        );
+        r.register(
+            "spool_dropped",
+            "Undelivered records dropped to stay within the spool budget, by queue",
+            t.spool_dropped.clone(),
+        );
+        r.register(
+            "spool_write_errors",
+            "Failed spool writes (disk full or failing)",
+            t.spool_write_errors.clone(),
+        );
+        r.register(
+            "broker_connected",
+            "1 while connected to the MQTT broker",
+            t.connected.clone(),
+        );
+        r.register(
+            "model_info",
+            "The model version in use (value 1)",
+            t.model.clone(),
+        );
+        t
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// A frame was scored into `band`.
+    pub fn frame_scored(&self, band: Band) {
+        self.frames
+            .get_or_create(&label("band", band.to_string()))
+            .inc();
+    }
+
+    /// Frames scored in `band` so far.
+    pub fn frames_in(&self, band: Band) -> u64 {
+        self.frames
+            .get_or_create(&label("band", band.to_string()))
+            .get()
+    }
+
+    /// Seconds from a frame's arrival to its score.
+    pub fn observe_score_latency(&self, seconds: f64) {
+        self.score_latency.observe(seconds);
+        self.score_micros_total
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.scored_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A frame could not be decoded.
+    pub fn frame_rejected(&self) {
+        self.rejected.inc();
+    }
+
+    /// Frames rejected so far.
+    pub fn rejected(&self) -> u64 {
+        self.rejected.get()
+    }
+
+    /// A frame was refused before scoring.
+    pub fn frame_dropped(&self, reason: &str) {
+        self.dropped.get_or_create(&label("reason", reason)).inc();
+    }
+
+    /// Frames refused for `reason` so far.
+    pub fn dropped(&self, reason: &str) -> u64 {
+        self.dropped.get_or_create(&label("reason", reason)).get()
+    }
+
+    /// A final decision was taken.
+    pub fn decided(&self, band: Band, by: &str) {
+        self.decisions
+            .get_or_create(&vec![("band", band.to_string()), ("by", by.to_string())])
+            .inc();
+    }
+
+    /// Final decisions in `band` taken by `by` so far.
+    #[cfg(test)]
+    pub fn decisions(&self, band: Band, by: &str) -> u64 {
+        self.decisions
+            .get_or_create(&vec![("band", band.to_string()), ("by", by.to_string())])
+            .get()
+    }
+
+    /// An UNCERTAIN frame was decided by the fallback.
+    pub fn fallback(&self) {
+        self.fallbacks.inc();
+    }
+
+    /// Fallback decisions so far.
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks.get()
+    }
+
+    /// A verdict came after the fallback.
+    pub fn late_verdict(&self) {
+        self.late_verdicts.inc();
+    }
+
+    /// Late verdicts so far.
+    pub fn late_verdicts(&self) -> u64 {
+        self.late_verdicts.get()
+    }
+
+    /// An escalation exceeded the payload limit.
+    pub fn escalation_oversized(&self) {
+        self.oversized.inc();
+    }
+
+    /// A hook failed.
+    pub fn hook_failed(&self) {
+        self.hook_failures.inc();
+    }
+
+    /// Frames waiting for the scorer.
+    pub fn set_queue_depth(&self, depth: usize) {
+        self.queue_depth.set(depth as i64);
+    }
+
+    /// The state of one spool queue.
+    pub fn set_spool(&self, queue: &str, records: u64, bytes: u64, dropped_total: u64) {
+        let l = label("queue", queue);
+        self.spool_records.get_or_create(&l).set(records as i64);
+        self.spool_bytes.get_or_create(&l).set(bytes as i64);
+        let counter = self.spool_dropped.get_or_create(&l);
+        let seen = counter.get();
+        if dropped_total > seen {
+            counter.inc_by(dropped_total - seen);
+        }
+    }
+
+    /// Records waiting in a spool queue.
+    pub fn spool_records(&self, queue: &str) -> u64 {
+        self.spool_records
+            .get_or_create(&label("queue", queue))
+            .get()
+            .max(0) as u64
+    }
+
+    /// Records dropped from a spool queue so far.
+    pub fn spool_dropped(&self, queue: &str) -> u64 {
+        self.spool_dropped
+            .get_or_create(&label("queue", queue))
+            .get()
+    }
+
+    /// A spool write failed.
+    pub fn spool_write_failed(&self) {
+        self.spool_write_errors.inc();
+    }
+
+    /// The broker connection went up or down.
+    pub fn set_connected(&self, up: bool) {
+        self.connected.set(i64::from(up));
+    }
+
+    /// Whether the broker connection is up.
+    pub fn connected(&self) -> bool {
+        self.connected.get() == 1
+    }
+
+    /// The model version now in use (replaces the previous one).
+    pub fn set_model(&self, version: &str) {
+        self.model.clear();
+        self.model
+            .get_or_create(&label("version", version))
+            .set(1.0);
+        *self.model_version.lock().unwrap_or_else(|p| p.into_inner()) = version.to_string();
+    }
+
+    /// The model version now in use.
+    pub fn model_version(&self) -> String {
+        self.model_version
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A summary for the periodic MQTT metrics message.
+    pub fn device_metrics(&self, device: &str) -> insp_proto::v1::DeviceMetrics {
+        let n = self.scored_total.load(Ordering::Relaxed);
+        let mean_ms = if n > 0 {
+            self.score_micros_total.load(Ordering::Relaxed) as f64 / 1e3 / n as f64
+        } else {
+            0.0
+        };
+        insp_proto::v1::DeviceMetrics {
+            device: device.to_string(),
+            sent_unix_ms: crate::frame::unix_ms(),
+            model_version: self.model_version(),
+            frames_ok: self.frames_in(Band::Ok),
+            frames_uncertain: self.frames_in(Band::Uncertain),
+            frames_ng: self.frames_in(Band::Ng),
+            frames_rejected: self.rejected(),
+            frames_dropped: self.dropped("queue_full"),
+            spool_results: self.spool_records("results"),
+            spool_escalations: self.spool_records("escalations"),
+            spool_dropped: self.spool_dropped("results") + self.spool_dropped("escalations"),
+            verdict_fallbacks: self.fallbacks(),
+            late_verdicts: self.late_verdicts(),
+            score_latency_ms_mean: mean_ms as f32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_with_labels() {
+        let t = Telemetry::new();
+        t.frame_scored(Band::Ok);
+        t.frame_scored(Band::Ok);
+        t.frame_scored(Band::Uncertain);
+        t.set_spool("results", 5, 1000, 2);
+        t.set_model("patchcore-1-abc");
+        t.observe_score_latency(0.05);
+        let text = t.render();
+        assert!(
+            text.contains("insp_edge_frames_total{band=\"OK\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("insp_edge_frames_total{band=\"UNCERTAIN\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("insp_edge_spool_records{queue=\"results\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("insp_edge_spool_dropped_total{queue=\"results\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("insp_edge_model_info{version=\"patchcore-1-abc\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("insp_edge_score_latency_seconds_count 1"),
+            "{text}"
+        );
+        assert_eq!(t.frames_in(Band::Ok), 2);
+    }
+}

@@ -1,0 +1,586 @@
+//! `edge-agent run` end to end against real Mosquitto brokers: the shared one on
+//! 127.0.0.1:1883, and private ones on free ports for the tests that stop the broker.
+//! Frames go in as files or HTTP pushes; results, escalations, state and verdicts travel
+//! as protobuf over MQTT.
+
+mod common;
+
+use common::*;
+use insp_proto::v1::{
+    device_state::Status, Band as WireBand, DeviceState, Escalation, FrameResult, Verdict,
+};
+use insp_proto::Message;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The shared broker every development machine and CI run has.
+const SHARED_BROKER: u16 = 1883;
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+/// Test images of the fixture, copied under unique names: (name, bytes).
+fn test_frames(f: &Fixture) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for class in ["good", "hole", "scratch", "stain"] {
+        let dir = f.data.join("test").join(class);
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        names.sort();
+        for path in names {
+            let name = format!("{class}-{}", path.file_name().unwrap().to_string_lossy());
+            out.push((name, std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+/// Writes a file the way a camera program should: a temporary name, then a rename.
+fn drop_file(dir: &Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{name}.partial"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// Messages of one kind (`result`, `escalation`, `state`) decoded.
+fn of_kind<M: Message + Default>(inbox: &Inbox, kind: &str) -> Vec<M> {
+    inbox
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.ends_with(&format!("/{kind}")))
+        .map(|(_, p)| M::decode(p.as_slice()).expect("valid protobuf payload"))
+        .collect()
+}
+
+fn result_ids(inbox: &Inbox) -> BTreeSet<String> {
+    of_kind::<FrameResult>(inbox, "result")
+        .into_iter()
+        .map(|r| r.frame_id)
+        .collect()
+}
+
+/// Scores from `edge-agent score` for each file: the reference the pipeline must match.
+fn reference_scores(f: &Fixture, files: &[PathBuf]) -> BTreeMap<String, f32> {
+    let mut args = vec!["score", "--bundle", p(&f.bundle), "--out"];
+    let heat = f.root.join("ref-heat");
+    args.push(p(&heat));
+    let paths: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    args.extend(paths.iter().map(String::as_str));
+    let text = ok(&args);
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        if let (Some(path), Some(score)) = (parts.next(), parts.next()) {
+            if let Ok(score) = score.parse::<f32>() {
+                let name = Path::new(path)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string();
+                out.insert(name, score);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn watched_frames_flow_to_the_broker_in_their_bands_and_corrupt_files_are_skipped() {
+    let f = fixture();
+    let site = unique("t");
+    let (_client, inbox) = subscribe(
+        SHARED_BROKER,
+        &unique("sub-"),
+        &format!("insp/v1/{site}/#"),
+        true,
+    );
+
+    // Reference scores, and thresholds that put a third of the frames in each band.
+    let frames = test_frames(&f);
+    let staged = f.root.join("staged");
+    std::fs::create_dir_all(&staged).unwrap();
+    let files: Vec<PathBuf> = frames
+        .iter()
+        .map(|(name, bytes)| {
+            let path = staged.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        })
+        .collect();
+    let reference = reference_scores(&f, &files);
+    assert_eq!(reference.len(), frames.len(), "{reference:?}");
+    let mut sorted: Vec<f32> = reference.values().copied().collect();
+    sorted.sort_by(f32::total_cmp);
+    let ok_below = sorted[sorted.len() / 3];
+    let ng_above = sorted[2 * sorted.len() / 3];
+
+    let incoming = f.root.join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let (first, second) = frames.split_at(frames.len() / 2);
+    for (name, bytes) in first {
+        drop_file(&incoming, name, bytes);
+    }
+    let http_port = free_port();
+    let args = [
+        "run".to_string(),
+        "--bundle".into(),
+        f.bundle.display().to_string(),
+        "--set".into(),
+        format!("device.site={site}"),
+        "--set".into(),
+        "device.id=cam-1".into(),
+        "--set".into(),
+        "source.kind=watch".into(),
+        "--set".into(),
+        format!("source.path={:?}", incoming.display().to_string()),
+        "--set".into(),
+        "source.settle_ms=0".into(),
+        "--set".into(),
+        format!("spool.dir={:?}", f.root.join("spool").display().to_string()),
+        "--set".into(),
+        format!("http.listen=\"127.0.0.1:{http_port}\""),
+        "--set".into(),
+        format!("routing.ok_below={ok_below}"),
+        "--set".into(),
+        format!("routing.ng_above={ng_above}"),
+        "--set".into(),
+        format!("mqtt.port={SHARED_BROKER}"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent.log"),
+        &[("INSP_LOG", "info")],
+    );
+    assert!(
+        wait_until(30, || std::net::TcpStream::connect((
+            "127.0.0.1",
+            http_port
+        ))
+        .is_ok()),
+        "agent did not start: {}",
+        agent.log()
+    );
+    // New files while running, and a corrupt one among them.
+    drop_file(&incoming, "broken.png", b"\x89PNG\r\n\x1a\n not really");
+    for (name, bytes) in second {
+        drop_file(&incoming, name, bytes);
+    }
+    assert!(
+        wait_until(120, || result_ids(&inbox).len() >= frames.len()),
+        "got {} of {} results\n{}",
+        result_ids(&inbox).len(),
+        frames.len(),
+        agent.log()
+    );
+
+    // Every frame exactly once, in the band its reference score puts it, with the score.
+    let results = of_kind::<FrameResult>(&inbox, "result");
+    let by_source: BTreeMap<String, FrameResult> = results
+        .iter()
+        .map(|r| (r.source.clone(), r.clone()))
+        .collect();
+    assert_eq!(
+        by_source.len(),
+        frames.len(),
+        "no duplicates, no corrupt file"
+    );
+    assert!(!by_source.contains_key("broken.png"));
+    let version = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(f.bundle.join("manifest.json")).unwrap(),
+    )
+    .unwrap()["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut bands = BTreeMap::new();
+    for (name, bytes) in &frames {
+        let r = &by_source[name];
+        let want = reference[name];
+        assert!(
+            (r.score - want).abs() < 1e-3,
+            "{name}: {} vs {want}",
+            r.score
+        );
+        let band = if r.score < ok_below {
+            WireBand::Ok
+        } else if r.score > ng_above {
+            WireBand::Ng
+        } else {
+            WireBand::Uncertain
+        };
+        assert_eq!(r.band(), band, "{name} score {}", r.score);
+        assert_eq!(r.model_version, version);
+        assert_eq!(r.device, "cam-1");
+        *bands.entry(r.band).or_insert(0) += 1;
+        // UNCERTAIN frames are escalated with the original bytes and the edge map.
+        let esc: Vec<Escalation> = of_kind::<Escalation>(&inbox, "escalation")
+            .into_iter()
+            .filter(|e| e.result.as_ref().unwrap().frame_id == r.frame_id)
+            .collect();
+        if band == WireBand::Uncertain {
+            assert_eq!(esc.len(), 1, "{name}");
+            assert_eq!(&esc[0].frame, bytes, "{name}: escalated bytes differ");
+            assert_eq!(esc[0].frame_format, "png");
+            let map = esc[0].edge_map.as_ref().unwrap();
+            assert_eq!(map.data.len(), (map.height * map.width) as usize);
+            assert!(map.height > 0);
+        } else {
+            assert!(esc.is_empty(), "{name} is {band:?} but was escalated");
+        }
+    }
+    assert_eq!(bands.len(), 3, "frames in every band: {bands:?}");
+
+    // Files are moved once their results are durable; the corrupt one is set aside.
+    assert!(wait_until(10, || incoming
+        .join("rejected/broken.png")
+        .is_file()));
+    assert!(wait_until(10, || std::fs::read_dir(incoming.join("done"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+        == frames.len()));
+    let (code, metrics) = http("GET", http_port, "/metrics", b"");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("insp_edge_frames_rejected_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("insp_edge_broker_connected 1"),
+        "{metrics}"
+    );
+
+    // Birth and death: retained ONLINE on connect, OFFLINE on a clean stop.
+    assert!(agent.terminate(), "agent did not stop: {}", agent.log());
+    assert!(wait_until(10, || of_kind::<DeviceState>(&inbox, "state")
+        .len()
+        >= 2));
+    let states = of_kind::<DeviceState>(&inbox, "state");
+    assert_eq!(states[0].status(), Status::Online);
+    assert_eq!(states[0].model_version, version);
+    assert_eq!(states.last().unwrap().status(), Status::Offline);
+}
+
+#[test]
+fn a_stopped_broker_and_a_killed_agent_lose_no_result() {
+    let f = fixture();
+    let site = unique("t");
+    let port = free_port();
+    let broker_dir = f.root.join("broker");
+    let mut broker = start_mosquitto(&broker_dir, port);
+    // A persistent-session consumer, as the hub is: messages queue for it while it is away.
+    let sub_id = unique("sub-");
+    let (_client, inbox) = subscribe(port, &sub_id, &format!("insp/v1/{site}/+/result"), false);
+
+    let incoming = f.root.join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let spool = f.root.join("spool");
+    let args = [
+        "run".to_string(),
+        "--bundle".into(),
+        f.bundle.display().to_string(),
+        "--set".into(),
+        format!("device.site={site}"),
+        "--set".into(),
+        "device.id=cam-9".into(),
+        "--set".into(),
+        "source.kind=watch".into(),
+        "--set".into(),
+        format!("source.path={:?}", incoming.display().to_string()),
+        "--set".into(),
+        "source.settle_ms=0".into(),
+        "--set".into(),
+        format!("spool.dir={:?}", spool.display().to_string()),
+        "--set".into(),
+        "http.listen=\"\"".into(),
+        "--set".into(),
+        format!("mqtt.port={port}"),
+        "--set".into(),
+        "mqtt.reconnect_max_ms=300".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let frames = test_frames(&f);
+    assert!(frames.len() >= 12);
+    let batches: Vec<&[(String, Vec<u8>)]> = frames.chunks(frames.len() / 3).take(3).collect();
+    let expected: BTreeSet<String> = batches
+        .iter()
+        .flat_map(|b| b.iter().map(|(n, _)| n.clone()))
+        .collect();
+    let sources = |inbox: &Inbox| -> BTreeSet<String> {
+        of_kind::<FrameResult>(inbox, "result")
+            .into_iter()
+            .map(|r| r.source)
+            .collect()
+    };
+
+    // 1. Broker up: the first batch is delivered.
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-1.log"),
+        &[("INSP_LOG", "info")],
+    );
+    for (name, bytes) in batches[0] {
+        drop_file(&incoming, name, bytes);
+    }
+    assert!(
+        wait_until(60, || sources(&inbox).len() == batches[0].len()),
+        "{}",
+        agent.log()
+    );
+
+    // 2. Broker stopped: the agent keeps scoring into its spool.
+    assert!(broker.terminate(), "mosquitto did not stop");
+    for (name, bytes) in batches[1] {
+        drop_file(&incoming, name, bytes);
+    }
+    let done = incoming.join("done");
+    let n_done = || std::fs::read_dir(&done).map(|d| d.count()).unwrap_or(0);
+    assert!(
+        wait_until(60, || n_done() == batches[0].len() + batches[1].len()),
+        "{}",
+        agent.log()
+    );
+
+    // 3. The agent is killed outright with a full spool; more frames arrive meanwhile.
+    agent.kill_hard();
+    for (name, bytes) in batches[2] {
+        drop_file(&incoming, name, bytes);
+    }
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-2.log"),
+        &[("INSP_LOG", "info")],
+    );
+    assert!(
+        wait_until(60, || n_done() == expected.len()),
+        "{}",
+        agent.log()
+    );
+
+    // 4. The broker comes back: everything arrives, duplicates only as repeated ids.
+    let _broker = start_mosquitto(&broker_dir, port);
+    assert!(
+        wait_until(60, || sources(&inbox) == expected),
+        "missing {:?}\n{}",
+        expected.difference(&sources(&inbox)).collect::<Vec<_>>(),
+        agent.log()
+    );
+    let results = of_kind::<FrameResult>(&inbox, "result");
+    let ids: BTreeSet<String> = results.iter().map(|r| r.frame_id.clone()).collect();
+    assert_eq!(
+        ids.len(),
+        expected.len(),
+        "one id per frame after de-duplication"
+    );
+    assert!(agent.terminate());
+    assert!(
+        agent.log().contains("from before are waiting in the spool"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn pushed_frames_get_cloud_verdicts_fallbacks_hooks_and_back_pressure() {
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let rejects = f.root.join("rejects.txt");
+    // Every frame is UNCERTAIN, so every one waits for the cloud.
+    let args = [
+        "run".to_string(),
+        "--bundle".into(),
+        f.bundle.display().to_string(),
+        "--set".into(),
+        format!("device.site={site}"),
+        "--set".into(),
+        "device.id=cam-2".into(),
+        "--set".into(),
+        format!("spool.dir={:?}", f.root.join("spool").display().to_string()),
+        "--set".into(),
+        format!("http.listen=\"127.0.0.1:{http_port}\""),
+        "--set".into(),
+        "routing.ok_below=0.0".into(),
+        "--set".into(),
+        "routing.ng_above=1e9".into(),
+        "--set".into(),
+        "routing.verdict_deadline_ms=1500".into(),
+        "--set".into(),
+        "queue.capacity=1".into(),
+        "--set".into(),
+        format!("mqtt.port={SHARED_BROKER}"),
+        "--set".into(),
+        format!(
+            "hooks.on_ng_command=[\"sh\", \"-c\", \"echo $0 $1 >> {}\", \"{{frame_id}}\", \"{{decided_by}}\"]",
+            rejects.display()
+        ),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent.log"),
+        &[("INSP_LOG", "info")],
+    );
+    assert!(
+        wait_until(30, || std::net::TcpStream::connect((
+            "127.0.0.1",
+            http_port
+        ))
+        .is_ok()),
+        "{}",
+        agent.log()
+    );
+
+    // A stand-in for the hub: NG for frames labelled "defect", OK for "good", silence
+    // for "nohub". (The hub's own tests run the real thing.)
+    let (hub, escalations) = subscribe(
+        SHARED_BROKER,
+        &unique("hub-"),
+        &format!("insp/v1/{site}/+/escalation"),
+        true,
+    );
+    let verdict_topic = format!("insp/v1/{site}/cam-2/verdict");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = {
+        let (stop, escalations, hub) = (stop.clone(), escalations.clone(), hub.clone());
+        std::thread::spawn(move || {
+            let mut answered = BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for e in of_kind::<Escalation>(&escalations, "escalation") {
+                    let r = e.result.unwrap();
+                    if r.source == "nohub" || !answered.insert(r.frame_id.clone()) {
+                        continue;
+                    }
+                    let band = if r.source == "defect" {
+                        WireBand::Ng
+                    } else {
+                        WireBand::Ok
+                    };
+                    let v = Verdict {
+                        frame_id: r.frame_id.clone(),
+                        device: r.device.clone(),
+                        band: band as i32,
+                        cloud_score: 0.5,
+                        ..Default::default()
+                    };
+                    hub.publish(
+                        verdict_topic.clone(),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        v.encode_to_vec(),
+                    )
+                    .unwrap();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            answered
+        })
+    };
+
+    let good = std::fs::read(f.data.join("test/good/0000.png")).unwrap();
+    let bad = std::fs::read(f.data.join("test/hole/0000.png")).unwrap();
+    let push = |source: &str, bytes: &[u8], wait: u64| -> (u16, serde_json::Value) {
+        let (code, body) = http(
+            "POST",
+            http_port,
+            &format!("/v1/frames?source={source}&wait_ms={wait}"),
+            bytes,
+        );
+        (
+            code,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+        )
+    };
+    let (code, d) = push("good", &good, 8000);
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(
+        (
+            d["edge_band"].as_str(),
+            d["band"].as_str(),
+            d["decided_by"].as_str()
+        ),
+        (Some("UNCERTAIN"), Some("OK"), Some("cloud")),
+        "{d}"
+    );
+    let (code, d) = push("defect", &bad, 8000);
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(
+        (d["band"].as_str(), d["decided_by"].as_str()),
+        (Some("NG"), Some("cloud")),
+        "{d}"
+    );
+    let ng_cloud = d["frame_id"].as_str().unwrap().to_string();
+    // No verdict: the fallback (NG) decides at the deadline.
+    let (code, d) = push("nohub", &good, 8000);
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(
+        (d["band"].as_str(), d["decided_by"].as_str()),
+        (Some("NG"), Some("fallback")),
+        "{d}"
+    );
+    let ng_fallback = d["frame_id"].as_str().unwrap().to_string();
+    // Without waiting, the answer is the edge band at once.
+    let (code, d) = push("good", &good, 0);
+    assert_eq!(code, 200);
+    assert_eq!(
+        (d["band"].as_str(), d["decided_by"].as_str()),
+        (Some("UNCERTAIN"), None),
+        "{d}"
+    );
+    // Garbage is refused with a reason.
+    let (code, d) = push("junk", b"not an image", 0);
+    assert_eq!(code, 422, "{d}");
+    assert!(d["error"].as_str().unwrap().contains("not a PNG"), "{d}");
+
+    // Back-pressure: with a queue of one, a burst gets 503s, each counted as a drop.
+    let burst: Vec<_> = (0..12)
+        .map(|_| {
+            let bytes = good.clone();
+            std::thread::spawn(move || http("POST", http_port, "/v1/frames?source=burst", &bytes).0)
+        })
+        .collect();
+    let codes: Vec<u16> = burst.into_iter().map(|t| t.join().unwrap()).collect();
+    let refused = codes.iter().filter(|&&c| c == 503).count();
+    assert!(
+        refused > 0 && codes.iter().all(|&c| c == 200 || c == 503),
+        "{codes:?}"
+    );
+    let (_, metrics) = http("GET", http_port, "/metrics", b"");
+    assert!(
+        metrics.contains(&format!(
+            "insp_edge_frames_dropped_total{{reason=\"queue_full\"}} {refused}"
+        )),
+        "{refused} refused\n{metrics}"
+    );
+    assert!(
+        metrics.contains("insp_edge_verdict_fallbacks_total 1"),
+        "{metrics}"
+    );
+
+    // The reject hook ran for both NG decisions, with who decided.
+    assert!(wait_until(10, || std::fs::read_to_string(&rejects)
+        .map(|s| s.lines().count() >= 2)
+        .unwrap_or(false)));
+    let hooks = std::fs::read_to_string(&rejects).unwrap();
+    assert!(hooks.contains(&format!("{ng_cloud} cloud")), "{hooks}");
+    assert!(
+        hooks.contains(&format!("{ng_fallback} fallback")),
+        "{hooks}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answered = answered.join().unwrap();
+    assert!(answered.len() >= 2);
+    assert!(agent.terminate());
+}
