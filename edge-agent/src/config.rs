@@ -135,6 +135,8 @@ pub struct SourceConfig {
     pub rate_fps: f64,
     /// Replay: start again at the end.
     pub repeat: bool,
+    /// Replay: stop after this many frames (0 = no limit).
+    pub limit: u64,
 }
 
 impl Default for SourceConfig {
@@ -147,6 +149,7 @@ impl Default for SourceConfig {
             after: AfterScoring::Move,
             rate_fps: 10.0,
             repeat: false,
+            limit: 0,
         }
     }
 }

@@ -200,13 +200,18 @@ impl DecisionBook {
             Fallback::Ok => Band::Ok,
         };
         d.decided_by = Some(DecidedBy::Fallback);
-        tracing::warn!(
-            frame = %d.frame_id,
-            source = %d.source,
-            "no cloud verdict within {:?}: fallback decision {}",
-            self.deadline,
-            d.band
-        );
+        if self.deadline.is_zero() {
+            // A zero deadline means: never wait for the cloud (edge-only operation).
+            tracing::debug!(frame = %d.frame_id, "fallback decision {}", d.band);
+        } else {
+            tracing::warn!(
+                frame = %d.frame_id,
+                source = %d.source,
+                "no cloud verdict within {:?}: fallback decision {}",
+                self.deadline,
+                d.band
+            );
+        }
         self.finish(d);
     }
 

@@ -67,6 +67,14 @@ pub fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Microseconds since the Unix epoch.
+pub fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,7 @@ enum Tag {
     Record {
         queue: Queue,
         seq: u64,
-        arrived_unix_ms: i64,
+        arrived_unix_us: i64,
     },
     /// Device state or metrics: nothing to acknowledge.
     Control,
@@ -228,7 +228,7 @@ impl Link {
                 if let Some(Tag::Record {
                     queue,
                     seq,
-                    arrived_unix_ms,
+                    arrived_unix_us,
                 }) = self.on_wire.remove(&ack.pkid)
                 {
                     let c = &mut self.cursors[queue as usize];
@@ -239,8 +239,8 @@ impl Link {
                         }
                     }
                     if queue == Queue::Results {
-                        let ms = (crate::frame::unix_ms() - arrived_unix_ms).max(0);
-                        self.telemetry.publish_latency.observe(ms as f64 / 1e3);
+                        let us = (crate::frame::unix_us() - arrived_unix_us).max(0);
+                        self.telemetry.observe_publish_latency(us as f64 / 1e6);
                     }
                 }
                 self.fill_window();
@@ -374,7 +374,7 @@ impl Link {
                     self.unassigned.push_back(Tag::Record {
                         queue: q,
                         seq,
-                        arrived_unix_ms: env.arrived_unix_ms,
+                        arrived_unix_us: env.arrived_unix_us,
                     });
                     sent += 1;
                 }

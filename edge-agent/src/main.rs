@@ -23,6 +23,7 @@ mod score_cmd;
 mod scorer;
 mod sources;
 mod spool;
+mod stream_bench;
 mod synth_cmd;
 mod telemetry;
 mod weights_cmd;
@@ -59,6 +60,8 @@ enum Command {
     Score(score_cmd::ScoreArgs),
     /// Measure per-frame latency, throughput and memory of a bundle.
     Bench(bench_cmd::BenchArgs),
+    /// Measure the whole pipeline with MQTT: sustained frames/s and arrival-to-PubAck latency.
+    BenchStream(stream_bench::StreamBenchArgs),
     /// Write a synthetic MVTec-AD-layout data set (textures with defects and masks).
     Synth(synth_cmd::SynthArgs),
 }
@@ -79,6 +82,7 @@ fn main() {
         Command::Eval(args) => eval_cmd::run(args, &device),
         Command::Score(args) => score_cmd::run(args, &device),
         Command::Bench(args) => bench_cmd::run(args, &device),
+        Command::BenchStream(args) => stream_bench::run(args, &device),
         Command::Synth(args) => synth_cmd::run(args),
     });
     if let Err(err) = result {

@@ -56,8 +56,8 @@ impl Queue {
 pub struct Envelope {
     /// MQTT topic.
     pub topic: String,
-    /// When the frame arrived at the agent (Unix milliseconds), for delivery latency.
-    pub arrived_unix_ms: i64,
+    /// When the frame arrived at the agent (Unix microseconds), for delivery latency.
+    pub arrived_unix_us: i64,
     /// Protobuf payload.
     pub payload: Vec<u8>,
 }
@@ -68,7 +68,7 @@ impl Envelope {
         let mut out = Vec::with_capacity(10 + self.topic.len() + self.payload.len());
         out.extend_from_slice(&(self.topic.len() as u16).to_le_bytes());
         out.extend_from_slice(self.topic.as_bytes());
-        out.extend_from_slice(&self.arrived_unix_ms.to_le_bytes());
+        out.extend_from_slice(&self.arrived_unix_us.to_le_bytes());
         out.extend_from_slice(&self.payload);
         out
     }
@@ -85,7 +85,7 @@ impl Envelope {
         let arrived = bytes.get(2 + n..10 + n).context("spool record too short")?;
         Ok(Envelope {
             topic: String::from_utf8(topic.to_vec()).context("spool topic is not UTF-8")?,
-            arrived_unix_ms: i64::from_le_bytes(arrived.try_into()?),
+            arrived_unix_us: i64::from_le_bytes(arrived.try_into()?),
             payload: bytes[10 + n..].to_vec(),
         })
     }
@@ -277,7 +277,7 @@ mod tests {
     fn envelopes_round_trip_and_short_records_are_errors() {
         let e = Envelope {
             topic: "insp/v1/s/d/result".into(),
-            arrived_unix_ms: 1_700_000_000_123,
+            arrived_unix_us: 1_700_000_000_123_456,
             payload: vec![1, 2, 3],
         };
         assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
@@ -301,7 +301,7 @@ mod tests {
                 },
                 envelope: Envelope {
                     topic: format!("t/{i}"),
-                    arrived_unix_ms: 0,
+                    arrived_unix_us: 0,
                     payload: vec![i],
                 },
                 on_durable: if i == 2 { reply.take() } else { None },

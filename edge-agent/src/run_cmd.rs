@@ -63,12 +63,21 @@ pub fn run(args: RunArgs, device: &candle_core::Device) -> Result<()> {
         .thread_name("edge-io")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run_pipeline(config, device.clone(), args.exit_when_done))
+    let telemetry = Arc::new(Telemetry::new());
+    runtime.block_on(run_pipeline(
+        config,
+        device.clone(),
+        telemetry,
+        args.exit_when_done,
+    ))
 }
 
-async fn run_pipeline(
+/// Runs the pipeline of `config` until a signal or, with `exit_when_done`, until the
+/// replay source has finished and everything is delivered and decided.
+pub async fn run_pipeline(
     config: AgentConfig,
     device: candle_core::Device,
+    telemetry: Arc<Telemetry>,
     exit_when_done: bool,
 ) -> Result<()> {
     let active = {
@@ -83,7 +92,6 @@ async fn run_pipeline(
         active.thresholds.ok_below,
         active.thresholds.ng_above
     );
-    let telemetry = Arc::new(Telemetry::new());
     let spools = Spools::open(
         &config.spool.dir,
         config.spool.results_bytes,

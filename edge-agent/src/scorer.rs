@@ -9,7 +9,7 @@
 
 use crate::config::{AgentConfig, RoutingConfig};
 use crate::decisions::{DecidedBy, Decision, DecisionBook};
-use crate::frame::{unix_ms, Frame, Handled};
+use crate::frame::{unix_ms, unix_us, Frame, Handled};
 use crate::outbox::{Envelope, Item, Outbox, Queue};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
@@ -248,7 +248,7 @@ impl Scorer {
             model_version: model_version.clone(),
             latency_ms: latency.as_secs_f32() * 1e3,
         };
-        let arrived_unix_ms = unix_ms() - latency.as_millis() as i64;
+        let arrived_unix_us = unix_us() - latency.as_micros() as i64;
         let decision = Decision {
             frame_id: frame.id,
             source: frame.source.clone(),
@@ -289,7 +289,7 @@ impl Scorer {
                     queue: Queue::Escalations,
                     envelope: Envelope {
                         topic: self.topics.1.clone(),
-                        arrived_unix_ms,
+                        arrived_unix_us,
                         payload,
                     },
                     on_durable: None,
@@ -300,7 +300,7 @@ impl Scorer {
             queue: Queue::Results,
             envelope: Envelope {
                 topic: self.topics.0.clone(),
-                arrived_unix_ms,
+                arrived_unix_us,
                 payload: result.encode_to_vec(),
             },
             on_durable: frame

@@ -230,8 +230,14 @@ pub async fn replay_folder(
         t
     });
     let mut round = 0u64;
+    let mut played = 0u64;
     loop {
         for path in &files {
+            if config.limit > 0 && played >= config.limit {
+                tracing::info!("replay stopped after {played} frames (source.limit)");
+                return Ok(());
+            }
+            played += 1;
             if let Some(t) = tick.as_mut() {
                 tokio::select! {
                     _ = t.tick() => {}

@@ -10,12 +10,22 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// Label set of one label.
 type Label = Vec<(&'static str, String)>;
 
 fn label(key: &'static str, value: impl Into<String>) -> Label {
     vec![(key, value.into())]
+}
+
+/// Latencies kept for a benchmark: (when, seconds).
+#[derive(Debug, Clone, Default)]
+pub struct Samples {
+    /// Frame arrival to score.
+    pub scored: Vec<(Instant, f64)>,
+    /// Frame arrival to the broker's acknowledgement of its result.
+    pub published: Vec<(Instant, f64)>,
 }
 
 /// Every metric of the agent.
@@ -32,8 +42,8 @@ pub struct Telemetry {
     score_latency: Histogram,
     score_micros_total: AtomicU64,
     scored_total: AtomicU64,
-    /// Seconds from frame arrival to the broker's acknowledgement of its result.
-    pub publish_latency: Histogram,
+    publish_latency: Histogram,
+    samples: std::sync::Mutex<Option<Samples>>,
     /// Seconds from escalation to the cloud verdict.
     pub verdict_latency: Histogram,
     queue_depth: Gauge,
@@ -70,6 +80,7 @@ impl Telemetry {
             score_micros_total: AtomicU64::new(0),
             scored_total: AtomicU64::new(0),
             publish_latency: latency(),
+            samples: Default::default(),
             verdict_latency: latency(),
             queue_depth: Gauge::default(),
             spool_records: Family::default(),
@@ -199,6 +210,41 @@ impl Telemetry {
         self.score_micros_total
             .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
         self.scored_total.fetch_add(1, Ordering::Relaxed);
+        if let Some(samples) = self
+            .samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            samples.scored.push((Instant::now(), seconds));
+        }
+    }
+
+    /// Seconds from a frame's arrival to the broker's acknowledgement of its result.
+    pub fn observe_publish_latency(&self, seconds: f64) {
+        self.publish_latency.observe(seconds);
+        if let Some(samples) = self
+            .samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            samples.published.push((Instant::now(), seconds));
+        }
+    }
+
+    /// Keeps every score and publish latency from now on, with its time (benchmarks).
+    pub fn keep_samples(&self) {
+        *self.samples.lock().unwrap_or_else(|p| p.into_inner()) = Some(Samples::default());
+    }
+
+    /// The samples kept so far.
+    pub fn samples(&self) -> Samples {
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 
     /// A frame could not be decoded.
