@@ -172,3 +172,31 @@ fn bench_reports_the_contracted_figures() {
     assert!(v["total_ms_p50"].as_f64().unwrap() >= v["backbone_ms_p50"].as_f64().unwrap());
     assert!(text.contains("p99"), "{text}");
 }
+
+#[test]
+fn the_shipped_edge_config_parses_and_overrides_apply() {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/edge/edge.toml");
+    let text = ok(&[
+        "run",
+        "--config",
+        p(&config),
+        "--set",
+        "mqtt.port=2883",
+        "--print-config",
+    ]);
+    let parsed: toml::Table = text.parse().unwrap();
+    assert_eq!(parsed["device"]["id"].as_str(), Some("line3-cam1"));
+    assert_eq!(parsed["mqtt"]["port"].as_integer(), Some(2883));
+    assert_eq!(parsed["source"]["kind"].as_str(), Some("watch"));
+    // A typo is an error that names the key.
+    let out = agent(&[
+        "run",
+        "--config",
+        p(&config),
+        "--set",
+        "mqtt.prot=1",
+        "--print-config",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prot"));
+}
