@@ -23,6 +23,27 @@ fn unique(prefix: &str) -> String {
     )
 }
 
+/// `run` arguments for an agent of the fixture's bundle: `device.site` and `device.id`,
+/// the spool under the fixture's folder, then `key=value` settings.
+fn run_args(f: &Fixture, site: &str, device: &str, settings: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "run".to_string(),
+        "--bundle".into(),
+        f.bundle.display().to_string(),
+    ];
+    let spool = format!("spool.dir={:?}", f.root.join("spool").display().to_string());
+    let base = [
+        format!("device.site={site}"),
+        format!("device.id={device}"),
+        spool,
+    ];
+    for s in base.iter().chain(settings) {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    args
+}
+
 /// Test images of the fixture, copied under unique names: (name, bytes).
 fn test_frames(f: &Fixture) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -129,31 +150,20 @@ fn watched_frames_flow_to_the_broker_in_their_bands_and_corrupt_files_are_skippe
         drop_file(&incoming, name, bytes);
     }
     let http_port = free_port();
-    let args = [
-        "run".to_string(),
-        "--bundle".into(),
-        f.bundle.display().to_string(),
-        "--set".into(),
-        format!("device.site={site}"),
-        "--set".into(),
-        "device.id=cam-1".into(),
-        "--set".into(),
-        "source.kind=watch".into(),
-        "--set".into(),
-        format!("source.path={:?}", incoming.display().to_string()),
-        "--set".into(),
-        "source.settle_ms=0".into(),
-        "--set".into(),
-        format!("spool.dir={:?}", f.root.join("spool").display().to_string()),
-        "--set".into(),
-        format!("http.listen=\"127.0.0.1:{http_port}\""),
-        "--set".into(),
-        format!("routing.ok_below={ok_below}"),
-        "--set".into(),
-        format!("routing.ng_above={ng_above}"),
-        "--set".into(),
-        format!("mqtt.port={SHARED_BROKER}"),
-    ];
+    let args = run_args(
+        &f,
+        &site,
+        "cam-1",
+        &[
+            "source.kind=watch".to_string(),
+            format!("source.path={:?}", incoming.display().to_string()),
+            "source.settle_ms=0".to_string(),
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            format!("routing.ok_below={ok_below}"),
+            format!("routing.ng_above={ng_above}"),
+            format!("mqtt.port={SHARED_BROKER}"),
+        ],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut agent = Process::start(
         &agent_bin(),
@@ -284,29 +294,19 @@ fn a_stopped_broker_and_a_killed_agent_lose_no_result() {
     let incoming = f.root.join("incoming");
     std::fs::create_dir_all(&incoming).unwrap();
     let spool = f.root.join("spool");
-    let args = [
-        "run".to_string(),
-        "--bundle".into(),
-        f.bundle.display().to_string(),
-        "--set".into(),
-        format!("device.site={site}"),
-        "--set".into(),
-        "device.id=cam-9".into(),
-        "--set".into(),
-        "source.kind=watch".into(),
-        "--set".into(),
-        format!("source.path={:?}", incoming.display().to_string()),
-        "--set".into(),
-        "source.settle_ms=0".into(),
-        "--set".into(),
-        format!("spool.dir={:?}", spool.display().to_string()),
-        "--set".into(),
-        "http.listen=\"\"".into(),
-        "--set".into(),
-        format!("mqtt.port={port}"),
-        "--set".into(),
-        "mqtt.reconnect_max_ms=300".into(),
-    ];
+    let args = run_args(
+        &f,
+        &site,
+        "cam-9",
+        &[
+            "source.kind=watch".to_string(),
+            format!("source.path={:?}", incoming.display().to_string()),
+            "source.settle_ms=0".to_string(),
+            "http.listen=\"\"".to_string(),
+            format!("mqtt.port={port}"),
+            "mqtt.reconnect_max_ms=300".to_string(),
+        ],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let frames = test_frames(&f);
     assert!(frames.len() >= 12);
@@ -398,34 +398,20 @@ fn pushed_frames_get_cloud_verdicts_fallbacks_hooks_and_back_pressure() {
     let http_port = free_port();
     let rejects = f.root.join("rejects.txt");
     // Every frame is UNCERTAIN, so every one waits for the cloud.
-    let args = [
-        "run".to_string(),
-        "--bundle".into(),
-        f.bundle.display().to_string(),
-        "--set".into(),
-        format!("device.site={site}"),
-        "--set".into(),
-        "device.id=cam-2".into(),
-        "--set".into(),
-        format!("spool.dir={:?}", f.root.join("spool").display().to_string()),
-        "--set".into(),
-        format!("http.listen=\"127.0.0.1:{http_port}\""),
-        "--set".into(),
-        "routing.ok_below=0.0".into(),
-        "--set".into(),
-        "routing.ng_above=1e9".into(),
-        "--set".into(),
-        "routing.verdict_deadline_ms=1500".into(),
-        "--set".into(),
-        "queue.capacity=1".into(),
-        "--set".into(),
-        format!("mqtt.port={SHARED_BROKER}"),
-        "--set".into(),
-        format!(
-            "hooks.on_ng_command=[\"sh\", \"-c\", \"echo $0 $1 >> {}\", \"{{frame_id}}\", \"{{decided_by}}\"]",
-            rejects.display()
-        ),
-    ];
+    let args = run_args(
+        &f,
+        &site,
+        "cam-2",
+        &[
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "routing.ok_below=0.0".to_string(),
+            "routing.ng_above=1e9".to_string(),
+            "routing.verdict_deadline_ms=1500".to_string(),
+            "queue.capacity=1".to_string(),
+            format!("mqtt.port={SHARED_BROKER}"),
+            format!( "hooks.on_ng_command=[\"sh\", \"-c\", \"echo $0 $1 >> {}\", \"{{frame_id}}\", \"{{decided_by}}\"]", rejects.display() ),
+        ],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut agent = Process::start(
         &agent_bin(),
