@@ -10,6 +10,42 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Reads a string setting that an override may have given as a number or boolean
+/// (`INSP_EDGE__MQTT__PASSWORD=123456` is still a password).
+mod lenient {
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        F(f64),
+        B(bool),
+    }
+
+    impl Scalar {
+        fn text(self) -> String {
+            match self {
+                Scalar::S(s) => s,
+                Scalar::I(i) => i.to_string(),
+                Scalar::F(f) => f.to_string(),
+                Scalar::B(b) => b.to_string(),
+            }
+        }
+    }
+
+    /// A string, or a scalar taken as its text.
+    pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Scalar::deserialize(d).map(Scalar::text)
+    }
+
+    /// An optional string, or a scalar taken as its text.
+    pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Option::<Scalar>::deserialize(d).map(|s| s.map(Scalar::text))
+    }
+}
+
 /// Prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "INSP_EDGE__";
 
@@ -42,8 +78,10 @@ pub struct AgentConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct DeviceConfig {
     /// Site (plant, line) name: the second topic level.
+    #[serde(deserialize_with = "lenient::string")]
     pub site: String,
     /// Device name, unique within the site; default: the host name.
+    #[serde(deserialize_with = "lenient::string")]
     pub id: String,
 }
 
@@ -211,15 +249,19 @@ pub struct MqttConfig {
     /// Publish at all; without it results only go to the spool (and the log).
     pub enabled: bool,
     /// Broker host.
+    #[serde(deserialize_with = "lenient::string")]
     pub host: String,
     /// Broker port.
     pub port: u16,
     /// Client id; default `edge-{site}-{device}`.
+    #[serde(deserialize_with = "lenient::opt_string", default)]
     pub client_id: Option<String>,
     /// User name, if the broker wants one.
+    #[serde(deserialize_with = "lenient::opt_string", default)]
     pub username: Option<String>,
     /// Password, if the broker wants one (prefer the env var
     /// `INSP_EDGE__MQTT__PASSWORD` to writing it here).
+    #[serde(deserialize_with = "lenient::opt_string", default)]
     pub password: Option<String>,
     /// Keep-alive interval.
     pub keep_alive_s: u64,
@@ -232,6 +274,12 @@ pub struct MqttConfig {
     pub reconnect_max_ms: u64,
     /// Device metrics are published this often (0 = never).
     pub metrics_interval_s: u64,
+    /// Keep the broker session across reconnects, so verdicts sent while the agent was
+    /// away are delivered when it returns.
+    pub persistent_session: bool,
+    /// The slowest uplink to plan for: writing one packet may take as long as the largest
+    /// payload needs at this rate before the connection counts as broken.
+    pub min_uplink_bytes_per_s: u64,
 }
 
 impl Default for MqttConfig {
@@ -248,6 +296,8 @@ impl Default for MqttConfig {
             inflight: 64,
             reconnect_max_ms: 5_000,
             metrics_interval_s: 30,
+            persistent_session: true,
+            min_uplink_bytes_per_s: 256 << 10,
         }
     }
 }
@@ -259,7 +309,7 @@ pub struct SpoolConfig {
     /// Folder of the two queues (`results/`, `escalations/`).
     pub dir: PathBuf,
     /// Byte budget of results: the default holds more than a day at 10 frames per
-    /// second (about 150 bytes a result).
+    /// second (a spooled result takes about 165 bytes).
     pub results_bytes: u64,
     /// Byte budget of escalations (frames and maps); the oldest go first when full.
     pub escalations_bytes: u64,
@@ -280,6 +330,7 @@ impl Default for SpoolConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Listen address; empty disables the endpoint.
+    #[serde(deserialize_with = "lenient::string")]
     pub listen: String,
     /// Largest frame accepted by `POST /v1/frames`.
     pub max_frame_bytes: usize,
@@ -305,6 +356,7 @@ pub struct HookConfig {
     /// `{decided_by}` in the arguments are replaced.
     pub on_ng_command: Vec<String>,
     /// An `http://` URL that gets the decision as a JSON POST.
+    #[serde(deserialize_with = "lenient::opt_string", default)]
     pub on_ng_webhook: Option<String>,
 }
 
@@ -355,8 +407,15 @@ impl AgentConfig {
         if self.mqtt.inflight == 0 {
             bail!("mqtt.inflight must be at least 1");
         }
-        if self.source.kind == SourceKind::Replay && self.source.rate_fps < 0.0 {
-            bail!("source.rate_fps must not be negative");
+        if !(0.0..=10_000.0).contains(&self.source.rate_fps) {
+            bail!("source.rate_fps must be between 0 (as fast as possible) and 10000");
+        }
+        if self.routing.verdict_deadline_ms > 86_400_000 {
+            bail!("routing.verdict_deadline_ms must be at most a day (86400000)");
+        }
+        let limit = crate::spool::MAX_RECORD - (64 << 10);
+        if self.mqtt.max_payload_bytes > limit {
+            bail!("mqtt.max_payload_bytes must be at most {limit}");
         }
         Ok(())
     }
@@ -421,6 +480,14 @@ mod tests {
         // A plain string that is not a TOML literal is taken as a string.
         let c = AgentConfig::load(None, &["mqtt.host=broker.local".into()]).unwrap();
         assert_eq!(c.mqtt.host, "broker.local");
+        // A password that looks like a number is still a password; an id like a bool too.
+        let c = AgentConfig::load(
+            None,
+            &["mqtt.password=123456".into(), "device.id=true".into()],
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.password.as_deref(), Some("123456"));
+        assert_eq!(c.device.id, "true");
     }
 
     #[test]
@@ -430,6 +497,8 @@ mod tests {
         assert!(AgentConfig::load(None, &["device.id=a/b".into()]).is_err());
         assert!(AgentConfig::load(None, &["noequals".into()]).is_err());
         assert!(AgentConfig::load(None, &["queue.capacity=0".into()]).is_err());
+        assert!(AgentConfig::load(None, &["source.rate_fps=inf".into()]).is_err());
+        assert!(AgentConfig::load(None, &["routing.verdict_deadline_ms=1e30".into()]).is_err());
     }
 
     #[test]

@@ -118,6 +118,11 @@ impl DecisionBook {
             let now = Instant::now();
             let deadline = now + self.deadline;
             let mut inner = self.lock();
+            if let Some(old) = inner.pending.get(&decision.frame_id) {
+                // The same frame again (a retried push): one deadline, the latest.
+                let key = (old.deadline, decision.frame_id);
+                inner.deadlines.remove(&key);
+            }
             inner.deadlines.insert((deadline, decision.frame_id));
             inner.pending.insert(
                 decision.frame_id,
@@ -302,6 +307,16 @@ impl DecisionBook {
             self.lock().waiters.remove(&frame_id);
         }
         got
+    }
+
+    /// Where a frame stands, if this agent scored it recently.
+    pub fn lookup(&self, frame_id: Uuid) -> Option<Decision> {
+        let inner = self.lock();
+        inner
+            .decided
+            .get(&frame_id)
+            .or_else(|| inner.pending.get(&frame_id).map(|p| &p.decision))
+            .cloned()
     }
 
     /// Frames waiting for a verdict.

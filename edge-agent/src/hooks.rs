@@ -13,9 +13,22 @@ use tokio::sync::mpsc;
 const HOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Replaces `{frame_id}`, `{source}`, `{score}` and `{decided_by}` in a hook argument.
+/// Each placeholder becomes part of one argument (no shell is involved); `{source}`, which
+/// a pushing caller chooses, is reduced to letters, digits and `._/:-`.
 pub fn expand(arg: &str, d: &Decision) -> String {
+    let source: String = d
+        .source
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._/:-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     arg.replace("{frame_id}", &d.frame_id.to_string())
-        .replace("{source}", &d.source)
+        .replace("{source}", &source)
         .replace("{score}", &format!("{:.4}", d.edge_score))
         .replace(
             "{decided_by}",
@@ -95,7 +108,7 @@ mod tests {
         let tx = start(&config, t).unwrap();
         let d = Decision {
             frame_id: uuid::Uuid::new_v4(),
-            source: "a.png".into(),
+            source: "a.png; rm -rf /".into(),
             edge_score: 3.0,
             edge_band: Band::Uncertain,
             band: Band::Ng,
@@ -103,6 +116,7 @@ mod tests {
             cloud_score: None,
             model_version: "m".into(),
         };
+        assert_eq!(expand("{source}", &d), "a.png__rm_-rf_/");
         tx.send(d.clone()).await.unwrap();
         let want = format!("{} fallback", d.frame_id);
         for _ in 0..100 {

@@ -2,12 +2,14 @@
 //! scrapes `/metrics`, supervisors probe `/healthz` and `/readyz`, people read
 //! `/v1/status`.
 //!
-//! A pushed frame is answered as soon as it is scored and its result is durably spooled,
-//! with its id and edge band; a caller may opt in to waiting a bounded time for the
-//! cloud's verdict on an UNCERTAIN frame (`?wait_ms=`). A full queue answers 503 with
-//! `Retry-After` at once, so a camera program is never stalled by the agent.
+//! A pushed frame is answered once it is scored and its result is synced to the spool,
+//! with its id and edge band (tens of milliseconds); a caller may opt in to waiting a
+//! bounded time for the cloud's verdict on an UNCERTAIN frame (`?wait_ms=`). A full queue
+//! answers 503 with `Retry-After` at once instead of queueing the caller. (While the disk
+//! refuses writes, answers wait until it takes them again.) A push that repeats a
+//! `frame_id` the agent has scored gets that frame's decision, without scoring it again.
 
-use crate::decisions::DecisionBook;
+use crate::decisions::{Decision, DecisionBook};
 use crate::frame::{fresh_frame_id, unix_ms, Frame, Handled};
 use crate::telemetry::Telemetry;
 use axum::body::Bytes;
@@ -16,7 +18,6 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use insp_core::routing::Band;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -83,6 +84,13 @@ async fn push_frame(
         Some(Ok(id)) => id,
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("frame_id: {e}")),
     };
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(app.max_wait);
+    if q.frame_id.is_some() {
+        // A retried push of a frame already scored: answer, do not score it again.
+        if let Some(known) = app.book.lookup(id) {
+            return Json(settle(&app, known, wait).await).into_response();
+        }
+    }
     let (reply, handled) = oneshot::channel();
     let frame = Frame {
         id,
@@ -121,16 +129,19 @@ async fn push_frame(
             )
         }
     };
-    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(app.max_wait);
-    let decision = if decision.edge_band == Band::Uncertain && !wait.is_zero() {
+    Json(settle(&app, decision, wait).await).into_response()
+}
+
+/// The final decision on a frame if it comes within `wait`, else where it stands.
+async fn settle(app: &AppState, decision: Decision, wait: Duration) -> Decision {
+    if decision.decided_by.is_none() && !wait.is_zero() {
         app.book
             .wait_final(decision.frame_id, wait)
             .await
             .unwrap_or(decision)
     } else {
         decision
-    };
-    Json(decision).into_response()
+    }
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {

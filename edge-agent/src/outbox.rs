@@ -5,9 +5,10 @@
 //! the network.
 //!
 //! One writer thread appends what the scorer sends and syncs once per batch (group
-//! commit). If the disk refuses writes (full, failing), records wait in memory, bounded,
-//! and are retried; past the bound the oldest escalations are dropped first, then the
-//! oldest results, all counted.
+//! commit); whoever waits on a record (a pushed frame, a watched file) hears back only once
+//! it is synced. If the disk refuses writes (full, failing), records wait in memory,
+//! bounded, and are retried; past the bound the oldest escalations are dropped first, then
+//! the oldest results, all counted.
 
 use crate::frame::Handled;
 use crate::spool::Spool;
@@ -169,11 +170,15 @@ impl Outbox {
 }
 
 fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
+    // Received, not yet appended (the disk may be refusing writes).
     let mut waiting: VecDeque<Item> = VecDeque::new();
     let mut waiting_bytes = 0usize;
+    // Appended, not yet synced: their senders hear back only once they are durable.
+    let mut written: Vec<Item> = Vec::new();
     let mut failing = false;
     loop {
-        let timeout = if waiting.is_empty() {
+        let idle = waiting.is_empty() && written.is_empty();
+        let timeout = if idle {
             Duration::from_secs(3600)
         } else {
             Duration::from_secs(1)
@@ -191,25 +196,24 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) if waiting.is_empty() => break,
-            Err(RecvTimeoutError::Disconnected) => {
-                if failing {
-                    tracing::error!(
-                        "shutting down with {} records the disk would not take",
-                        waiting.len()
-                    );
-                    break;
-                }
+            Err(RecvTimeoutError::Disconnected) if idle => break,
+            Err(RecvTimeoutError::Disconnected) if failing => {
+                tracing::error!(
+                    "shutting down with {} records the disk would not take",
+                    waiting.len() + written.len()
+                );
+                break;
             }
+            Err(RecvTimeoutError::Disconnected) => {}
         }
-        let mut done = Vec::new();
         let mut error = None;
+        let before = written.len();
         while let Some(item) = waiting.pop_front() {
             let appended = spools.lock(item.queue).append(&item.envelope.encode());
             match appended {
                 Ok(_) => {
                     waiting_bytes -= item.envelope.payload.len();
-                    done.push(item);
+                    written.push(item);
                 }
                 Err(e) => {
                     error = Some(e);
@@ -218,8 +222,21 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
                 }
             }
         }
+        if written.len() > before {
+            spools.appended.notify_one();
+        }
+        // Sync outside the queue's lock, so the MQTT link is not held up meanwhile.
         for q in Queue::ALL {
-            if let Err(e) = spools.lock(q).sync() {
+            let handle = spools.lock(q).sync_handle();
+            let synced = match handle {
+                Ok(Some(file)) => file.sync_data().map_err(|e| {
+                    spools.lock(q).sync_failed();
+                    anyhow::Error::new(e).context(format!("the {} spool cannot sync", q.name()))
+                }),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = synced {
                 error.get_or_insert(e);
             }
         }
@@ -232,18 +249,16 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
                 failing = true;
                 shed(&mut waiting, &mut waiting_bytes, telemetry);
             }
-            None if failing => {
-                tracing::warn!("spool writes work again");
-                failing = false;
-            }
-            None => {}
-        }
-        if !done.is_empty() {
-            spools.appended.notify_one();
-        }
-        for item in done {
-            if let Some((tx, handled)) = item.on_durable {
-                let _ = tx.send(handled);
+            None => {
+                if failing {
+                    tracing::warn!("spool writes work again");
+                    failing = false;
+                }
+                for item in written.drain(..) {
+                    if let Some((tx, handled)) = item.on_durable {
+                        let _ = tx.send(handled);
+                    }
+                }
             }
         }
         spools.report(telemetry);
@@ -259,7 +274,7 @@ fn shed(waiting: &mut VecDeque<Item>, bytes: &mut usize, telemetry: &Telemetry) 
             };
             if let Some(item) = waiting.remove(pos) {
                 *bytes -= item.envelope.payload.len();
-                telemetry.spool_write_failed();
+                telemetry.spool_shed(q.name());
                 tracing::error!(
                     "disk refuses writes and memory is full: dropped an {} record",
                     q.name()

@@ -191,7 +191,13 @@ pub async fn run_pipeline(
     };
 
     let mut source = source;
-    let done_watch = async {
+    // Why the pipeline stops.
+    enum Stop {
+        Signal,
+        ReplayDone,
+        Died(&'static str),
+    }
+    let source_done = async {
         if !exit_when_done {
             return std::future::pending::<()>().await;
         }
@@ -202,21 +208,38 @@ pub async fn run_pipeline(
                 Err(e) => tracing::error!("frame source panicked: {e}"),
             }
         }
+    };
+    // A part that ends on its own is a failure: stop, and exit non-zero so a supervisor
+    // restarts the agent instead of leaving it half alive.
+    let watchdog = async {
         loop {
-            let queue_empty = frames_tx.capacity() == frames_tx.max_capacity();
-            let spooled = spools.lock(Queue::Results).len() + spools.lock(Queue::Escalations).len();
-            let delivered = !config.mqtt.enabled || spooled == 0;
-            if queue_empty && delivered && book.pending() == 0 {
-                return;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if scorer.is_finished() {
+                return "scorer";
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if writer.is_finished() {
+                return "spool writer";
+            }
+            if link.as_ref().is_some_and(|l| l.is_finished()) {
+                return "MQTT link";
+            }
         }
     };
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("stopping on signal"),
-        _ = done_watch => tracing::info!("replay finished and everything delivered; stopping"),
+    let stop = tokio::select! {
+        _ = shutdown_signal() => Stop::Signal,
+        _ = source_done => Stop::ReplayDone,
+        who = watchdog => Stop::Died(who),
+    };
+    match stop {
+        Stop::Signal => tracing::info!("stopping on signal"),
+        Stop::ReplayDone => {
+            tracing::info!("replay finished; stopping once everything is delivered")
+        }
+        Stop::Died(who) => tracing::error!("the {who} stopped unexpectedly; shutting down"),
     }
 
+    // Sources and the endpoint first, then the scorer drains the queue, then the writer
+    // syncs the spool, then (for a finished replay) the link delivers it, then it stops.
     let _ = stop_tx.send(true);
     if let Some(s) = server {
         let _ = s.await;
@@ -230,6 +253,22 @@ pub async fn run_pipeline(
         let _ = writer.join();
     })
     .await?;
+    if matches!(stop, Stop::ReplayDone) && link.is_some() {
+        let delivered = async {
+            loop {
+                let spooled =
+                    spools.lock(Queue::Results).len() + spools.lock(Queue::Escalations).len();
+                if spooled == 0 && book.pending() == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            _ = delivered => tracing::info!("everything delivered and decided"),
+            _ = shutdown_signal() => tracing::info!("stopping on signal"),
+        }
+    }
     let _ = link_stop_tx.send(true);
     if let Some(link) = link {
         let _ = link.await;
@@ -239,7 +278,10 @@ pub async fn run_pipeline(
     if left > 0 {
         tracing::warn!("{left} records stay in the spool for the next start");
     }
-    Ok(())
+    match stop {
+        Stop::Died(who) => anyhow::bail!("the {who} stopped unexpectedly (see the log above)"),
+        _ => Ok(()),
+    }
 }
 
 async fn shutdown_signal() {

@@ -50,8 +50,11 @@ pub async fn watch_folder(
     tracing::info!("watching {} for new frames", dir.display());
     let settle = Duration::from_millis(config.settle_ms);
     let mut sightings: HashMap<PathBuf, Sighting> = HashMap::new();
+    // Files handed to the scorer and not yet finished.
     let busy: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
-    let mut kept: HashSet<(PathBuf, u64, SystemTime)> = HashSet::new();
+    // Files not to take again while they stay as they are: kept after scoring, or
+    // impossible to move or delete.
+    let skip: Arc<Mutex<HashSet<FileVersion>>> = Arc::default();
     let mut tick = tokio::time::interval(Duration::from_millis(config.poll_ms.max(10)));
     loop {
         tokio::select! {
@@ -71,10 +74,11 @@ pub async fn watch_folder(
         let now = Instant::now();
         let present: HashSet<PathBuf> = entries.iter().map(|e| e.0.clone()).collect();
         sightings.retain(|p, _| present.contains(p));
-        kept.retain(|(p, _, _)| present.contains(p));
+        lock(&skip).retain(|(p, _, _)| present.contains(p));
         let mut ready = Vec::new();
         for (path, size, modified) in entries.drain(..) {
-            if lock(&busy).contains(&path) || kept.contains(&(path.clone(), size, modified)) {
+            if lock(&busy).contains(&path) || lock(&skip).contains(&(path.clone(), size, modified))
+            {
                 continue;
             }
             let settled = match sightings.get(&path) {
@@ -125,24 +129,41 @@ pub async fn watch_folder(
                 reply: Some(reply),
             };
             lock(&busy).insert(path.clone());
-            if config.after == AfterScoring::Keep {
-                kept.insert((path.clone(), size, modified));
-            }
             if frames.send(frame).await.is_err() {
                 return Ok(());
             }
-            let busy = busy.clone();
+            let (busy, skip) = (busy.clone(), skip.clone());
             let (after, dir) = (config.after, dir.clone());
+            let version = (path.clone(), size, modified);
             tokio::spawn(async move {
                 // The file is only moved once its result is durable: a crash before
                 // that leaves it in place, to be scored again under the same id.
                 if let Ok(handled) = handled.await {
-                    finish_file(&dir, &path, after, &handled).await;
+                    match finish_file(&dir, &version, after, &handled).await {
+                        Finish::Done => {}
+                        Finish::Leave => {
+                            lock(&skip).insert(version.clone());
+                        }
+                        Finish::Retry => {}
+                    }
                 }
-                lock(&busy).remove(&path);
+                lock(&busy).remove(&version.0);
             });
         }
     }
+}
+
+/// A file as it was when taken: path, size, modification time.
+type FileVersion = (PathBuf, u64, SystemTime);
+
+/// What became of a handled file.
+enum Finish {
+    /// Moved or deleted.
+    Done,
+    /// Left in place (kept, or it could not be moved): not to be taken again as it is.
+    Leave,
+    /// It changed while it was read (still being written): take it again.
+    Retry,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -172,17 +193,36 @@ fn list_files(dir: &Path) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
 }
 
 /// Moves or deletes a handled file.
-async fn finish_file(dir: &Path, path: &Path, after: AfterScoring, handled: &Handled) {
+async fn finish_file(
+    dir: &Path,
+    version: &FileVersion,
+    after: AfterScoring,
+    handled: &Handled,
+) -> Finish {
+    let (path, size, modified) = version;
     let sub = match handled {
         Handled::Scored(_) => DONE_DIR,
-        Handled::Rejected(_) => REJECTED_DIR,
+        Handled::Rejected(_) => {
+            // A writer that paused longer than the settle time: not corrupt, unfinished.
+            let now = tokio::fs::metadata(path).await.ok();
+            if now.is_some_and(|m| m.len() != *size || m.modified().ok() != Some(*modified)) {
+                tracing::info!(
+                    "{} changed while it was read; taking it again",
+                    path.display()
+                );
+                return Finish::Retry;
+            }
+            REJECTED_DIR
+        }
     };
     let result = match after {
-        AfterScoring::Keep => return,
+        AfterScoring::Keep => return Finish::Leave,
         AfterScoring::Delete => tokio::fs::remove_file(path).await,
         AfterScoring::Move => {
             let target_dir = dir.join(sub);
-            let Some(name) = path.file_name() else { return };
+            let Some(name) = path.file_name() else {
+                return Finish::Leave;
+            };
             let mut target = target_dir.join(name);
             let mut n = 1;
             while target.exists() {
@@ -195,11 +235,15 @@ async fn finish_file(dir: &Path, path: &Path, after: AfterScoring, handled: &Han
             }
         }
     };
-    if let Err(e) = result {
-        tracing::error!(
-            "cannot move or delete {} after scoring: {e}",
-            path.display()
-        );
+    match result {
+        Ok(()) => Finish::Done,
+        Err(e) => {
+            tracing::error!(
+                "cannot move or delete {} after scoring: {e}; it stays and is not scored again unless it changes",
+                path.display()
+            );
+            Finish::Leave
+        }
     }
 }
 

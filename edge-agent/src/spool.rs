@@ -2,10 +2,12 @@
 //!
 //! Records are appended to segment files (`<first sequence number>.seg`), each record as
 //! `length (u32 LE) | crc32 (u32 LE) | payload`. A `cursor` file, replaced atomically,
-//! says how far delivery has been acknowledged. On open, a torn record at the end of a
-//! segment (a crash mid-write, kill -9) is cut off, so the queue always reopens to a clean
-//! state. When the queue exceeds its byte budget the oldest segments are dropped, and every
-//! dropped undelivered record is counted: the caller makes that loud.
+//! says how far delivery has been acknowledged. On open, a torn record at the end of the
+//! last segment (a crash mid-write, kill -9) is cut off, so appending resumes cleanly; a
+//! damaged record inside an older segment ends that segment's readable records (logged,
+//! with the bytes lost). Reads check every record's CRC again. When the queue exceeds its
+//! byte budget the oldest segments are dropped, and every dropped undelivered record is
+//! counted: the caller makes that loud.
 //!
 //! The agent keeps two of these: results (small, every frame) and escalations (frames),
 //! so escalation images can be dropped under pressure while every result is kept.
@@ -15,8 +17,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// Size at which a new segment is started.
+/// Size at which a new segment is started, at most (an eighth of the budget, so that the
+/// budget drops old records in small steps).
 const SEGMENT_BYTES: u64 = 4 << 20;
+/// Smallest segment size.
+const MIN_SEGMENT_BYTES: u64 = 64 << 10;
 /// Bytes of a record header.
 const HEADER: usize = 8;
 /// Largest record accepted.
@@ -70,7 +75,8 @@ fn scan(path: &Path) -> Result<(Vec<u64>, u64)> {
             bytes[pos + 7],
         ]);
         let end = pos + HEADER + len;
-        if len > MAX_RECORD
+        if len == 0
+            || len > MAX_RECORD
             || end > bytes.len()
             || crc32fast::hash(&bytes[pos + HEADER..end]) != crc
         {
@@ -94,22 +100,31 @@ impl Spool {
             .collect();
         starts.sort_unstable();
         let mut segments = Vec::with_capacity(starts.len());
+        let last = starts.last().copied();
         for start in starts {
             let path = seg_path(dir, start);
             let (offsets, good_end) =
                 scan(&path).with_context(|| format!("cannot read {}", path.display()))?;
             let size = fs::metadata(&path)?.len();
             if size != good_end {
-                tracing::warn!(
-                    "spool: cutting {} damaged bytes off {} (a write cut short by a crash)",
-                    size - good_end,
-                    path.display()
-                );
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|f| f.set_len(good_end))
-                    .with_context(|| format!("cannot repair {}", path.display()))?;
+                if Some(start) == last {
+                    tracing::warn!(
+                        "spool: cutting {} damaged bytes off {} (a write cut short by a crash)",
+                        size - good_end,
+                        path.display()
+                    );
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_len(good_end))
+                        .with_context(|| format!("cannot repair {}", path.display()))?;
+                } else {
+                    tracing::error!(
+                        "spool: {} has a damaged record; the {} bytes after it are lost",
+                        path.display(),
+                        size - good_end
+                    );
+                }
             }
             segments.push(Segment {
                 start,
@@ -173,10 +188,11 @@ impl Spool {
                 payload.len()
             );
         }
+        let segment_bytes = (self.budget / 8).clamp(MIN_SEGMENT_BYTES, SEGMENT_BYTES);
         if self
             .segments
             .last()
-            .is_none_or(|s| s.bytes >= SEGMENT_BYTES)
+            .is_none_or(|s| s.bytes >= segment_bytes)
         {
             self.sync()?;
             self.writer = None;
@@ -218,20 +234,49 @@ impl Spool {
         self.unsynced = true;
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.enforce_budget()?;
+        // The record is written: a failure to delete an old segment must not make the
+        // caller write it again.
+        if let Err(e) = self.enforce_budget() {
+            tracing::error!("spool {}: {e:#}", self.dir.display());
+        }
         Ok(seq)
     }
 
     /// Flushes appended records to the disk.
     pub fn sync(&mut self) -> Result<()> {
-        if self.unsynced {
-            if let Some(file) = &self.writer {
-                file.sync_data()
-                    .with_context(|| format!("spool sync in {} failed", self.dir.display()))?;
+        if let Some(file) = self.sync_handle()? {
+            if let Err(e) = file.sync_data() {
+                self.unsynced = true;
+                return Err(e)
+                    .with_context(|| format!("spool sync in {} failed", self.dir.display()));
             }
-            self.unsynced = false;
         }
         Ok(())
+    }
+
+    /// A handle to sync outside the caller's lock, if anything was appended since the
+    /// last sync; call [`Spool::sync_failed`] if syncing it fails.
+    pub fn sync_handle(&mut self) -> Result<Option<File>> {
+        if !self.unsynced {
+            return Ok(None);
+        }
+        let Some(file) = &self.writer else {
+            self.unsynced = false;
+            return Ok(None);
+        };
+        let handle = file.try_clone().with_context(|| {
+            format!(
+                "spool in {}: cannot clone the file handle",
+                self.dir.display()
+            )
+        })?;
+        self.unsynced = false;
+        Ok(Some(handle))
+    }
+
+    /// Records that a sync through [`Spool::sync_handle`] failed.
+    pub fn sync_failed(&mut self) {
+        self.unsynced = true;
     }
 
     fn enforce_budget(&mut self) -> Result<()> {
@@ -256,31 +301,42 @@ impl Spool {
     }
 
     /// Up to `max` records with sequence numbers from `from` on (or from the oldest kept,
-    /// if those were dropped), in order.
+    /// if those were dropped), in order. A record whose CRC no longer matches is logged
+    /// and returned empty, so the caller can pass over it.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
         for segment in &self.segments {
             if segment.end() <= from || out.len() >= max {
                 continue;
             }
+            let first = from.saturating_sub(segment.start) as usize;
+            let last = (first + (max - out.len())).min(segment.offsets.len());
+            let begin = segment.offsets[first];
+            let end = segment.offsets.get(last).copied().unwrap_or(segment.bytes);
             let path = seg_path(&self.dir, segment.start);
+            let mut bytes = vec![0u8; (end - begin) as usize];
             let mut file =
                 File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            for (j, &offset) in segment.offsets.iter().enumerate() {
-                let seq = segment.start + j as u64;
-                if seq < from {
+            file.seek(SeekFrom::Start(begin))?;
+            file.read_exact(&mut bytes)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            for j in first..last {
+                let at = (segment.offsets[j] - begin) as usize;
+                let to =
+                    (segment.offsets.get(j + 1).copied().unwrap_or(segment.bytes) - begin) as usize;
+                let record = &bytes[at..to];
+                let crc = u32::from_le_bytes([record[4], record[5], record[6], record[7]]);
+                let payload = &record[HEADER..];
+                if crc32fast::hash(payload) != crc {
+                    tracing::error!(
+                        "spool {}: record {} is damaged on disk and skipped",
+                        self.dir.display(),
+                        segment.start + j as u64
+                    );
+                    out.push((segment.start + j as u64, Vec::new()));
                     continue;
                 }
-                if out.len() >= max {
-                    break;
-                }
-                let mut header = [0u8; HEADER];
-                file.seek(SeekFrom::Start(offset))?;
-                file.read_exact(&mut header)?;
-                let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-                let mut payload = vec![0u8; len];
-                file.read_exact(&mut payload)?;
-                out.push((seq, payload));
+                out.push((segment.start + j as u64, payload.to_vec()));
             }
         }
         Ok(out)
@@ -393,6 +449,24 @@ mod tests {
         fs::write(&seg, bytes).unwrap();
         let s = Spool::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(values(&s.read_from(0, 10).unwrap()), vec![0, 1]);
+    }
+
+    #[test]
+    fn damage_on_disk_after_open_is_skipped_not_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 30).unwrap();
+        for i in 0..3u32 {
+            s.append(&i.to_le_bytes()).unwrap();
+        }
+        s.sync().unwrap();
+        let seg = seg_path(dir.path(), 0);
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[12 + HEADER] ^= 0xff;
+        fs::write(&seg, bytes).unwrap();
+        let got = s.read_from(0, 10).unwrap();
+        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert!(got[1].1.is_empty(), "the damaged record comes back empty");
+        assert_eq!(values(&[got[0].clone(), got[2].clone()]), vec![0, 2]);
     }
 
     #[test]

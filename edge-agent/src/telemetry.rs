@@ -51,6 +51,8 @@ pub struct Telemetry {
     spool_bytes: Family<Label, Gauge>,
     spool_dropped: Family<Label, Counter>,
     spool_write_errors: Counter,
+    spool_shed: Family<Label, Counter>,
+    undeliverable: Family<Label, Counter>,
     connected: Gauge,
     model: Family<Label, Gauge<f64, AtomicU64>>,
     model_version: std::sync::Mutex<String>,
@@ -87,6 +89,8 @@ impl Telemetry {
             spool_bytes: Family::default(),
             spool_dropped: Family::default(),
             spool_write_errors: Counter::default(),
+            spool_shed: Family::default(),
+            undeliverable: Family::default(),
             connected: Gauge::default(),
             model: Family::default(),
             model_version: Default::default(),
@@ -115,7 +119,7 @@ impl Telemetry {
         );
         r.register(
             "late_verdicts",
-            "Cloud verdicts that arrived after the fallback decision",
+            "Cloud verdicts for frames not waiting (after the fallback, repeated, or from before a restart)",
             t.late_verdicts.clone(),
         );
         r.register(
@@ -167,6 +171,16 @@ impl Telemetry {
             "spool_write_errors",
             "Failed spool writes (disk full or failing)",
             t.spool_write_errors.clone(),
+        );
+        r.register(
+            "spool_shed",
+            "Records lost because the disk refused writes and memory was full, by queue",
+            t.spool_shed.clone(),
+        );
+        r.register(
+            "undeliverable",
+            "Records set aside after failing to cross several connections, by queue",
+            t.undeliverable.clone(),
         );
         r.register(
             "broker_connected",
@@ -347,6 +361,18 @@ impl Telemetry {
     /// A spool write failed.
     pub fn spool_write_failed(&self) {
         self.spool_write_errors.inc();
+    }
+
+    /// A record was lost because the disk refused it and memory was full.
+    pub fn spool_shed(&self, queue: &str) {
+        self.spool_shed.get_or_create(&label("queue", queue)).inc();
+    }
+
+    /// A record was set aside as undeliverable.
+    pub fn undeliverable(&self, queue: &str) {
+        self.undeliverable
+            .get_or_create(&label("queue", queue))
+            .inc();
     }
 
     /// The broker connection went up or down.

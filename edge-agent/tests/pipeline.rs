@@ -162,6 +162,7 @@ fn watched_frames_flow_to_the_broker_in_their_bands_and_corrupt_files_are_skippe
             format!("routing.ok_below={ok_below}"),
             format!("routing.ng_above={ng_above}"),
             format!("mqtt.port={SHARED_BROKER}"),
+            "mqtt.persistent_session=false".to_string(),
         ],
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -280,6 +281,19 @@ fn watched_frames_flow_to_the_broker_in_their_bands_and_corrupt_files_are_skippe
     assert_eq!(states.last().unwrap().status(), Status::Offline);
 }
 
+/// Frames scored so far, from the agent's status endpoint.
+fn scored(http_port: u16) -> u64 {
+    let (code, body) = http("GET", http_port, "/v1/status", b"");
+    if code != 200 {
+        return 0;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    ["ok", "uncertain", "ng"]
+        .iter()
+        .map(|b| v["frames"][b].as_u64().unwrap_or(0))
+        .sum()
+}
+
 #[test]
 fn a_stopped_broker_and_a_killed_agent_lose_no_result() {
     let f = fixture();
@@ -293,7 +307,9 @@ fn a_stopped_broker_and_a_killed_agent_lose_no_result() {
 
     let incoming = f.root.join("incoming");
     std::fs::create_dir_all(&incoming).unwrap();
-    let spool = f.root.join("spool");
+    let http_port = free_port();
+    // Files stay where they are (`keep`): after the kill every one is scored again, so
+    // the same frames are published twice and must carry the same ids.
     let args = run_args(
         &f,
         &site,
@@ -302,7 +318,8 @@ fn a_stopped_broker_and_a_killed_agent_lose_no_result() {
             "source.kind=watch".to_string(),
             format!("source.path={:?}", incoming.display().to_string()),
             "source.settle_ms=0".to_string(),
-            "http.listen=\"\"".to_string(),
+            "source.after=\"keep\"".to_string(),
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
             format!("mqtt.port={port}"),
             "mqtt.reconnect_max_ms=300".to_string(),
         ],
@@ -322,7 +339,7 @@ fn a_stopped_broker_and_a_killed_agent_lose_no_result() {
             .collect()
     };
 
-    // 1. Broker up: the first batch is delivered.
+    // 1. Broker up; it is stopped while the first batch is still flowing.
     let mut agent = Process::start(
         &agent_bin(),
         &args,
@@ -333,25 +350,24 @@ fn a_stopped_broker_and_a_killed_agent_lose_no_result() {
         drop_file(&incoming, name, bytes);
     }
     assert!(
-        wait_until(60, || sources(&inbox).len() == batches[0].len()),
+        wait_until(60, || !sources(&inbox).is_empty()),
         "{}",
         agent.log()
     );
-
-    // 2. Broker stopped: the agent keeps scoring into its spool.
     assert!(broker.terminate(), "mosquitto did not stop");
+
+    // 2. The agent keeps scoring into its spool.
     for (name, bytes) in batches[1] {
         drop_file(&incoming, name, bytes);
     }
-    let done = incoming.join("done");
-    let n_done = || std::fs::read_dir(&done).map(|d| d.count()).unwrap_or(0);
+    let first_two = (batches[0].len() + batches[1].len()) as u64;
     assert!(
-        wait_until(60, || n_done() == batches[0].len() + batches[1].len()),
+        wait_until(60, || scored(http_port) >= first_two),
         "{}",
         agent.log()
     );
 
-    // 3. The agent is killed outright with a full spool; more frames arrive meanwhile.
+    // 3. Killed outright with a full spool; more frames arrive while it is down.
     agent.kill_hard();
     for (name, bytes) in batches[2] {
         drop_file(&incoming, name, bytes);
@@ -363,12 +379,13 @@ fn a_stopped_broker_and_a_killed_agent_lose_no_result() {
         &[("INSP_LOG", "info")],
     );
     assert!(
-        wait_until(60, || n_done() == expected.len()),
+        wait_until(60, || scored(http_port) >= expected.len() as u64),
         "{}",
         agent.log()
     );
 
-    // 4. The broker comes back: everything arrives, duplicates only as repeated ids.
+    // 4. The broker comes back: everything arrives; a frame published twice carries the
+    //    same id both times.
     let _broker = start_mosquitto(&broker_dir, port);
     assert!(
         wait_until(60, || sources(&inbox) == expected),
@@ -377,11 +394,21 @@ fn a_stopped_broker_and_a_killed_agent_lose_no_result() {
         agent.log()
     );
     let results = of_kind::<FrameResult>(&inbox, "result");
-    let ids: BTreeSet<String> = results.iter().map(|r| r.frame_id.clone()).collect();
-    assert_eq!(
-        ids.len(),
-        expected.len(),
-        "one id per frame after de-duplication"
+    let mut ids: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in &results {
+        ids.entry(r.source.clone())
+            .or_default()
+            .insert(r.frame_id.clone());
+    }
+    assert!(
+        ids.values().all(|set| set.len() == 1),
+        "a frame changed its id across the restart: {ids:?}"
+    );
+    let unique_ids: BTreeSet<&String> = ids.values().flatten().collect();
+    assert_eq!(unique_ids.len(), expected.len());
+    assert!(
+        results.len() > expected.len(),
+        "the restart re-published frames (as at-least-once allows)"
     );
     assert!(agent.terminate());
     assert!(
@@ -389,6 +416,81 @@ fn a_stopped_broker_and_a_killed_agent_lose_no_result() {
         "{}",
         agent.log()
     );
+}
+
+#[test]
+fn a_full_escalation_budget_drops_old_frames_but_keeps_every_result() {
+    let f = fixture();
+    let site = unique("t");
+    let port = free_port();
+    let broker_dir = f.root.join("broker");
+    // The consumer's session exists before the broker goes away.
+    let mut broker = start_mosquitto(&broker_dir, port);
+    let (_client, inbox) = subscribe(port, &unique("sub-"), &format!("insp/v1/{site}/#"), false);
+    assert!(broker.terminate());
+
+    let incoming = f.root.join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let http_port = free_port();
+    // Every frame is escalated; the escalation spool holds about one.
+    let args = run_args(
+        &f,
+        &site,
+        "cam-5",
+        &[
+            "source.kind=watch".to_string(),
+            format!("source.path={:?}", incoming.display().to_string()),
+            "source.settle_ms=0".to_string(),
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            format!("mqtt.port={port}"),
+            "mqtt.reconnect_max_ms=300".to_string(),
+            "routing.ok_below=0.0".to_string(),
+            "routing.ng_above=1e9".to_string(),
+            "routing.verdict_deadline_ms=200".to_string(),
+            "spool.escalations_bytes=400000".to_string(),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent.log"),
+        &[("INSP_LOG", "info")],
+    );
+    let frames: Vec<_> = test_frames(&f).into_iter().take(6).collect();
+    for (name, bytes) in &frames {
+        drop_file(&incoming, name, bytes);
+    }
+    assert!(
+        wait_until(60, || scored(http_port) >= frames.len() as u64),
+        "{}",
+        agent.log()
+    );
+    let _broker = start_mosquitto(&broker_dir, port);
+    let results = || of_kind::<FrameResult>(&inbox, "result").len();
+    assert!(
+        wait_until(60, || results() >= frames.len()),
+        "{} results\n{}",
+        results(),
+        agent.log()
+    );
+    let (_, metrics) = http("GET", http_port, "/metrics", b"");
+    let dropped: usize = metrics
+        .lines()
+        .find(|l| l.starts_with("insp_edge_spool_dropped_total{queue=\"escalations\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let escalations = of_kind::<Escalation>(&inbox, "escalation");
+    assert!(dropped > 0, "{metrics}");
+    assert!(!escalations.is_empty(), "the newest escalations are kept");
+    assert_eq!(escalations.len() + dropped, frames.len(), "{metrics}");
+    // The kept ones are the newest.
+    let newest = &frames.last().unwrap().0;
+    assert!(escalations
+        .iter()
+        .any(|e| &e.result.as_ref().unwrap().source == newest));
+    assert!(agent.terminate());
 }
 
 #[test]
@@ -409,6 +511,7 @@ fn pushed_frames_get_cloud_verdicts_fallbacks_hooks_and_back_pressure() {
             "routing.verdict_deadline_ms=1500".to_string(),
             "queue.capacity=1".to_string(),
             format!("mqtt.port={SHARED_BROKER}"),
+            "mqtt.persistent_session=false".to_string(),
             format!( "hooks.on_ng_command=[\"sh\", \"-c\", \"echo $0 $1 >> {}\", \"{{frame_id}}\", \"{{decided_by}}\"]", rejects.display() ),
         ],
     );
@@ -531,10 +634,14 @@ fn pushed_frames_get_cloud_verdicts_fallbacks_hooks_and_back_pressure() {
     assert!(d["error"].as_str().unwrap().contains("not a PNG"), "{d}");
 
     // Back-pressure: with a queue of one, a burst gets 503s, each counted as a drop.
+    let start = std::sync::Arc::new(std::sync::Barrier::new(12));
     let burst: Vec<_> = (0..12)
         .map(|_| {
-            let bytes = good.clone();
-            std::thread::spawn(move || http("POST", http_port, "/v1/frames?source=burst", &bytes).0)
+            let (bytes, start) = (good.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                http("POST", http_port, "/v1/frames?source=burst", &bytes).0
+            })
         })
         .collect();
     let codes: Vec<u16> = burst.into_iter().map(|t| t.join().unwrap()).collect();
