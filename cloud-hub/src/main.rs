@@ -1,15 +1,92 @@
-//! `cloud-hub`: the cloud tier (MQTT ingest, heavy models, storage, review, rollout).
-//! Not built yet: this binary only says so, so that nothing pretends to work.
+//! `cloud-hub`: the cloud tier. `serve` runs the hub (MQTT ingest, storage, escalation
+//! re-scoring and verdicts, gRPC API, health and metrics); the other subcommands are
+//! the API's command-line client, the fleet simulator and the load benchmark.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-/// Cloud tier of the inspection system (not implemented yet).
+mod bench;
+mod broker;
+mod client;
+mod config;
+mod db;
+mod decode;
+mod fusion;
+mod grpc;
+mod http;
+mod ingest;
+mod models;
+mod objects;
+mod scoring;
+mod serve;
+mod simulate;
+mod table;
+mod telemetry;
+
+/// Cloud hub of the inspection system.
 #[derive(Parser)]
-#[command(name = "cloud-hub", version, about)]
-struct Cli {}
+#[command(name = "cloud-hub", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `cloud_hub=debug`.
+    #[arg(long, env = "INSP_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub (embedded broker, SQLite and local folder unless configured).
+    Serve(config::ServeOverrides),
+    /// List devices, or show one.
+    Devices(client::DevicesArgs),
+    /// The review queue of escalated frames.
+    Reviews {
+        #[command(subcommand)]
+        command: client::ReviewsCommand,
+    },
+    /// Model bundles known to the hub.
+    Models {
+        #[command(subcommand)]
+        command: client::ModelsCommand,
+    },
+    /// Play a fleet of devices publishing results and escalations to a broker.
+    Simulate(simulate::SimulateArgs),
+    /// Measure sustained ingest and verdict latency on SQLite and PostgreSQL.
+    Bench(bench::BenchArgs),
+}
 
 fn main() {
-    let _ = Cli::parse();
-    eprintln!("cloud-hub: not implemented yet; the edge agent (`edge-agent --help`) is the working part today");
-    std::process::exit(2);
+    insp_core::tune_allocator();
+    let cli = Cli::parse();
+    let filter = format!("rumqttd=off,sqlx=warn,{}", cli.log);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Devices(args) => client::devices(args).await,
+            Command::Reviews { command } => client::reviews(command).await,
+            Command::Models { command } => client::models(command).await,
+            Command::Simulate(args) => simulate::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    });
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
 }

@@ -7,6 +7,12 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/insp.v1.rs"));
 }
 
+/// The hub's gRPC services and their messages (`insp.hub.v1`), with the `grpc` feature.
+#[cfg(feature = "grpc")]
+pub mod hub {
+    include!(concat!(env!("OUT_DIR"), "/insp.hub.v1.rs"));
+}
+
 pub use prost::Message;
 
 /// Prefix of every topic, with the payload version.

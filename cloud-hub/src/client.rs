@@ -1,0 +1,405 @@
+//! The command-line client of the gRPC API: `devices`, `reviews list|show|label`,
+//! `models list|fetch`, printing readable tables.
+
+use crate::grpc::MAX_MESSAGE;
+use crate::table::{time, Table};
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use insp_proto::hub::devices_client::DevicesClient;
+use insp_proto::hub::models_client::ModelsClient;
+use insp_proto::hub::reviews_client::ReviewsClient;
+use insp_proto::hub::*;
+use insp_proto::v1::Band;
+use std::path::PathBuf;
+use tonic::transport::Channel;
+
+/// Where the hub's gRPC API is.
+#[derive(Args, Debug, Clone)]
+pub struct ApiAddress {
+    /// gRPC address of the hub.
+    #[arg(
+        long,
+        env = "HUB_API",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub api: String,
+}
+
+async fn channel(a: &ApiAddress) -> Result<Channel> {
+    Channel::from_shared(a.api.clone())
+        .with_context(|| format!("{:?} is not a URL like http://HOST:PORT", a.api))?
+        .connect()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the hub's API at {} (is `cloud-hub serve` running?)",
+                a.api
+            )
+        })
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", e.code(), e.message())
+}
+
+/// `cloud-hub devices`.
+#[derive(Args, Debug)]
+pub struct DevicesArgs {
+    /// Show one device (`name` or `site/name`) in detail.
+    pub device: Option<String>,
+    #[command(flatten)]
+    api: ApiAddress,
+}
+
+/// Lists devices or shows one.
+pub async fn devices(args: DevicesArgs) -> Result<()> {
+    let mut c = DevicesClient::new(channel(&args.api).await?);
+    if let Some(name) = args.device {
+        let d = c
+            .get_device(GetDeviceRequest { device: name })
+            .await
+            .map_err(status)?
+            .into_inner();
+        println!("device      {}/{}", d.site, d.device);
+        println!("status      {}", d.status);
+        println!("model       {}", d.model_version);
+        println!("agent       {}", d.agent_version);
+        println!("first seen  {}", time(d.first_seen_unix_ms));
+        println!("last seen   {}", time(d.last_seen_unix_ms));
+        println!("frames      {} ({} escalated)", d.frames, d.escalations);
+        if let Some(m) = d.metrics {
+            println!(
+                "metrics     ok {} / uncertain {} / ng {}, rejected {}, dropped {}, spool {} results + {} escalations, fallbacks {}, mean score latency {:.1} ms",
+                m.frames_ok, m.frames_uncertain, m.frames_ng, m.frames_rejected, m.frames_dropped,
+                m.spool_results, m.spool_escalations, m.verdict_fallbacks, m.score_latency_ms_mean
+            );
+        }
+        return Ok(());
+    }
+    let list = c
+        .list_devices(ListDevicesRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut t = Table::new(&[
+        "SITE",
+        "DEVICE",
+        "STATUS",
+        "MODEL",
+        "FRAMES",
+        "ESCALATED",
+        "LAST SEEN",
+    ]);
+    for d in list.devices {
+        t.row(vec![
+            d.site,
+            d.device,
+            d.status,
+            d.model_version,
+            d.frames.to_string(),
+            d.escalations.to_string(),
+            time(d.last_seen_unix_ms),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+/// `cloud-hub reviews ...`.
+#[derive(Subcommand, Debug)]
+pub enum ReviewsCommand {
+    /// Escalations waiting for a label, oldest first.
+    List {
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        api: ApiAddress,
+    },
+    /// One escalation: scores per model, verdict, labels; optionally saves its frame
+    /// and maps.
+    Show {
+        /// Frame id.
+        frame_id: String,
+        /// Write the frame and the maps (.npy) into this folder.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiAddress,
+    },
+    /// Labels an escalation `good` or `defect`.
+    Label {
+        /// Frame id.
+        frame_id: String,
+        /// `good` or `defect`.
+        label: String,
+        /// Who labels.
+        #[arg(long, env = "USER", default_value = "operator")]
+        operator: String,
+        /// A note.
+        #[arg(long, default_value = "")]
+        note: String,
+        #[command(flatten)]
+        api: ApiAddress,
+    },
+}
+
+fn band(b: i32) -> &'static str {
+    match Band::try_from(b) {
+        Ok(Band::Ok) => "OK",
+        Ok(Band::Ng) => "NG",
+        Ok(Band::Uncertain) => "UNCERTAIN",
+        _ => "-",
+    }
+}
+
+/// Runs a `reviews` command.
+pub async fn reviews(cmd: ReviewsCommand) -> Result<()> {
+    match cmd {
+        ReviewsCommand::List { device, limit, api } => {
+            let mut c = ReviewsClient::new(channel(&api).await?);
+            let list = c
+                .list_pending(ListPendingRequest {
+                    limit,
+                    device: device.unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut t = Table::new(&[
+                "FRAME", "DEVICE", "CAPTURED", "EDGE", "STATE", "VERDICT", "FUSED", "CLOUD",
+            ]);
+            for e in list.escalations {
+                let v = e.verdict.as_ref();
+                t.row(vec![
+                    e.frame_id,
+                    e.device,
+                    time(e.captured_unix_ms),
+                    format!("{:.4}", e.edge_score),
+                    e.state,
+                    v.map_or("-".into(), |v| band(v.band).to_string()),
+                    v.map_or("-".into(), |v| format!("{:.3}", v.fused)),
+                    v.map_or("-".into(), |v| format!("{:.4}", v.cloud_score)),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+        ReviewsCommand::Show { frame_id, out, api } => {
+            let mut c =
+                ReviewsClient::new(channel(&api).await?).max_decoding_message_size(MAX_MESSAGE);
+            let d = c
+                .get_escalation(GetEscalationRequest {
+                    frame_id: frame_id.clone(),
+                    without_images: out.is_none(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let s = d.summary.unwrap_or_default();
+            println!(
+                "frame     {} from {}/{} ({})",
+                s.frame_id, s.site, s.device, s.source
+            );
+            println!("captured  {}", time(s.captured_unix_ms));
+            println!(
+                "edge      score {:.6} with {}",
+                s.edge_score, s.model_version
+            );
+            println!(
+                "state     {}{}",
+                s.state,
+                if d.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", d.error)
+                }
+            );
+            if let Some(v) = &s.verdict {
+                println!(
+                    "verdict   {} (fused {:.3}); edge score reproduced {} ({}), decided {}",
+                    band(v.band),
+                    v.fused,
+                    v.edge_score_reproduced,
+                    if v.edge_reproduced_exactly {
+                        "bit-identical"
+                    } else {
+                        "DIFFERS"
+                    },
+                    time(v.decided_unix_ms)
+                );
+            }
+            let mut t = Table::new(&["MODEL", "VERSION", "SCORE", "OK BELOW", "NG ABOVE", "MS"]);
+            for i in &d.inferences {
+                t.row(vec![
+                    i.model.clone(),
+                    i.model_version.clone(),
+                    format!("{:.6}", i.score),
+                    format!("{:.4}", i.ok_below),
+                    format!("{:.4}", i.ng_above),
+                    format!("{:.1}", i.latency_ms),
+                ]);
+            }
+            print!("{}", t.render());
+            for r in &d.reviews {
+                println!(
+                    "label     {} by {} at {} {}",
+                    r.label,
+                    r.operator,
+                    time(r.created_unix_ms),
+                    r.note
+                );
+            }
+            if let Some(out) = out {
+                std::fs::create_dir_all(&out)
+                    .with_context(|| format!("cannot create {}", out.display()))?;
+                let ext = if d.frame_format.is_empty() {
+                    "bin"
+                } else {
+                    &d.frame_format
+                };
+                let frame = out.join(format!("{frame_id}.{ext}"));
+                std::fs::write(&frame, &d.frame)?;
+                println!("wrote     {}", frame.display());
+                for m in d.maps {
+                    if let Some(map) = m.map {
+                        let path = out.join(format!("{frame_id}-{}.npy", m.model));
+                        let map = insp_core::anomaly_map::AnomalyMap::new(
+                            map.height as usize,
+                            map.width as usize,
+                            map.data,
+                        );
+                        std::fs::write(&path, crate::objects::npy_bytes(&map))?;
+                        println!("wrote     {}", path.display());
+                    }
+                }
+            }
+        }
+        ReviewsCommand::Label {
+            frame_id,
+            label,
+            operator,
+            note,
+            api,
+        } => {
+            let mut c = ReviewsClient::new(channel(&api).await?);
+            let r = c
+                .submit_review(SubmitReviewRequest {
+                    frame_id,
+                    label,
+                    operator,
+                    note,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "label {} recorded for {} (review {})",
+                r.label, r.frame_id, r.id
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `cloud-hub models ...`.
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// Bundles the hub knows.
+    List {
+        #[command(flatten)]
+        api: ApiAddress,
+    },
+    /// Downloads a bundle and verifies every file's hash.
+    Fetch {
+        /// Bundle version.
+        version: String,
+        /// Folder to write it into.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        api: ApiAddress,
+    },
+}
+
+/// Runs a `models` command.
+pub async fn models(cmd: ModelsCommand) -> Result<()> {
+    match cmd {
+        ModelsCommand::List { api } => {
+            let mut c = ModelsClient::new(channel(&api).await?);
+            let list = c
+                .list_models(ListModelsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut t = Table::new(&[
+                "VERSION", "ROLE", "KIND", "BACKBONE", "INPUT", "BANK", "OK BELOW", "NG ABOVE",
+                "MB", "DEVICES",
+            ]);
+            for m in list.models {
+                t.row(vec![
+                    m.version,
+                    m.role,
+                    m.kind,
+                    m.backbone,
+                    format!("{}x{}", m.input_width, m.input_height),
+                    m.bank_rows.to_string(),
+                    format!("{:.4}", m.ok_below),
+                    format!("{:.4}", m.ng_above),
+                    format!("{:.1}", m.size_bytes as f64 / 1e6),
+                    m.devices.to_string(),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+        ModelsCommand::Fetch { version, out, api } => {
+            let mut c = ModelsClient::new(channel(&api).await?);
+            let mut stream = c
+                .fetch_model(FetchModelRequest {
+                    version: version.clone(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+            while let Some(chunk) = stream.message().await.map_err(status)? {
+                anyhow::ensure!(
+                    !chunk.file.is_empty()
+                        && !chunk.file.contains(['/', '\\'])
+                        && chunk.file != "..",
+                    "the hub sent a file named {:?}",
+                    chunk.file
+                );
+                let buf = files.entry(chunk.file.clone()).or_default();
+                anyhow::ensure!(
+                    buf.len() as u64 == chunk.offset,
+                    "chunk of {} out of order",
+                    chunk.file
+                );
+                buf.extend_from_slice(&chunk.data);
+            }
+            for (name, bytes) in &files {
+                std::fs::write(out.join(name), bytes)?;
+            }
+            let bundle = insp_core::bundle::Bundle::open(&out).with_context(|| {
+                format!("the fetched bundle in {} does not verify", out.display())
+            })?;
+            anyhow::ensure!(
+                bundle.manifest.version == version,
+                "fetched version {} instead of {version}",
+                bundle.manifest.version
+            );
+            println!(
+                "bundle {version} written to {} ({} files, hashes verified)",
+                out.display(),
+                files.len()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,475 @@
+//! The hub's configuration: one typed TOML file in which every key has a default, so an
+//! empty file (or none) runs the embedded setup: an in-process MQTT broker, a SQLite
+//! file and a local object folder under `data_dir`. Flags and environment variables of
+//! `serve` override the file (see [`ServeOverrides`]).
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// 16 MiB: the default largest MQTT payload (an escalated frame with its edge map).
+pub const DEFAULT_MAX_PAYLOAD: usize = 16 << 20;
+
+/// Everything `cloud-hub serve` reads.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubConfig {
+    /// Folder for the embedded defaults (SQLite file, objects, models).
+    pub data_dir: PathBuf,
+    /// An external MQTT broker; absent: the embedded one.
+    pub mqtt: MqttConfig,
+    /// The in-process broker used when `mqtt.host` is not set.
+    pub embedded_broker: EmbeddedBrokerConfig,
+    /// The database.
+    pub database: DatabaseConfig,
+    /// Where frames and maps go.
+    pub storage: StorageConfig,
+    /// Ingest batching and limits.
+    pub ingest: IngestConfig,
+    /// Model bundles: the edge's (by version) and the cloud's.
+    pub models: ModelsConfig,
+    /// Escalation scoring workers.
+    pub scoring: ScoringConfig,
+    /// How model scores become a verdict.
+    pub fusion: FusionConfig,
+    /// gRPC and HTTP listeners.
+    pub api: ApiConfig,
+}
+
+/// Connection to the MQTT broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Broker host; unset means: start the embedded broker and connect to it.
+    pub host: Option<String>,
+    /// Broker port (external broker).
+    pub port: u16,
+    /// Client id; must be unique per hub process and stable across its restarts, so
+    /// that the broker keeps its session (queued QoS 1 messages) while it is down.
+    pub client_id: String,
+    /// Shared-subscription group: hubs in one group split the devices' messages.
+    pub group: String,
+    /// Sites this hub ingests: `+` (every site) or one site name (a hub per site or
+    /// region on a shared broker).
+    pub site: String,
+    /// Optional credentials.
+    pub username: Option<String>,
+    /// Optional credentials.
+    pub password: Option<String>,
+    /// Keep-alive in seconds.
+    pub keep_alive_s: u64,
+    /// Largest packet the client accepts; bigger payloads that the broker lets through
+    /// still reach the hub, which dead-letters anything above `ingest.max_payload_bytes`.
+    pub max_packet_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: None,
+            port: 1883,
+            client_id: "cloud-hub-1".into(),
+            group: "cloud-hub".into(),
+            site: "+".into(),
+            username: None,
+            password: None,
+            keep_alive_s: 30,
+            max_packet_bytes: 256 << 20,
+        }
+    }
+}
+
+/// The in-process rumqttd broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedBrokerConfig {
+    /// Listen address (1883 is usually taken by a system Mosquitto).
+    pub listen: SocketAddr,
+    /// Largest payload the broker accepts.
+    pub max_payload_bytes: usize,
+    /// Most client connections.
+    pub max_connections: usize,
+    /// QoS 1 messages in flight per connection.
+    pub max_inflight: usize,
+}
+
+impl Default for EmbeddedBrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1884)),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD,
+            max_connections: 10_000,
+            max_inflight: 200,
+        }
+    }
+}
+
+/// The database: a `postgres://` or `sqlite://` URL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Absent: `sqlite://<data_dir>/hub.db`.
+    pub url: Option<String>,
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 8,
+        }
+    }
+}
+
+/// The object store.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Absent: the folder `<data_dir>/objects`. `file:///path` for another folder,
+    /// `s3://bucket/prefix` for S3-compatible storage (a build with the `s3` feature;
+    /// credentials and endpoint from the usual `AWS_*` variables).
+    pub url: Option<String>,
+}
+
+/// Ingest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Payloads above this size are dead-lettered.
+    pub max_payload_bytes: usize,
+    /// Most messages stored in one database transaction.
+    pub max_batch: usize,
+    /// Bytes of a dead-lettered payload kept for inspection.
+    pub dead_letter_keep_bytes: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD,
+            max_batch: 500,
+            dead_letter_keep_bytes: 64 << 10,
+        }
+    }
+}
+
+/// Model bundles.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Folder of edge bundles (one sub-folder each, any name): an escalation is
+    /// re-scored with the bundle whose manifest version it names. Absent:
+    /// `<data_dir>/models`.
+    pub dir: Option<PathBuf>,
+    /// The cloud's re-scoring model: a heavier PatchCore bundle. Absent: verdicts fuse
+    /// the reproduced edge score alone.
+    pub cloud_bundle: Option<PathBuf>,
+    /// Search every bank row of edge bundles (set it if the edges run with
+    /// `model.exact_search`, or reproduced scores will differ).
+    pub edge_exact_search: bool,
+    /// Inverted lists probed by edge bundles, if the edges override the bundle's.
+    pub edge_probes: Option<usize>,
+}
+
+/// Escalation scoring.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScoringConfig {
+    /// Worker threads (each uses every core for its tensor work).
+    pub workers: usize,
+    /// Escalations waiting for a worker before ingest of further escalations waits.
+    pub queue: usize,
+}
+
+impl Default for ScoringConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            queue: 256,
+        }
+    }
+}
+
+/// The fused verdict (README, "Cloud hub"): each model's score is placed on its own
+/// calibrated scale, 0 at its OK threshold and 1 at its NG threshold; the weighted mean
+/// of these is the fused score, NG at or above `ng_at`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FusionConfig {
+    /// Weight of the reproduced edge score.
+    pub edge_weight: f32,
+    /// Weight of each cloud model.
+    pub cloud_weight: f32,
+    /// Fused score at which a frame is NG.
+    pub ng_at: f32,
+}
+
+impl Default for FusionConfig {
+    fn default() -> Self {
+        Self {
+            edge_weight: 1.0,
+            cloud_weight: 2.0,
+            ng_at: 0.5,
+        }
+    }
+}
+
+/// Listeners.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// gRPC API.
+    pub grpc_listen: SocketAddr,
+    /// Health (`/healthz`), readiness (`/readyz`) and Prometheus metrics (`/metrics`).
+    pub http_listen: SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 9898)),
+        }
+    }
+}
+
+impl HubConfig {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<HubConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the hub configuration {}", path.display()))?;
+        toml::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a valid hub configuration (see deploy/hub/hub.toml for every key)",
+                path.display()
+            )
+        })
+    }
+
+    /// The database URL in effect.
+    pub fn database_url(&self) -> String {
+        self.database
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir().join("hub.db").display()))
+    }
+
+    /// The data folder in effect.
+    pub fn data_dir(&self) -> PathBuf {
+        if self.data_dir.as_os_str().is_empty() {
+            PathBuf::from("hub-data")
+        } else {
+            self.data_dir.clone()
+        }
+    }
+
+    /// The edge bundle folder in effect.
+    pub fn models_dir(&self) -> PathBuf {
+        self.models
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir().join("models"))
+    }
+
+    /// Whether the hub runs its own broker.
+    pub fn embedded_broker(&self) -> bool {
+        self.mqtt.host.is_none()
+    }
+
+    /// Host and port the hub's MQTT client connects to.
+    pub fn broker_address(&self) -> (String, u16) {
+        match &self.mqtt.host {
+            Some(h) => (h.clone(), self.mqtt.port),
+            None => {
+                let l = self.embedded_broker.listen;
+                let host = if l.ip().is_unspecified() {
+                    "127.0.0.1".to_string()
+                } else {
+                    l.ip().to_string()
+                };
+                (host, l.port())
+            }
+        }
+    }
+
+    /// Checks values that would only fail later.
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            !self.mqtt.group.is_empty() && !self.mqtt.group.contains(['/', '+', '#']),
+            "mqtt.group {:?} must be non-empty and free of '/', '+' and '#'",
+            self.mqtt.group
+        );
+        anyhow::ensure!(!self.mqtt.client_id.is_empty(), "mqtt.client_id is empty");
+        anyhow::ensure!(
+            self.mqtt.site == "+"
+                || (!self.mqtt.site.is_empty() && !self.mqtt.site.contains(['/', '+', '#'])),
+            "mqtt.site {:?} must be \"+\" (every site) or one site name",
+            self.mqtt.site
+        );
+        anyhow::ensure!(
+            self.ingest.max_batch > 0,
+            "ingest.max_batch must be above 0"
+        );
+        anyhow::ensure!(self.scoring.workers > 0, "scoring.workers must be above 0");
+        anyhow::ensure!(
+            self.fusion.edge_weight >= 0.0
+                && self.fusion.cloud_weight >= 0.0
+                && self.fusion.edge_weight + self.fusion.cloud_weight > 0.0,
+            "fusion weights must be non-negative and not both 0"
+        );
+        let url = self.database_url();
+        anyhow::ensure!(
+            url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"),
+            "database.url {url:?}: use postgres://USER@HOST/DB or sqlite://PATH"
+        );
+        Ok(())
+    }
+}
+
+/// Flags and environment variables that override the file.
+#[derive(Debug, Clone, clap::Args, Default)]
+pub struct ServeOverrides {
+    /// The TOML configuration (every key optional).
+    #[arg(long, env = "HUB_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Folder of the embedded defaults.
+    #[arg(long, env = "HUB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// External broker host (absent: embedded broker).
+    #[arg(long, env = "HUB_MQTT_HOST")]
+    pub mqtt_host: Option<String>,
+    /// External broker port.
+    #[arg(long, env = "HUB_MQTT_PORT")]
+    pub mqtt_port: Option<u16>,
+    /// MQTT client id (unique per hub process, stable across restarts).
+    #[arg(long, env = "HUB_MQTT_CLIENT_ID")]
+    pub client_id: Option<String>,
+    /// Shared-subscription group.
+    #[arg(long, env = "HUB_MQTT_GROUP")]
+    pub group: Option<String>,
+    /// Embedded broker listen address.
+    #[arg(long, env = "HUB_BROKER_LISTEN")]
+    pub broker_listen: Option<SocketAddr>,
+    /// Database URL (`postgres://...` or `sqlite://PATH`).
+    #[arg(long, env = "HUB_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Object store URL (`file:///dir` or `s3://bucket/prefix`).
+    #[arg(long, env = "HUB_STORAGE_URL")]
+    pub storage_url: Option<String>,
+    /// Folder of edge bundles.
+    #[arg(long, env = "HUB_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// The cloud model's bundle.
+    #[arg(long, env = "HUB_CLOUD_BUNDLE")]
+    pub cloud_bundle: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "HUB_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// HTTP (health, metrics) listen address.
+    #[arg(long, env = "HUB_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+}
+
+impl ServeOverrides {
+    /// The file (if any) with these overrides applied, validated.
+    pub fn resolve(&self) -> Result<HubConfig> {
+        let mut c = match &self.config {
+            Some(path) => HubConfig::load(path)?,
+            None => HubConfig::default(),
+        };
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = &self.mqtt_host {
+            c.mqtt.host = Some(v.clone());
+        }
+        if let Some(v) = self.mqtt_port {
+            c.mqtt.port = v;
+        }
+        if let Some(v) = &self.client_id {
+            c.mqtt.client_id = v.clone();
+        }
+        if let Some(v) = &self.group {
+            c.mqtt.group = v.clone();
+        }
+        if let Some(v) = self.broker_listen {
+            c.embedded_broker.listen = v;
+        }
+        if let Some(v) = &self.database_url {
+            c.database.url = Some(v.clone());
+        }
+        if let Some(v) = &self.storage_url {
+            c.storage.url = Some(v.clone());
+        }
+        if let Some(v) = &self.models_dir {
+            c.models.dir = Some(v.clone());
+        }
+        if let Some(v) = &self.cloud_bundle {
+            c.models.cloud_bundle = Some(v.clone());
+        }
+        if let Some(v) = self.grpc_listen {
+            c.api.grpc_listen = v;
+        }
+        if let Some(v) = self.http_listen {
+            c.api.http_listen = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_setup() {
+        let c: HubConfig = toml::from_str("").unwrap();
+        assert!(c.embedded_broker());
+        assert_eq!(c.broker_address(), ("127.0.0.1".to_string(), 1884));
+        assert!(c.database_url().starts_with("sqlite://hub-data/"));
+        assert_eq!(c.ingest.max_payload_bytes, 16 << 20);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn deployed_config_parses() {
+        let c: HubConfig = toml::from_str(include_str!("../../deploy/hub/hub.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.ingest.max_payload_bytes, DEFAULT_MAX_PAYLOAD);
+        assert!(c.embedded_broker());
+    }
+
+    #[test]
+    fn file_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.toml");
+        std::fs::write(
+            &path,
+            "[mqtt]\nhost = \"10.0.0.5\"\ngroup = \"g1\"\n[database]\nurl = \"postgres://root@db/hub\"\n",
+        )
+        .unwrap();
+        let o = ServeOverrides {
+            config: Some(path.clone()),
+            mqtt_port: Some(1999),
+            ..Default::default()
+        };
+        let c = o.resolve().unwrap();
+        assert_eq!(c.broker_address(), ("10.0.0.5".to_string(), 1999));
+        assert_eq!(c.mqtt.group, "g1");
+        assert_eq!(c.database_url(), "postgres://root@db/hub");
+        std::fs::write(&path, "[mqtt]\nhots = \"typo\"\n").unwrap();
+        let err = format!("{:#}", o.resolve().unwrap_err());
+        assert!(err.contains("hots"), "{err}");
+        let bad = ServeOverrides {
+            group: Some("a/b".into()),
+            ..Default::default()
+        };
+        assert!(bad.resolve().is_err());
+    }
+}

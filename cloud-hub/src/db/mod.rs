@@ -1,0 +1,205 @@
+//! The hub's database: PostgreSQL in production, a SQLite file as the embedded default,
+//! both through sqlx's Any driver with runtime queries, so one set of queries serves
+//! both. The schema lives in `migrations/<database>/` and is applied at start.
+//!
+//! Why Any and runtime queries: the compile-time query macros are per driver and need a
+//! database at build time; the schema keeps to types both databases share (64-bit
+//! integers, doubles, text, bytes), with times as Unix milliseconds and UUIDs as text.
+
+pub mod api;
+pub mod ingest;
+pub mod verdicts;
+
+use anyhow::{Context, Result};
+use sqlx::any::AnyPoolOptions;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::AnyPool;
+use sqlx::{AssertSqlSafe, Executor, SqlSafeStr};
+use std::borrow::Cow;
+use std::time::Duration;
+
+/// Which database the URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite.
+    Sqlite,
+}
+
+impl DbKind {
+    /// The kind of a `postgres://` or `sqlite:` URL.
+    pub fn of(url: &str) -> Result<DbKind> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DbKind::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(DbKind::Sqlite)
+        } else {
+            anyhow::bail!("database URL {url:?}: use postgres://USER@HOST/DB or sqlite://PATH")
+        }
+    }
+}
+
+const POSTGRES: &[(i64, &str, &str)] = &[(
+    1,
+    "hub",
+    include_str!("../../../migrations/postgres/0001_hub.sql"),
+)];
+const SQLITE: &[(i64, &str, &str)] = &[(
+    1,
+    "hub",
+    include_str!("../../../migrations/sqlite/0001_hub.sql"),
+)];
+
+/// The embedded migrations of a database kind.
+fn migrator(kind: DbKind) -> Migrator {
+    let files = match kind {
+        DbKind::Postgres => POSTGRES,
+        DbKind::Sqlite => SQLITE,
+    };
+    Migrator::with_migrations(
+        files
+            .iter()
+            .map(|&(version, name, sql)| {
+                Migration::new(
+                    version,
+                    Cow::Borrowed(name),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// A connection pool with the schema applied.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+}
+
+impl Db {
+    /// Connects (creating a SQLite file and its folder if missing) and migrates.
+    pub async fn open(url: &str, max_connections: u32) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let kind = DbKind::of(url)?;
+        let mut url = url.to_string();
+        if kind == DbKind::Sqlite {
+            let path = url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:");
+            let path = path.split('?').next().unwrap_or_default();
+            if let Some(parent) = std::path::Path::new(path).parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent).with_context(|| {
+                        format!("cannot create the database folder {}", parent.display())
+                    })?;
+                }
+            }
+            if !url.contains('?') {
+                url.push_str("?mode=rwc");
+            }
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if kind == DbKind::Sqlite {
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot connect to the database {} (is it running, and does the database exist?)",
+                    redact(&url)
+                )
+            })?;
+        migrator(kind)
+            .run(&pool)
+            .await
+            .with_context(|| format!("cannot apply the migrations to {}", redact(&url)))?;
+        Ok(Db { pool })
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// `($1, $2, ...), (...)`: placeholders of `rows` rows of `cols` values.
+pub(crate) fn values_sql(rows: usize, cols: usize) -> String {
+    let mut s = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            s.push_str(", ");
+        }
+        s.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                s.push_str(", ");
+            }
+            s.push('$');
+            s.push_str(&(r * cols + c + 1).to_string());
+        }
+        s.push(')');
+    }
+    s
+}
+
+/// A runtime-built statement.
+pub(crate) fn sql(text: String) -> AssertSqlSafe<String> {
+    AssertSqlSafe(text)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_and_redaction() {
+        assert_eq!(values_sql(2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(DbKind::of("postgresql://h/d").unwrap(), DbKind::Postgres);
+        assert!(DbKind::of("mysql://h/d").is_err());
+        assert_eq!(migrator(DbKind::Sqlite).iter().count(), 1);
+    }
+}

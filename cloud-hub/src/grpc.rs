@@ -1,0 +1,349 @@
+//! The gRPC API (tonic; services in `proto/proto/hub.proto`): devices, the review queue
+//! with frames and maps, review labels, and model bundles.
+
+use crate::config::HubConfig;
+use crate::db::api::{DeviceRow, EscalationSummaryRow, ReviewRow};
+use crate::db::Db;
+use crate::models::EdgeBundles;
+use crate::objects::{npy_parse, Objects};
+use insp_proto::hub::devices_server::{Devices, DevicesServer};
+use insp_proto::hub::models_server::{Models, ModelsServer};
+use insp_proto::hub::reviews_server::{Reviews, ReviewsServer};
+use insp_proto::hub::*;
+use insp_proto::v1::{AnomalyMap as WireMap, Band, DeviceMetrics};
+use insp_proto::Message;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// Largest gRPC message (an escalation with its frame and maps).
+pub const MAX_MESSAGE: usize = 64 << 20;
+/// Bytes per model chunk.
+const CHUNK: usize = 1 << 20;
+
+fn internal(e: anyhow::Error) -> Status {
+    tracing::error!("gRPC: {e:#}");
+    Status::internal(format!("{e:#}"))
+}
+
+/// The services' shared state.
+#[derive(Clone)]
+pub struct Api {
+    db: Db,
+    objects: Objects,
+    edge: Arc<EdgeBundles>,
+    cloud_bundle: Option<PathBuf>,
+}
+
+/// Serves the API on `listener` until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    db: Db,
+    objects: Objects,
+    edge: Arc<EdgeBundles>,
+    config: HubConfig,
+) {
+    let api = Api {
+        db,
+        objects,
+        edge,
+        cloud_bundle: config.models.cloud_bundle.clone(),
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(DevicesServer::new(api.clone()))
+        .add_service(ReviewsServer::new(api.clone()).max_encoding_message_size(MAX_MESSAGE))
+        .add_service(ModelsServer::new(api))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .await;
+    if let Err(e) = result {
+        tracing::error!("gRPC server stopped: {e}");
+    }
+}
+
+fn device_msg(d: DeviceRow) -> Device {
+    Device {
+        site: d.site,
+        device: d.device,
+        status: d.status,
+        model_version: d.model_version,
+        agent_version: d.agent_version,
+        first_seen_unix_ms: d.first_seen_unix_ms,
+        last_seen_unix_ms: d.last_seen_unix_ms,
+        frames: d.frames.max(0) as u64,
+        escalations: d.escalations.max(0) as u64,
+        metrics: d
+            .metrics
+            .and_then(|b| DeviceMetrics::decode(b.as_slice()).ok()),
+    }
+}
+
+fn summary_msg(e: &EscalationSummaryRow) -> EscalationSummary {
+    EscalationSummary {
+        frame_id: e.frame_id.clone(),
+        site: e.site.clone(),
+        device: e.device.clone(),
+        source: e.source.clone(),
+        captured_unix_ms: e.captured_unix_ms,
+        edge_score: e.edge_score,
+        model_version: e.model_version.clone(),
+        state: e.state.clone(),
+        verdict: e.verdict.as_ref().map(|v| VerdictRecord {
+            band: if v.band == "NG" { Band::Ng } else { Band::Ok } as i32,
+            fused: v.fused,
+            cloud_score: v.cloud_score,
+            edge_score_reported: v.edge_score_reported,
+            edge_score_reproduced: v.edge_score_reproduced,
+            edge_reproduced_exactly: v.edge_exact,
+            model_versions: v.model_versions.clone(),
+            decided_unix_ms: v.decided_unix_ms,
+        }),
+        reviews: e.reviews.max(0) as u32,
+    }
+}
+
+fn review_msg(r: ReviewRow) -> Review {
+    Review {
+        id: r.id,
+        frame_id: r.frame_id,
+        label: r.label,
+        operator: r.operator,
+        note: r.note,
+        created_unix_ms: r.created_unix_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl Devices for Api {
+    async fn list_devices(
+        &self,
+        _: Request<ListDevicesRequest>,
+    ) -> Result<Response<ListDevicesResponse>, Status> {
+        let devices = self.db.devices().await.map_err(internal)?;
+        Ok(Response::new(ListDevicesResponse {
+            devices: devices.into_iter().map(device_msg).collect(),
+        }))
+    }
+
+    async fn get_device(&self, r: Request<GetDeviceRequest>) -> Result<Response<Device>, Status> {
+        let name = r.into_inner().device;
+        match self.db.device(&name).await.map_err(internal)? {
+            Some(d) => Ok(Response::new(device_msg(d))),
+            None => Err(Status::not_found(format!("no device {name:?}"))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Reviews for Api {
+    async fn list_pending(
+        &self,
+        r: Request<ListPendingRequest>,
+    ) -> Result<Response<ListPendingResponse>, Status> {
+        let r = r.into_inner();
+        let limit = if r.limit == 0 {
+            100
+        } else {
+            r.limit.min(10_000)
+        } as i64;
+        let device = (!r.device.is_empty()).then_some(r.device.as_str());
+        let rows = self
+            .db
+            .pending_reviews(device, limit)
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(ListPendingResponse {
+            escalations: rows.iter().map(summary_msg).collect(),
+        }))
+    }
+
+    async fn get_escalation(
+        &self,
+        r: Request<GetEscalationRequest>,
+    ) -> Result<Response<EscalationDetail>, Status> {
+        let r = r.into_inner();
+        let Some(e) = self
+            .db
+            .escalation_summary(&r.frame_id)
+            .await
+            .map_err(internal)?
+        else {
+            return Err(Status::not_found(format!("no escalation {:?}", r.frame_id)));
+        };
+        let inferences = self.db.inferences(&e.frame_id).await.map_err(internal)?;
+        let reviews = self.db.reviews(&e.frame_id).await.map_err(internal)?;
+        let mut detail = EscalationDetail {
+            summary: Some(summary_msg(&e)),
+            frame_format: e.frame_format.clone(),
+            error: e.error.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        if !r.without_images {
+            detail.frame = self.objects.get(&e.frame_key).await.map_err(internal)?;
+            let keys = e
+                .edge_map_key
+                .iter()
+                .map(|k| ("edge".to_string(), k.clone()))
+                .chain(
+                    inferences
+                        .iter()
+                        .filter_map(|i| i.map_key.clone().map(|k| (i.model.clone(), k))),
+                );
+            for (model, key) in keys {
+                match self.objects.get(&key).await.and_then(|b| npy_parse(&b)) {
+                    Ok(m) => detail.maps.push(MapData {
+                        model,
+                        map: Some(WireMap {
+                            height: m.height as u32,
+                            width: m.width as u32,
+                            data: m.data,
+                        }),
+                    }),
+                    Err(err) => tracing::warn!("map {key}: {err:#}"),
+                }
+            }
+        }
+        detail.inferences = inferences
+            .into_iter()
+            .map(|i| Inference {
+                model: i.model,
+                model_version: i.model_version,
+                score: i.score,
+                ok_below: i.ok_below,
+                ng_above: i.ng_above,
+                latency_ms: i.latency_ms,
+                map_key: i.map_key.unwrap_or_default(),
+            })
+            .collect();
+        detail.reviews = reviews.into_iter().map(review_msg).collect();
+        Ok(Response::new(detail))
+    }
+
+    async fn submit_review(
+        &self,
+        r: Request<SubmitReviewRequest>,
+    ) -> Result<Response<Review>, Status> {
+        let r = r.into_inner();
+        if r.label != "good" && r.label != "defect" {
+            return Err(Status::invalid_argument(format!(
+                "label {:?}: use \"good\" or \"defect\"",
+                r.label
+            )));
+        }
+        if self
+            .db
+            .escalation_summary(&r.frame_id)
+            .await
+            .map_err(internal)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!("no escalation {:?}", r.frame_id)));
+        }
+        let operator = if r.operator.is_empty() {
+            "unknown"
+        } else {
+            &r.operator
+        };
+        let review = self
+            .db
+            .add_review(&r.frame_id, &r.label, operator, &r.note)
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(review_msg(review)))
+    }
+}
+
+type ChunkStream = Pin<Box<dyn futures::Stream<Item = Result<ModelChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Models for Api {
+    async fn list_models(
+        &self,
+        _: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        let edge = self.edge.clone();
+        let found = tokio::task::spawn_blocking(move || edge.scan())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        for (m, dir) in &found {
+            self.db
+                .upsert_model(&crate::models::model_row(m, dir, "edge"))
+                .await
+                .map_err(internal)?;
+        }
+        let models = self.db.models().await.map_err(internal)?;
+        Ok(Response::new(ListModelsResponse {
+            models: models
+                .into_iter()
+                .map(|(m, devices)| ModelInfo {
+                    version: m.version,
+                    role: m.role,
+                    kind: m.kind,
+                    backbone: m.backbone,
+                    input_height: m.input_height as u32,
+                    input_width: m.input_width as u32,
+                    bank_rows: m.bank_rows as u64,
+                    ok_below: m.ok_below.unwrap_or(f64::NAN) as f32,
+                    ng_above: m.ng_above.unwrap_or(f64::NAN) as f32,
+                    created_unix: m.created_unix,
+                    size_bytes: m.size_bytes as u64,
+                    devices: devices as u32,
+                    parent_version: m.parent_version.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    type FetchModelStream = ChunkStream;
+
+    async fn fetch_model(
+        &self,
+        r: Request<FetchModelRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let version = r.into_inner().version;
+        let cloud = self
+            .cloud_bundle
+            .clone()
+            .filter(|p| crate::models::read_manifest(p).is_ok_and(|m| m.version == version));
+        let Some(dir) = cloud.or_else(|| self.edge.path(&version)) else {
+            return Err(Status::not_found(format!(
+                "no bundle of version {version:?}"
+            )));
+        };
+        let manifest = crate::models::read_manifest(&dir).map_err(internal)?;
+        let mut files = vec![insp_core::bundle::MANIFEST.to_string()];
+        files.extend(manifest.files.keys().cloned());
+        let stream = futures::stream::unfold(
+            (dir, files.into_iter(), None::<(String, Vec<u8>, usize)>),
+            |(dir, mut files, mut current)| async move {
+                loop {
+                    if let Some((name, bytes, offset)) = current.as_mut() {
+                        if *offset < bytes.len() || (bytes.is_empty() && *offset == 0) {
+                            let end = (*offset + CHUNK).min(bytes.len());
+                            let chunk = ModelChunk {
+                                file: name.clone(),
+                                offset: *offset as u64,
+                                file_size: bytes.len() as u64,
+                                data: bytes[*offset..end].to_vec(),
+                            };
+                            *offset = end.max(1);
+                            return Some((Ok(chunk), (dir, files, current)));
+                        }
+                    }
+                    let name = files.next()?;
+                    match tokio::fs::read(dir.join(&name)).await {
+                        Ok(bytes) => current = Some((name, bytes, 0)),
+                        Err(e) => {
+                            let status = Status::internal(format!(
+                                "cannot read {}: {e}",
+                                dir.join(&name).display()
+                            ));
+                            return Some((Err(status), (dir, Vec::new().into_iter(), None)));
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

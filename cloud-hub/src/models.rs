@@ -1,0 +1,226 @@
+//! Model bundles at the hub: the edge bundles that escalations name by version (found in
+//! the models folder, verified and loaded on first use, a few kept in memory), and the
+//! cloud's re-scoring models behind the [`CloudModel`] trait, so that heavier model
+//! families plug in beside PatchCore without touching the scoring pipeline.
+
+use crate::db::api::ModelRow;
+use anyhow::{Context, Result};
+use image::DynamicImage;
+use insp_core::anomaly_map::AnomalyMap;
+use insp_core::bundle::{Manifest, MANIFEST};
+use insp_core::patchcore::{PatchCore, Timings};
+use insp_core::routing::Thresholds;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Edge models kept loaded at once.
+const LOADED: usize = 4;
+
+/// A cloud model's score of a frame.
+#[derive(Debug, Clone)]
+pub struct CloudScore {
+    /// Image score (higher is more anomalous).
+    pub score: f32,
+    /// Anomaly map over the frame.
+    pub map: AnomalyMap,
+}
+
+/// A model the hub re-scores escalated frames with.
+pub trait CloudModel: Send + Sync {
+    /// Name in inferences and metrics (e.g. `cloud-patchcore`).
+    fn name(&self) -> &str;
+    /// Bundle version.
+    fn version(&self) -> &str;
+    /// Calibrated OK / NG thresholds (fusion puts the score on this scale).
+    fn thresholds(&self) -> Thresholds;
+    /// Scores a decoded frame.
+    fn score(&self, image: &DynamicImage) -> Result<CloudScore>;
+}
+
+/// PatchCore as a cloud model (a heavier bundle than the edge's: a bigger backbone,
+/// higher resolution, a larger bank).
+pub struct PatchCoreCloud {
+    model: PatchCore,
+    thresholds: Thresholds,
+    name: String,
+}
+
+impl PatchCoreCloud {
+    /// Opens and verifies a bundle; it must carry calibrated thresholds.
+    pub fn open(dir: &Path, device: &candle_core::Device) -> Result<PatchCoreCloud> {
+        let model = PatchCore::open(dir, device).with_context(|| {
+            format!(
+                "cannot load the cloud bundle {} (make one with `edge-agent fit`)",
+                dir.display()
+            )
+        })?;
+        let thresholds = model.manifest().thresholds.with_context(|| {
+            format!(
+                "the cloud bundle {} has no calibrated thresholds; refit it",
+                dir.display()
+            )
+        })?;
+        Ok(PatchCoreCloud {
+            model,
+            thresholds,
+            name: "cloud-patchcore".into(),
+        })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        self.model.manifest()
+    }
+}
+
+impl CloudModel for PatchCoreCloud {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn version(&self) -> &str {
+        &self.model.manifest().version
+    }
+    fn thresholds(&self) -> Thresholds {
+        self.thresholds
+    }
+    fn score(&self, image: &DynamicImage) -> Result<CloudScore> {
+        let s = self.model.score_image(image, &mut Timings::default())?;
+        Ok(CloudScore {
+            score: s.score,
+            map: s.map,
+        })
+    }
+}
+
+/// The registry row of a bundle.
+pub fn model_row(manifest: &Manifest, dir: &Path, role: &str) -> ModelRow {
+    let size: u64 = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    ModelRow {
+        version: manifest.version.clone(),
+        role: role.to_string(),
+        kind: manifest.model.kind.clone(),
+        backbone: manifest.backbone.variant.clone(),
+        path: dir.display().to_string(),
+        input_height: manifest.preprocessing.height as i64,
+        input_width: manifest.preprocessing.width as i64,
+        bank_rows: manifest.model.bank_rows as i64,
+        ok_below: manifest.thresholds.map(|t| t.ok_below as f64),
+        ng_above: manifest.thresholds.map(|t| t.ng_above as f64),
+        parent_version: manifest.parent_version.clone(),
+        size_bytes: size as i64,
+        created_unix: manifest.created_unix as i64,
+    }
+}
+
+/// Reads a bundle's manifest (without verifying its files).
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("{} is not a manifest", path.display()))
+}
+
+/// Edge bundles by version.
+pub struct EdgeBundles {
+    dir: PathBuf,
+    exact_search: bool,
+    probes: Option<usize>,
+    device: candle_core::Device,
+    index: Mutex<HashMap<String, PathBuf>>,
+    loaded: Mutex<Vec<(String, Arc<PatchCore>)>>,
+}
+
+impl EdgeBundles {
+    /// A registry of the bundles under `dir`, loaded with the edges' search settings.
+    pub fn new(
+        dir: &Path,
+        exact_search: bool,
+        probes: Option<usize>,
+        device: candle_core::Device,
+    ) -> EdgeBundles {
+        EdgeBundles {
+            dir: dir.to_path_buf(),
+            exact_search,
+            probes,
+            device,
+            index: Mutex::new(HashMap::new()),
+            loaded: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Re-reads the folder: every sub-folder (and the folder itself) with a manifest.
+    pub fn scan(&self) -> Vec<(Manifest, PathBuf)> {
+        let mut found = Vec::new();
+        let mut candidates = vec![self.dir.clone()];
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            candidates.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+        for dir in candidates {
+            if !dir.join(MANIFEST).is_file() {
+                continue;
+            }
+            match read_manifest(&dir) {
+                Ok(m) => found.push((m, dir)),
+                Err(e) => tracing::warn!("skipping bundle: {e:#}"),
+            }
+        }
+        if let Ok(mut index) = self.index.lock() {
+            for (m, dir) in &found {
+                index.insert(m.version.clone(), dir.clone());
+            }
+        }
+        found
+    }
+
+    /// Where the bundle of `version` is, scanning again on a miss.
+    pub fn path(&self, version: &str) -> Option<PathBuf> {
+        let hit = self.index.lock().ok()?.get(version).cloned();
+        hit.or_else(|| {
+            self.scan();
+            self.index.lock().ok()?.get(version).cloned()
+        })
+    }
+
+    /// The loaded model of `version`, verifying and loading it on first use.
+    pub fn model(&self, version: &str) -> Result<Arc<PatchCore>> {
+        if let Ok(loaded) = self.loaded.lock() {
+            if let Some((_, m)) = loaded.iter().find(|(v, _)| v == version) {
+                return Ok(m.clone());
+            }
+        }
+        let dir = self.path(version).with_context(|| {
+            format!(
+                "no bundle of version {version:?} in {}: copy the edge's bundle folder there",
+                self.dir.display()
+            )
+        })?;
+        let mut model = PatchCore::open(&dir, &self.device)
+            .with_context(|| format!("cannot load the edge bundle {}", dir.display()))?;
+        anyhow::ensure!(
+            model.manifest().version == version,
+            "bundle {} changed version while loading",
+            dir.display()
+        );
+        model.set_exact_search(self.exact_search);
+        if let Some(p) = self.probes {
+            model.set_probes(p);
+        }
+        let model = Arc::new(model);
+        if let Ok(mut loaded) = self.loaded.lock() {
+            if loaded.len() >= LOADED {
+                loaded.remove(0);
+            }
+            loaded.push((version.to_string(), model.clone()));
+        }
+        Ok(model)
+    }
+}

@@ -1,0 +1,334 @@
+//! Escalation scoring, off the async runtime: worker threads take stored escalations,
+//! reproduce the edge score with the device's bundle (the same decode and PatchCore code
+//! the edge runs, so the score is bit-identical on the CPU), re-score the frame with the
+//! cloud models, fuse the scores into a verdict, store maps, inferences and verdict, and
+//! publish the verdict to the device.
+//!
+//! Ingest never waits for scoring: an escalation is committed as `pending` before it is
+//! acknowledged to the broker, then offered to the workers; when their queue is full the
+//! row simply waits, and a sweeper re-offers pending rows (also after a restart).
+
+use crate::config::FusionConfig;
+use crate::db::verdicts::{InferenceRow, PendingEscalation, VerdictRow};
+use crate::db::{unix_ms, Db};
+use crate::fusion::{self, Vote};
+use crate::models::{CloudModel, EdgeBundles};
+use crate::objects::{self, Objects};
+use crate::telemetry::Telemetry;
+use anyhow::{Context, Result};
+use insp_core::anomaly_map::AnomalyMap;
+use insp_core::patchcore::Timings;
+use insp_proto::v1::{Band, Verdict};
+use insp_proto::{Message, TopicKind};
+use rumqttc::{AsyncClient, QoS};
+use std::collections::HashSet;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Name of the reproduced edge score among a frame's inferences.
+pub const EDGE_MODEL: &str = "edge-reproduced";
+
+/// How old a pending escalation must be before the periodic sweep re-offers it (a
+/// younger one is probably still queued here or at another hub).
+const STALE_MS: i64 = 60_000;
+
+/// What the workers need.
+pub struct ScoringContext {
+    /// Database.
+    pub db: Db,
+    /// Object store.
+    pub objects: Objects,
+    /// Edge bundles.
+    pub edge: Arc<EdgeBundles>,
+    /// Cloud models.
+    pub cloud: Vec<Arc<dyn CloudModel>>,
+    /// Fusion rule.
+    pub fusion: FusionConfig,
+    /// Metrics.
+    pub telemetry: Arc<Telemetry>,
+    /// MQTT client for verdicts.
+    pub mqtt: AsyncClient,
+    /// The async runtime (for storage and publishing from worker threads).
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// One escalation to score; `image` saves reading the frame back when ingest has it.
+pub struct Job {
+    /// The stored escalation.
+    pub escalation: PendingEscalation,
+    /// The frame bytes, if at hand.
+    pub image: Option<Vec<u8>>,
+}
+
+/// The workers' queue.
+#[derive(Clone)]
+pub struct Scoring {
+    tx: SyncSender<Job>,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Scoring {
+    /// Starts `workers` threads with a queue of `queue` jobs.
+    pub fn start(ctx: Arc<ScoringContext>, workers: usize, queue: usize) -> Result<Scoring> {
+        let (tx, rx) = sync_channel::<Job>(queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let in_flight = Arc::new(Mutex::new(HashSet::new()));
+        for i in 0..workers.max(1) {
+            let (ctx, rx, in_flight) = (ctx.clone(), rx.clone(), in_flight.clone());
+            std::thread::Builder::new()
+                .name(format!("scoring-{i}"))
+                .spawn(move || work(ctx, rx, in_flight))
+                .context("cannot start a scoring thread")?;
+        }
+        Ok(Scoring {
+            tx,
+            in_flight,
+            telemetry: ctx.telemetry.clone(),
+        })
+    }
+
+    /// Offers a job; false if it is already queued or the queue is full (the row stays
+    /// pending and the sweeper offers it again).
+    pub fn submit(&self, job: Job) -> bool {
+        let id = job.escalation.frame_id.clone();
+        {
+            let Ok(mut f) = self.in_flight.lock() else {
+                return false;
+            };
+            if !f.insert(id.clone()) {
+                return false;
+            }
+            self.telemetry.set_scoring_queue(f.len());
+        }
+        match self.tx.try_send(job) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                if let Ok(mut f) = self.in_flight.lock() {
+                    f.remove(&id);
+                }
+                false
+            }
+        }
+    }
+
+    /// Offers pending escalations: all of them at start (`all`), else only stale ones.
+    pub async fn sweep(&self, db: &Db, all: bool) -> Result<usize> {
+        let now = unix_ms();
+        let mut offered = 0;
+        for e in db.pending_escalations(1000).await? {
+            if !all && now - e.received_unix_ms < STALE_MS {
+                continue;
+            }
+            if self.submit(Job {
+                escalation: e,
+                image: None,
+            }) {
+                offered += 1;
+            }
+        }
+        Ok(offered)
+    }
+
+    /// Runs the periodic sweep until the process ends.
+    pub async fn sweep_forever(self, db: Db) {
+        match self.sweep(&db, true).await {
+            Ok(n) if n > 0 => tracing::info!("re-offered {n} pending escalations"),
+            Ok(_) => {}
+            Err(e) => tracing::error!("cannot read pending escalations: {e:#}"),
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.sweep(&db, false).await {
+                tracing::warn!("pending sweep failed: {e:#}");
+            }
+        }
+    }
+}
+
+fn work(
+    ctx: Arc<ScoringContext>,
+    rx: Arc<Mutex<Receiver<Job>>>,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+) {
+    loop {
+        let job = {
+            let Ok(rx) = rx.lock() else { return };
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        let id = job.escalation.frame_id.clone();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score(&ctx, job)));
+        let error = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some("scoring panicked".to_string()),
+        };
+        if let Some(error) = error {
+            tracing::error!("escalation {id}: {error}");
+            ctx.telemetry.escalation_failed();
+            if let Err(e) = ctx.runtime.block_on(ctx.db.mark_failed(&id, &error)) {
+                tracing::error!("escalation {id}: cannot record the failure: {e:#}");
+            }
+        }
+        if let Ok(mut f) = in_flight.lock() {
+            f.remove(&id);
+            ctx.telemetry.set_scoring_queue(f.len());
+        }
+    }
+}
+
+/// Scores one escalation end to end.
+fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
+    let e = &job.escalation;
+    let bytes = match job.image {
+        Some(b) => b,
+        None => ctx.runtime.block_on(ctx.objects.get(&e.frame_key))?,
+    };
+    let origin = format!("frame {} ({})", e.frame_id, e.source);
+    let image = insp_core::image::decode(&bytes, &origin)?;
+    let mut inferences = Vec::new();
+    let mut votes = Vec::new();
+    let mut maps: Vec<(String, AnomalyMap)> = Vec::new();
+
+    // The edge score, reproduced exactly as the edge computed it.
+    let mut reproduced = f32::NAN;
+    match ctx.edge.model(&e.model_version) {
+        Ok(model) => {
+            let t0 = Instant::now();
+            let s = model.score_image(&image, &mut Timings::default())?;
+            let seconds = t0.elapsed().as_secs_f64();
+            ctx.telemetry.model_latency(EDGE_MODEL, seconds);
+            reproduced = s.score;
+            let t = model.manifest().thresholds;
+            if let Some(t) = t {
+                votes.push(Vote {
+                    score: s.score,
+                    thresholds: t,
+                    weight: ctx.fusion.edge_weight,
+                });
+            }
+            inferences.push(InferenceRow {
+                model: EDGE_MODEL.into(),
+                model_version: e.model_version.clone(),
+                score: s.score,
+                ok_below: t.map_or(-1.0, |t| t.ok_below),
+                ng_above: t.map_or(-1.0, |t| t.ng_above),
+                map_key: Some(objects::map_key(&e.frame_id, EDGE_MODEL)),
+                latency_ms: (seconds * 1e3) as f32,
+            });
+            maps.push((EDGE_MODEL.into(), s.map));
+        }
+        Err(err) => tracing::warn!(
+            "escalation {}: edge score not reproduced: {err:#}",
+            e.frame_id
+        ),
+    }
+
+    let mut cloud_score = f32::NAN;
+    for m in &ctx.cloud {
+        let t0 = Instant::now();
+        let s = m.score(&image)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        ctx.telemetry.model_latency(m.name(), seconds);
+        if cloud_score.is_nan() {
+            cloud_score = s.score;
+        }
+        let t = m.thresholds();
+        votes.push(Vote {
+            score: s.score,
+            thresholds: t,
+            weight: ctx.fusion.cloud_weight,
+        });
+        inferences.push(InferenceRow {
+            model: m.name().to_string(),
+            model_version: m.version().to_string(),
+            score: s.score,
+            ok_below: t.ok_below,
+            ng_above: t.ng_above,
+            map_key: Some(objects::map_key(&e.frame_id, m.name())),
+            latency_ms: (seconds * 1e3) as f32,
+        });
+        maps.push((m.name().to_string(), s.map));
+    }
+
+    let fused = fusion::fuse(&votes, &ctx.fusion).with_context(|| {
+        format!(
+            "no model could score it (edge bundle {:?} missing or without thresholds, and no cloud model configured)",
+            e.model_version
+        )
+    })?;
+    let mut versions = vec![e.model_version.clone()];
+    versions.extend(ctx.cloud.iter().map(|m| m.version().to_string()));
+    let verdict = VerdictRow {
+        frame_id: e.frame_id.clone(),
+        site: e.site.clone(),
+        device: e.device.clone(),
+        band: if fused.ng { "NG" } else { "OK" }.into(),
+        fused: fused.score,
+        cloud_score,
+        edge_score_reported: e.edge_score,
+        edge_score_reproduced: reproduced,
+        edge_exact: reproduced.to_bits() == e.edge_score.to_bits(),
+        model_versions: versions.join("+"),
+        rule: fusion::describe(&ctx.fusion),
+        received_unix_ms: e.received_unix_ms,
+        decided_unix_ms: unix_ms(),
+    };
+    let stored = ctx.runtime.block_on(async {
+        for (model, map) in &maps {
+            ctx.objects
+                .put(
+                    &objects::map_key(&e.frame_id, model),
+                    objects::npy_bytes(map),
+                )
+                .await?;
+        }
+        ctx.db.save_decision(&inferences, &verdict).await
+    })?;
+    ctx.telemetry.escalation_scored(
+        (stored.decided_unix_ms - stored.received_unix_ms) as f64 / 1e3,
+        stored.edge_exact,
+    );
+    if !stored.edge_exact {
+        tracing::warn!(
+            "escalation {}: reproduced edge score {} differs from the reported {} (same bundle {}?)",
+            e.frame_id,
+            stored.edge_score_reproduced,
+            stored.edge_score_reported,
+            e.model_version
+        );
+    }
+    ctx.runtime.block_on(publish_verdict(&ctx.mqtt, &stored))
+}
+
+/// The MQTT topic and payload of a verdict.
+pub fn verdict_message(v: &VerdictRow) -> Result<(String, Vec<u8>)> {
+    let topic =
+        insp_proto::topic(&v.site, &v.device, TopicKind::Verdict).map_err(anyhow::Error::msg)?;
+    let band = if v.band == "NG" { Band::Ng } else { Band::Ok };
+    let payload = Verdict {
+        frame_id: v.frame_id.clone(),
+        device: v.device.clone(),
+        band: band as i32,
+        cloud_score: v.cloud_score,
+        edge_score_reproduced: v.edge_score_reproduced,
+        model_versions: v.model_versions.clone(),
+        decided_unix_ms: v.decided_unix_ms,
+    }
+    .encode_to_vec();
+    Ok((topic, payload))
+}
+
+/// Publishes a verdict to its device (QoS 1).
+pub async fn publish_verdict(client: &AsyncClient, v: &VerdictRow) -> Result<()> {
+    let (topic, payload) = verdict_message(v)?;
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+        .context("cannot queue the verdict for publishing")
+}

@@ -1,0 +1,193 @@
+//! `cloud-hub serve`: wires the parts together (broker, database, object store, model
+//! bundles, scoring workers, MQTT ingest, HTTP and gRPC listeners) and runs until
+//! interrupted. [`start`] is also what the load benchmark and the tests run in-process.
+
+use crate::config::{HubConfig, ServeOverrides};
+use crate::db::Db;
+use crate::ingest::{mqtt_options, Ingest};
+use crate::models::{model_row, CloudModel, EdgeBundles, PatchCoreCloud};
+use crate::objects::Objects;
+use crate::scoring::{Scoring, ScoringContext};
+use crate::telemetry::Telemetry;
+use anyhow::{Context, Result};
+use rumqttc::AsyncClient;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A running hub.
+pub struct Hub {
+    /// Its database.
+    pub db: Db,
+    /// Its metrics.
+    pub telemetry: Arc<Telemetry>,
+    /// The configuration in effect.
+    pub config: HubConfig,
+    shutdown: watch::Sender<bool>,
+    ingest: JoinHandle<()>,
+}
+
+impl Hub {
+    /// Stops ingest (unacknowledged messages stay with the broker) and waits for it.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.ingest.await;
+    }
+}
+
+/// Starts every part of the hub.
+pub async fn start(config: HubConfig) -> Result<Hub> {
+    config.validate()?;
+    let data_dir = config.data_dir();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data folder {}", data_dir.display()))?;
+    if config.embedded_broker() {
+        let b = config.embedded_broker.clone();
+        tokio::task::spawn_blocking(move || crate::broker::start(&b)).await??;
+    }
+    let db = Db::open(&config.database_url(), config.database.max_connections).await?;
+    tracing::info!("database: {}", crate::db::redact(&config.database_url()));
+    let objects = Objects::open(config.storage.url.as_deref(), &data_dir)?;
+    tracing::info!("objects: {}", objects.describe);
+    let telemetry = Arc::new(Telemetry::new());
+
+    let device = candle_core::Device::Cpu;
+    let models_dir = config.models_dir();
+    std::fs::create_dir_all(&models_dir)
+        .with_context(|| format!("cannot create the models folder {}", models_dir.display()))?;
+    let edge = Arc::new(EdgeBundles::new(
+        &models_dir,
+        config.models.edge_exact_search,
+        config.models.edge_probes,
+        device.clone(),
+    ));
+    let found = {
+        let edge = edge.clone();
+        tokio::task::spawn_blocking(move || edge.scan()).await?
+    };
+    for (manifest, dir) in &found {
+        db.upsert_model(&model_row(manifest, dir, "edge")).await?;
+    }
+    tracing::info!("{} edge bundles in {}", found.len(), models_dir.display());
+    let mut cloud: Vec<Arc<dyn CloudModel>> = Vec::new();
+    if let Some(path) = config.models.cloud_bundle.clone() {
+        let d = device.clone();
+        let p = path.clone();
+        let model = tokio::task::spawn_blocking(move || PatchCoreCloud::open(&p, &d)).await??;
+        db.upsert_model(&model_row(model.manifest(), &path, "cloud"))
+            .await?;
+        tracing::info!("cloud model {} from {}", model.version(), path.display());
+        cloud.push(Arc::new(model));
+    } else {
+        tracing::warn!("no cloud model configured (models.cloud_bundle): verdicts use the reproduced edge score alone");
+    }
+
+    let (client, eventloop) = AsyncClient::new(mqtt_options(&config), 4096);
+    let scoring = Scoring::start(
+        Arc::new(ScoringContext {
+            db: db.clone(),
+            objects: objects.clone(),
+            edge: edge.clone(),
+            cloud,
+            fusion: config.fusion.clone(),
+            telemetry: telemetry.clone(),
+            mqtt: client.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }),
+        config.scoring.workers,
+        config.scoring.queue,
+    )?;
+    tokio::spawn(scoring.clone().sweep_forever(db.clone()));
+
+    let http = tokio::net::TcpListener::bind(config.api.http_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (api.http_listen)",
+                config.api.http_listen
+            )
+        })?;
+    let router = crate::http::router(db.clone(), telemetry.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http, router).await {
+            tracing::error!("HTTP server stopped: {e}");
+        }
+    });
+    let grpc = tokio::net::TcpListener::bind(config.api.grpc_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (api.grpc_listen)",
+                config.api.grpc_listen
+            )
+        })?;
+    tokio::spawn(crate::grpc::serve(
+        grpc,
+        db.clone(),
+        objects.clone(),
+        edge.clone(),
+        config.clone(),
+    ));
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let ingest = Ingest {
+        db: db.clone(),
+        objects,
+        scoring,
+        telemetry: telemetry.clone(),
+        client,
+        max_payload: config.ingest.max_payload_bytes,
+        max_batch: config.ingest.max_batch,
+        keep_bytes: config.ingest.dead_letter_keep_bytes,
+        group: config.mqtt.group.clone(),
+        site: config.mqtt.site.clone(),
+    };
+    let ingest = tokio::spawn(ingest.run(eventloop, shutdown_rx));
+    let (host, port) = config.broker_address();
+    tracing::info!(
+        "hub up: MQTT {host}:{port} ({}), gRPC {}, HTTP {}",
+        if config.embedded_broker() {
+            "embedded"
+        } else {
+            "external"
+        },
+        config.api.grpc_listen,
+        config.api.http_listen
+    );
+    Ok(Hub {
+        db,
+        telemetry,
+        config,
+        shutdown,
+        ingest,
+    })
+}
+
+/// Runs `serve` until Ctrl-C or SIGTERM.
+pub async fn run(args: ServeOverrides) -> Result<()> {
+    let config = args.resolve()?;
+    let hub = start(config).await?;
+    println!(
+        "cloud-hub serving (gRPC {}, HTTP {}); Ctrl-C stops",
+        hub.config.api.grpc_listen, hub.config.api.http_listen
+    );
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    hub.stop().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

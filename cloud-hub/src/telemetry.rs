@@ -1,0 +1,219 @@
+//! The hub's Prometheus metrics: ingest rate and lag, dead letters, escalation scoring,
+//! per-model latency, verdict latency, and the state readiness depends on.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+type Labels = Vec<(String, String)>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// Every metric of the hub, shared by its tasks.
+pub struct Telemetry {
+    registry: Registry,
+    messages: Family<Labels, Counter>,
+    frames_stored: Counter,
+    frame_duplicates: Counter,
+    dead_letters: Counter,
+    ingest_lag: Histogram,
+    batch_seconds: Histogram,
+    escalations_scored: Counter,
+    escalations_failed: Counter,
+    edge_mismatch: Counter,
+    model_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    verdict_latency: Histogram,
+    scoring_queue: Gauge,
+    mqtt_connected: Gauge,
+    connected: AtomicBool,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    /// Registers every metric.
+    pub fn new() -> Telemetry {
+        let mut registry = Registry::with_prefix("hub");
+        let t = Telemetry {
+            messages: Family::default(),
+            frames_stored: Counter::default(),
+            frame_duplicates: Counter::default(),
+            dead_letters: Counter::default(),
+            ingest_lag: latency_histogram(),
+            batch_seconds: latency_histogram(),
+            escalations_scored: Counter::default(),
+            escalations_failed: Counter::default(),
+            edge_mismatch: Counter::default(),
+            model_latency: Family::new_with_constructor(latency_histogram),
+            verdict_latency: latency_histogram(),
+            scoring_queue: Gauge::default(),
+            mqtt_connected: Gauge::default(),
+            connected: AtomicBool::new(false),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "messages",
+            "MQTT messages received, by topic kind",
+            t.messages.clone(),
+        );
+        registry.register(
+            "frames_stored",
+            "Frames stored for the first time",
+            t.frames_stored.clone(),
+        );
+        registry.register(
+            "frame_duplicates",
+            "Redelivered frames that changed nothing",
+            t.frame_duplicates.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Messages that could not be ingested",
+            t.dead_letters.clone(),
+        );
+        registry.register(
+            "ingest_lag_seconds",
+            "From the edge scoring a frame to its row being committed",
+            t.ingest_lag.clone(),
+        );
+        registry.register(
+            "ingest_batch_seconds",
+            "Time to store one batch",
+            t.batch_seconds.clone(),
+        );
+        registry.register(
+            "escalations_scored",
+            "Escalations given a verdict",
+            t.escalations_scored.clone(),
+        );
+        registry.register(
+            "escalations_failed",
+            "Escalations that could not be scored",
+            t.escalations_failed.clone(),
+        );
+        registry.register(
+            "edge_score_mismatches",
+            "Escalations whose reproduced edge score differs from the reported one",
+            t.edge_mismatch.clone(),
+        );
+        registry.register(
+            "model_latency_seconds",
+            "Scoring time per model",
+            t.model_latency.clone(),
+        );
+        registry.register(
+            "verdict_latency_seconds",
+            "From receiving an escalation to its verdict being stored",
+            t.verdict_latency.clone(),
+        );
+        registry.register(
+            "scoring_queue",
+            "Escalations waiting for a scoring worker",
+            t.scoring_queue.clone(),
+        );
+        registry.register(
+            "mqtt_connected",
+            "1 while connected to the broker",
+            t.mqtt_connected.clone(),
+        );
+        Telemetry { registry, ..t }
+    }
+
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// A message of `kind` arrived.
+    pub fn message(&self, kind: &str) {
+        self.messages
+            .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+            .inc();
+    }
+
+    /// A batch was stored.
+    pub fn batch_stored(&self, new: usize, duplicates: usize, dead: usize, seconds: f64) {
+        self.frames_stored.inc_by(new as u64);
+        self.frame_duplicates.inc_by(duplicates as u64);
+        self.dead_letters.inc_by(dead as u64);
+        self.batch_seconds.observe(seconds);
+    }
+
+    /// Lag of one stored frame.
+    pub fn ingest_lag(&self, seconds: f64) {
+        self.ingest_lag.observe(seconds.max(0.0));
+    }
+
+    /// A model scored a frame.
+    pub fn model_latency(&self, model: &str, seconds: f64) {
+        self.model_latency
+            .get_or_create(&vec![("model".to_string(), model.to_string())])
+            .observe(seconds);
+    }
+
+    /// An escalation got its verdict.
+    pub fn escalation_scored(&self, verdict_seconds: f64, edge_exact: bool) {
+        self.escalations_scored.inc();
+        self.verdict_latency.observe(verdict_seconds.max(0.0));
+        if !edge_exact {
+            self.edge_mismatch.inc();
+        }
+    }
+
+    /// An escalation could not be scored.
+    pub fn escalation_failed(&self) {
+        self.escalations_failed.inc();
+    }
+
+    /// Escalations waiting.
+    pub fn set_scoring_queue(&self, n: usize) {
+        self.scoring_queue.set(n as i64);
+    }
+
+    /// Broker connection state.
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        self.mqtt_connected.set(up as i64);
+    }
+
+    /// Whether the MQTT connection is up.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_what_was_counted() {
+        let t = Telemetry::new();
+        t.message("result");
+        t.batch_stored(3, 1, 2, 0.01);
+        t.model_latency("edge-reproduced", 0.05);
+        let text = t.render();
+        assert!(
+            text.contains("hub_messages_total{kind=\"result\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("hub_frames_stored_total 3"), "{text}");
+        assert!(text.contains("hub_dead_letters_total 2"), "{text}");
+        assert!(text.contains("model=\"edge-reproduced\""), "{text}");
+    }
+}

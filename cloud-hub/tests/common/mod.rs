@@ -1,0 +1,578 @@
+//! Shared by the hub's integration tests: a synthetic data set with a small edge bundle
+//! and a heavier cloud bundle (real pretrained weights), hub processes with their own
+//! ports and folders, simulated edge devices on real MQTT, and fresh PostgreSQL
+//! databases. Tests that need Mosquitto or PostgreSQL fail with a clear message when
+//! they are down; none is skipped.
+#![allow(dead_code)]
+
+use insp_core::patchcore::{FitConfig, PatchCore, Timings};
+use insp_proto::v1::{
+    device_state::Status, AnomalyMap as WireMap, Band, DeviceState, Escalation, FrameResult,
+    Verdict,
+};
+use insp_proto::{Message, TopicKind};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use sqlx::{Executor, Row};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Mosquitto on the development and CI machines.
+pub const MOSQUITTO: (&str, u16) = ("127.0.0.1", 1883);
+
+/// The PostgreSQL server's admin URL.
+pub fn postgres_admin() -> String {
+    std::env::var("HUB_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Data and bundles shared by all tests of a test binary.
+pub struct Fixture {
+    /// Root.
+    pub root: PathBuf,
+    /// Folder of edge bundles (holds `edge/`).
+    pub models: PathBuf,
+    /// The edge bundle.
+    pub edge: PathBuf,
+    /// The cloud bundle (Lite2, larger input, larger bank).
+    pub cloud: PathBuf,
+    /// Test images (good and defective).
+    pub images: Vec<PathBuf>,
+}
+
+/// Builds (once per test binary) the data set and both bundles.
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("hub-fixture-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let data = root.join("data");
+        insp_core::synthetic::generate(
+            &data,
+            &insp_core::synthetic::SynthConfig {
+                size: 128,
+                train: 24,
+                test_good: 4,
+                test_defect: 2,
+                seed: 3,
+            },
+        )
+        .expect("synthetic data");
+        let weights = insp_core::weights::default_dir();
+        let fit = |variant: &str, size: usize, bank: usize, out: &Path| {
+            let w = insp_core::weights::locate(&weights, variant).unwrap_or_else(|e| {
+                panic!("pretrained weights missing ({e}): run `edge-agent weights fetch` (scripts/test.sh does)")
+            });
+            let config = FitConfig {
+                backbone: variant.into(),
+                size,
+                bank_rows: bank,
+                ..Default::default()
+            };
+            insp_core::patchcore::fit(&data, &w, &config, out, &candle_core::Device::Cpu, &mut |_, _, _| {})
+                .expect("fit");
+        };
+        let models = root.join("models");
+        let edge = models.join("edge");
+        fit("lite0", 128, 1000, &edge);
+        let cloud = root.join("cloud");
+        fit("lite2", 160, 2000, &cloud);
+        let mut images = Vec::new();
+        for sub in ["test/good", "test/hole", "test/scratch", "test/stain"] {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(data.join(sub))
+                .expect("test images")
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            v.sort();
+            images.extend(v);
+        }
+        Fixture {
+            root,
+            models,
+            edge,
+            cloud,
+            images,
+        }
+    })
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Fails loudly unless Mosquitto answers.
+pub fn require_mosquitto() {
+    let addr = format!("{}:{}", MOSQUITTO.0, MOSQUITTO.1);
+    assert!(
+        TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)).is_ok(),
+        "Mosquitto is not listening on {addr}: start it (scripts/services.sh) — this test needs the real broker"
+    );
+}
+
+/// A fresh PostgreSQL database, dropped on drop.
+pub struct PgDatabase {
+    /// Its URL.
+    pub url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    /// Creates one (fails loudly if PostgreSQL is down).
+    pub async fn create() -> PgDatabase {
+        sqlx::any::install_default_drivers();
+        let admin = postgres_admin();
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {admin} ({e}): start it (scripts/services.sh) or set HUB_TEST_POSTGRES — this test needs the real database"));
+        let name = format!("hub_test_{}", uuid::Uuid::new_v4().simple());
+        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').unwrap().0;
+        PgDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (postgres_admin(), self.name.clone());
+        // A runtime of its own: drop may run inside or outside one.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut c) = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await
+                {
+                    let _ = c
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// Opens a pool on a database URL (for checks).
+pub async fn pool(url: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+/// `SELECT COUNT(*) FROM table`.
+pub async fn count(pool: &sqlx::AnyPool, table: &str) -> i64 {
+    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .get::<i64, _>(0)
+}
+
+/// A `cloud-hub serve` process, killed on drop.
+pub struct HubProcess {
+    child: Option<Child>,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+    /// HTTP port.
+    pub http: u16,
+    /// gRPC port.
+    pub grpc: u16,
+}
+
+/// What varies between hubs.
+pub struct HubSetup<'a> {
+    /// Folder for data, config, log.
+    pub dir: &'a Path,
+    /// External broker (None: embedded on `embedded_port`).
+    pub broker: Option<(&'a str, u16)>,
+    /// Embedded broker port.
+    pub embedded_port: u16,
+    /// Database URL (None: SQLite default).
+    pub database: Option<&'a str>,
+    /// MQTT client id.
+    pub client_id: &'a str,
+    /// Group.
+    pub group: &'a str,
+    /// The only site ingested (tests share one Mosquitto).
+    pub site: &'a str,
+}
+
+impl HubProcess {
+    /// Writes a config and starts the hub; waits until it is ready.
+    pub fn start(s: &HubSetup) -> HubProcess {
+        let f = fixture();
+        let (http, grpc) = (free_port(), free_port());
+        let mut toml = format!(
+            "data_dir = {:?}\n[models]\ndir = {:?}\ncloud_bundle = {:?}\n[api]\nhttp_listen = \"127.0.0.1:{http}\"\ngrpc_listen = \"127.0.0.1:{grpc}\"\n[mqtt]\nclient_id = {:?}\ngroup = {:?}\nsite = {:?}\n",
+            s.dir.join("data"),
+            f.models,
+            f.cloud,
+            s.client_id,
+            s.group,
+            s.site,
+        );
+        if let Some((host, port)) = s.broker {
+            toml.push_str(&format!("host = {host:?}\nport = {port}\n"));
+        } else {
+            toml.push_str(&format!(
+                "[embedded_broker]\nlisten = \"127.0.0.1:{}\"\n",
+                s.embedded_port
+            ));
+        }
+        if let Some(url) = s.database {
+            toml.push_str(&format!("[database]\nurl = {url:?}\n"));
+        }
+        std::fs::create_dir_all(s.dir).unwrap();
+        let config = s.dir.join(format!("{}.toml", s.client_id));
+        std::fs::write(&config, toml).unwrap();
+        let log = s.dir.join(format!("{}.log", s.client_id));
+        let mut hub = HubProcess {
+            child: None,
+            config,
+            log,
+            http,
+            grpc,
+        };
+        hub.spawn();
+        hub
+    }
+
+    /// (Re)starts the process with the same config and waits until ready.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("INSP_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cloud-hub starts");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("cloud-hub exited ({status}):\n{}", self.log_text());
+            }
+            if http_get(self.http, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "cloud-hub not ready within 60 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the process (SIGKILL: no clean shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A counter or gauge from `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, body) = http_get(self.http, "/metrics").expect("metrics answer");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// `http://127.0.0.1:<grpc>`.
+    pub fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc)
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: String = log
+                .chars()
+                .rev()
+                .take(6000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            eprintln!("--- hub log ({}) ---\n{tail}", self.log.display());
+        }
+    }
+}
+
+/// A tiny HTTP/1.0 GET: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
+    Some((code, body))
+}
+
+/// Runs `cloud-hub ARGS` and returns stdout (asserting success).
+pub fn cli(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "cloud-hub {args:?} failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// The edge's score and map of an image file, computed as the edge agent does.
+pub fn edge_score(image: &Path) -> (Vec<u8>, f32, WireMap, String) {
+    static MODEL: OnceLock<PatchCore> = OnceLock::new();
+    let model = MODEL.get_or_init(|| {
+        PatchCore::open(&fixture().edge, &candle_core::Device::Cpu).expect("edge bundle")
+    });
+    let bytes = std::fs::read(image).unwrap();
+    let decoded = insp_core::image::decode(&bytes, "edge").unwrap();
+    let s = model
+        .score_image(&decoded, &mut Timings::default())
+        .unwrap();
+    let map = WireMap {
+        height: s.map.height as u32,
+        width: s.map.width as u32,
+        data: s.map.data,
+    };
+    (bytes, s.score, map, model.manifest().version.clone())
+}
+
+/// A simulated edge device on a real MQTT connection.
+pub struct Device {
+    /// Site.
+    pub site: String,
+    /// Name.
+    pub name: String,
+    client: AsyncClient,
+    verdicts: tokio::sync::mpsc::UnboundedReceiver<Verdict>,
+    acks: tokio::sync::mpsc::UnboundedReceiver<u16>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    /// Connects and subscribes to its verdicts.
+    pub async fn connect(broker: (&str, u16), site: &str, name: &str) -> Device {
+        let mut o = MqttOptions::new(
+            format!("dev-{name}-{}", uuid::Uuid::new_v4().simple()),
+            broker.0,
+            broker.1,
+        );
+        o.set_clean_session(true)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(32 << 20, 32 << 20);
+        let (client, mut el) = AsyncClient::new(o, 1000);
+        let (vtx, verdicts) = tokio::sync::mpsc::unbounded_channel();
+        let (atx, acks) = tokio::sync::mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let topic = insp_proto::topic(site, name, TopicKind::Verdict).unwrap();
+        let sub = client.clone();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        sub.subscribe(topic.clone(), QoS::AtLeastOnce)
+                            .await
+                            .unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        let _ = atx.send(a.pkid);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = vtx.send(Verdict::decode(p.payload.as_ref()).unwrap());
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("device connects to the broker")
+            .unwrap();
+        Device {
+            site: site.into(),
+            name: name.into(),
+            client,
+            verdicts,
+            acks,
+            task,
+        }
+    }
+
+    fn topic(&self, kind: TopicKind) -> String {
+        insp_proto::topic(&self.site, &self.name, kind).unwrap()
+    }
+
+    /// A result of this device.
+    pub fn result(
+        &self,
+        frame_id: &str,
+        score: f32,
+        band: Band,
+        model_version: &str,
+    ) -> FrameResult {
+        let now = now_ms();
+        FrameResult {
+            site: self.site.clone(),
+            device: self.name.clone(),
+            frame_id: frame_id.into(),
+            source: format!("test/{frame_id}"),
+            captured_unix_ms: now,
+            scored_unix_ms: now,
+            score,
+            band: band as i32,
+            model_version: model_version.into(),
+            latency_ms: 12.5,
+        }
+    }
+
+    /// Publishes a result (QoS 1).
+    pub async fn publish_result(&self, r: &FrameResult) {
+        self.publish(TopicKind::Result, r.encode_to_vec()).await;
+    }
+
+    /// Publishes an escalation of `image` with the edge's real score; returns
+    /// (frame id, edge score).
+    pub async fn escalate(&self, image: &Path) -> (String, f32) {
+        let (bytes, score, map, version) = edge_score(image);
+        let id = uuid::Uuid::new_v4().to_string();
+        let e = Escalation {
+            result: Some(self.result(&id, score, Band::Uncertain, &version)),
+            frame: bytes,
+            frame_format: "png".into(),
+            edge_map: Some(map),
+        };
+        self.publish(TopicKind::Escalation, e.encode_to_vec()).await;
+        (id, score)
+    }
+
+    /// Publishes the retained ONLINE state.
+    pub async fn online(&self, model_version: &str) {
+        let s = DeviceState {
+            device: self.name.clone(),
+            status: Status::Online as i32,
+            model_version: model_version.into(),
+            since_unix_ms: now_ms(),
+            agent_version: "test".into(),
+        };
+        self.client
+            .publish(
+                self.topic(TopicKind::State),
+                QoS::AtLeastOnce,
+                true,
+                s.encode_to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Publishes raw bytes on a topic kind (QoS 1).
+    pub async fn publish(&self, kind: TopicKind, payload: Vec<u8>) {
+        self.client
+            .publish(self.topic(kind), QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    /// Waits until the broker has acknowledged `n` more publishes.
+    pub async fn wait_acks(&mut self, n: usize) {
+        for _ in 0..n {
+            tokio::time::timeout(Duration::from_secs(20), self.acks.recv())
+                .await
+                .expect("broker acknowledges")
+                .unwrap();
+        }
+    }
+
+    /// The next verdict, within `secs`.
+    pub async fn verdict(&mut self, secs: u64) -> Verdict {
+        tokio::time::timeout(Duration::from_secs(secs), self.verdicts.recv())
+            .await
+            .expect("a verdict arrives")
+            .unwrap()
+    }
+
+    /// Disconnects.
+    pub async fn close(self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+/// Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Polls `f` until it returns true or `secs` pass.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t0 = Instant::now();
+    while !f().await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

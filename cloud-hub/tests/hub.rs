@@ -1,0 +1,401 @@
+//! The hub end to end, as separate processes on real MQTT brokers and databases: the
+//! embedded defaults (rumqttd, SQLite, local folder), and Mosquitto on 127.0.0.1:1883
+//! with PostgreSQL on 127.0.0.1:5432 (each test its own database, dropped after).
+
+mod common;
+
+use common::*;
+use insp_proto::v1::Band;
+use insp_proto::TopicKind;
+use std::time::Duration;
+
+/// The flow every setup must pass: results, an escalation with its verdict carrying the
+/// bit-identical edge score, redeliveries changing nothing (but the verdict re-sent),
+/// garbage in dead letters, device state.
+async fn escalation_flow(broker: (&str, u16), db_url: &str, site: &str) {
+    let f = fixture();
+    let mut dev = Device::connect(broker, site, "cam-1").await;
+    let (_, _, _, version) = edge_score(&f.images[0]);
+    dev.online(&version).await;
+    let ids: Vec<String> = (0..20).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    for id in &ids {
+        dev.publish_result(&dev.result(id, 0.5, Band::Ok, &version))
+            .await;
+    }
+    // A defective image: escalated with the edge's real score and map.
+    let defect = f
+        .images
+        .iter()
+        .find(|p| p.to_string_lossy().contains("hole"))
+        .unwrap();
+    let (frame_id, edge) = dev.escalate(defect).await;
+    let v = dev.verdict(60).await;
+    assert_eq!(v.frame_id, frame_id);
+    assert_eq!(
+        v.edge_score_reproduced.to_bits(),
+        edge.to_bits(),
+        "reproduced edge score {} is not bit-identical to the edge's {}",
+        v.edge_score_reproduced,
+        edge
+    );
+    assert!(v.cloud_score.is_finite() && v.cloud_score > 0.0, "{v:?}");
+    assert!(matches!(v.band(), Band::Ok | Band::Ng), "{v:?}");
+    assert!(v.model_versions.starts_with(&version), "{v:?}");
+
+    let pool = pool(db_url).await;
+    eventually(20, "20 results and the escalated frame stored", || async {
+        count(&pool, "frames").await == 21
+    })
+    .await;
+    assert_eq!(count(&pool, "verdicts").await, 1);
+    assert_eq!(
+        count(&pool, "inferences").await,
+        2,
+        "edge-reproduced and cloud"
+    );
+    let exact: i64 = sqlx::query("SELECT edge_exact FROM verdicts WHERE frame_id = $1")
+        .bind(frame_id.clone())
+        .fetch_one(&pool)
+        .await
+        .map(|r| sqlx::Row::get(&r, 0))
+        .unwrap();
+    assert_eq!(exact, 1);
+
+    // Redelivery: the same results and escalation again change no row; the verdict is
+    // sent again for the edge that may have missed it.
+    for id in &ids[..5] {
+        dev.publish_result(&dev.result(id, 0.5, Band::Ok, &version))
+            .await;
+    }
+    let (bytes, score, map, _) = edge_score(defect);
+    let again = insp_proto::v1::Escalation {
+        result: Some(dev.result(&frame_id, score, Band::Uncertain, &version)),
+        frame: bytes,
+        frame_format: "png".into(),
+        edge_map: Some(map),
+    };
+    dev.publish(
+        TopicKind::Escalation,
+        insp_proto::Message::encode_to_vec(&again),
+    )
+    .await;
+    let resent = dev.verdict(30).await;
+    assert_eq!(
+        (resent.frame_id.as_str(), resent.band),
+        (frame_id.as_str(), v.band)
+    );
+
+    // Garbage and oversized-looking junk go to dead letters; ingestion goes on.
+    dev.publish(TopicKind::Result, b"\xff\xff\xff\xff not protobuf".to_vec())
+        .await;
+    dev.publish(TopicKind::Escalation, vec![0x0a, 0x05, 1, 2])
+        .await;
+    let late = uuid::Uuid::new_v4().to_string();
+    dev.publish_result(&dev.result(&late, 0.7, Band::Ok, &version))
+        .await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let (dead, frames) = (
+            count(&pool, "dead_letters").await,
+            count(&pool, "frames").await,
+        );
+        if (dead, frames) == (2, 22) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "expected 2 dead letters and 22 frames, have {dead} and {frames}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count(&pool, "verdicts").await, 1);
+    assert_eq!(count(&pool, "escalations").await, 1);
+    let (status, frames): (String, i64) =
+        sqlx::query("SELECT status, frames FROM devices WHERE site = $1 AND device = 'cam-1'")
+            .bind(site.to_string())
+            .fetch_one(&pool)
+            .await
+            .map(|r| (sqlx::Row::get(&r, 0), sqlx::Row::get(&r, 1)))
+            .unwrap();
+    assert_eq!((status.as_str(), frames), ("online", 22));
+    dev.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_defaults_escalation_to_verdict_and_the_api() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hub = HubProcess::start(&HubSetup {
+        dir: dir.path(),
+        broker: None,
+        embedded_port: port,
+        database: None,
+        client_id: "hub-embedded",
+        group: "hubs",
+        site: "plant-e",
+    });
+    let db = format!("sqlite://{}", dir.path().join("data/hub.db").display());
+    escalation_flow(("127.0.0.1", port), &db, "plant-e").await;
+    assert!(dir
+        .path()
+        .join("data/objects/frames/plant-e/cam-1")
+        .is_dir());
+    assert_eq!(hub.metric("hub_escalations_scored_total"), 1.0);
+    assert_eq!(hub.metric("hub_edge_score_mismatches_total"), 0.0);
+
+    // The gRPC API through the command-line client.
+    let api = hub.api();
+    let devices = cli(&["devices", "--api", &api]);
+    assert!(
+        devices.contains("cam-1") && devices.contains("online"),
+        "{devices}"
+    );
+    let pending = cli(&["reviews", "list", "--api", &api]);
+    let frame_id = pending
+        .lines()
+        .nth(2)
+        .and_then(|l| l.split_whitespace().next())
+        .expect("one escalation pending review")
+        .to_string();
+    let out = dir.path().join("review");
+    let shown = cli(&[
+        "reviews",
+        "show",
+        &frame_id,
+        "--api",
+        &api,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(shown.contains("bit-identical"), "{shown}");
+    assert!(
+        shown.contains("cloud-patchcore") && shown.contains("edge-reproduced"),
+        "{shown}"
+    );
+    assert!(out.join(format!("{frame_id}.png")).is_file(), "{shown}");
+    assert!(
+        out.join(format!("{frame_id}-cloud-patchcore.npy"))
+            .is_file(),
+        "{shown}"
+    );
+    assert!(
+        out.join(format!("{frame_id}-edge.npy")).is_file(),
+        "{shown}"
+    );
+    let labelled = cli(&[
+        "reviews",
+        "label",
+        &frame_id,
+        "defect",
+        "--operator",
+        "ana",
+        "--api",
+        &api,
+    ]);
+    assert!(labelled.contains("defect"), "{labelled}");
+    let pending = cli(&["reviews", "list", "--api", &api]);
+    assert_eq!(
+        pending.lines().count(),
+        2,
+        "labelled frames leave the queue:\n{pending}"
+    );
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+        .args(["reviews", "label", &frame_id, "maybe", "--api", &api])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("good"));
+    let models = cli(&["models", "list", "--api", &api]);
+    assert!(
+        models.contains("edge") && models.contains("cloud") && models.contains("lite2"),
+        "{models}"
+    );
+    let (_, _, _, version) = edge_score(&f.images[0]);
+    let fetched = dir.path().join("fetched");
+    let text = cli(&[
+        "models",
+        "fetch",
+        &version,
+        "--out",
+        fetched.to_str().unwrap(),
+        "--api",
+        &api,
+    ]);
+    assert!(text.contains("hashes verified"), "{text}");
+    assert_eq!(
+        std::fs::read(fetched.join("bank.safetensors")).unwrap(),
+        std::fs::read(f.edge.join("bank.safetensors")).unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_mosquitto_escalation_to_verdict() {
+    require_mosquitto();
+    let pg = PgDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let hub = HubProcess::start(&HubSetup {
+        dir: dir.path(),
+        broker: Some(MOSQUITTO),
+        embedded_port: 0,
+        database: Some(&pg.url),
+        client_id: &format!("hub-pg-{tag}"),
+        group: &format!("g{tag}"),
+        site: &format!("plant-{tag}"),
+    });
+    escalation_flow(MOSQUITTO, &pg.url, &format!("plant-{tag}")).await;
+    assert!(hub.metric("hub_dead_letters_total") >= 2.0);
+    drop(hub);
+    forget_session(&format!("hub-pg-{tag}")).await;
+}
+
+/// Removes a hub's persistent session from Mosquitto.
+async fn forget_session(client_id: &str) {
+    let mut o = rumqttc::MqttOptions::new(client_id, MOSQUITTO.0, MOSQUITTO.1);
+    o.set_clean_session(true);
+    let (c, mut el) = rumqttc::AsyncClient::new(o, 10);
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Ok(ev) = el.poll().await {
+            if matches!(ev, rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) {
+                let _ = c.disconnect().await;
+            }
+            if matches!(ev, rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_share_the_subscription_and_store_each_frame_once() {
+    require_mosquitto();
+    let pg = PgDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let group = format!("g{tag}");
+    let ids = [format!("hub-a-{tag}"), format!("hub-b-{tag}")];
+    let site = format!("plant-{tag}");
+    let hubs: Vec<HubProcess> = ids
+        .iter()
+        .map(|id| {
+            HubProcess::start(&HubSetup {
+                dir: dir.path(),
+                broker: Some(MOSQUITTO),
+                embedded_port: 0,
+                database: Some(&pg.url),
+                client_id: id,
+                group: &group,
+                site: &site,
+            })
+        })
+        .collect();
+    let mut devices = Vec::new();
+    for d in 0..4 {
+        devices.push(Device::connect(MOSQUITTO, &site, &format!("cam-{d}")).await);
+    }
+    let n = 100;
+    for dev in &mut devices {
+        for _ in 0..n {
+            let id = uuid::Uuid::new_v4().to_string();
+            dev.publish_result(&dev.result(&id, 0.5, Band::Ok, "m"))
+                .await;
+        }
+        dev.wait_acks(n).await;
+    }
+    let pool = pool(&pg.url).await;
+    eventually(30, "400 frames stored", || async {
+        count(&pool, "frames").await == 400
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored: Vec<f64> = hubs
+        .iter()
+        .map(|h| h.metric("hub_frames_stored_total"))
+        .collect();
+    let dups: f64 = hubs
+        .iter()
+        .map(|h| h.metric("hub_frame_duplicates_total"))
+        .sum();
+    assert_eq!(count(&pool, "frames").await, 400);
+    assert_eq!(
+        stored.iter().sum::<f64>(),
+        400.0,
+        "each frame stored by exactly one hub: {stored:?}"
+    );
+    assert_eq!(dups, 0.0, "no frame delivered to both hubs");
+    assert!(
+        stored.iter().all(|&s| s > 0.0),
+        "both hubs took a share: {stored:?}"
+    );
+    for d in devices {
+        d.close().await;
+    }
+    drop(hubs);
+    for id in &ids {
+        forget_session(id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hub_loses_nothing_the_broker_accepted() {
+    require_mosquitto();
+    let pg = PgDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let client_id = format!("hub-r-{tag}");
+    let mut hub = HubProcess::start(&HubSetup {
+        dir: dir.path(),
+        broker: Some(MOSQUITTO),
+        embedded_port: 0,
+        database: Some(&pg.url),
+        client_id: &client_id,
+        group: &format!("g{tag}"),
+        site: &format!("plant-{tag}"),
+    });
+    let mut dev = Device::connect(MOSQUITTO, &format!("plant-{tag}"), "cam-1").await;
+    let mut ids = Vec::new();
+    let send = |dev: &Device, ids: &mut Vec<String>| {
+        let id = uuid::Uuid::new_v4().to_string();
+        ids.push(id.clone());
+        dev.result(&id, 0.5, Band::Ok, "m")
+    };
+    // Half while the hub runs, killed (SIGKILL) in the middle of the stream...
+    for i in 0..600 {
+        let r = send(&dev, &mut ids);
+        dev.publish_result(&r).await;
+        if i == 300 {
+            hub.kill();
+        }
+    }
+    // ...more while it is down, then everything acknowledged by the broker.
+    for _ in 0..200 {
+        let r = send(&dev, &mut ids);
+        dev.publish_result(&r).await;
+    }
+    dev.wait_acks(800).await;
+    let pool = pool(&pg.url).await;
+    let before = count(&pool, "frames").await;
+    assert!(
+        before < 800,
+        "the hub was killed before storing everything ({before})"
+    );
+    hub.spawn();
+    eventually(60, "all 800 frames after the restart", || async {
+        count(&pool, "frames").await == 800
+    })
+    .await;
+    let stored: Vec<String> = sqlx::query("SELECT frame_id FROM frames ORDER BY frame_id")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| sqlx::Row::get(r, 0))
+        .collect();
+    ids.sort();
+    assert_eq!(stored, ids);
+    dev.close().await;
+    drop(hub);
+    forget_session(&client_id).await;
+}
