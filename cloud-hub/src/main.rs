@@ -16,6 +16,7 @@ mod http;
 mod ingest;
 mod models;
 mod objects;
+mod report;
 mod scoring;
 mod serve;
 mod simulate;
@@ -49,6 +50,8 @@ enum Command {
         #[command(subcommand)]
         command: client::ModelsCommand,
     },
+    /// What the fleet did: bands, verdicts, accuracy against ground truth, overlays.
+    Report(report::ReportArgs),
     /// Play a fleet of devices publishing results and escalations to a broker.
     Simulate(simulate::SimulateArgs),
     /// Measure sustained ingest and verdict latency on SQLite and PostgreSQL.
@@ -81,6 +84,7 @@ fn main() {
             Command::Devices(args) => client::devices(args).await,
             Command::Reviews { command } => client::reviews(command).await,
             Command::Models { command } => client::models(command).await,
+            Command::Report(args) => report::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
