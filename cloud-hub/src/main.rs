@@ -15,6 +15,7 @@ mod grpc;
 mod http;
 mod ingest;
 mod models;
+mod mqtt;
 mod objects;
 mod scoring;
 mod serve;
