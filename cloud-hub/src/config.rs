@@ -53,6 +53,14 @@ pub struct MqttConfig {
     /// Sites this hub ingests: `+` (every site) or one site name (a hub per site or
     /// region on a shared broker).
     pub site: String,
+    /// Protocol with an external broker: `5` (the hub sets its own receive window) or
+    /// `3.1.1`. The embedded broker is always spoken to in 3.1.1.
+    pub protocol: String,
+    /// MQTT 5: QoS 1 messages the broker may have in flight to the hub at once.
+    pub receive_maximum: u16,
+    /// MQTT 5: seconds the broker keeps the hub's session (and queues its messages)
+    /// after a disconnect.
+    pub session_expiry_s: u32,
     /// Optional credentials.
     pub username: Option<String>,
     /// Optional credentials.
@@ -72,6 +80,9 @@ impl Default for MqttConfig {
             client_id: "cloud-hub-1".into(),
             group: "cloud-hub".into(),
             site: "+".into(),
+            protocol: "5".into(),
+            receive_maximum: 1000,
+            session_expiry_s: 7 * 24 * 3600,
             username: None,
             password: None,
             keep_alive_s: 30,

@@ -9,16 +9,15 @@
 //! keyed by the frame UUID, so a redelivery changes nothing. A batch that cannot be
 //! stored (database down) is retried with backoff and nothing is acknowledged meanwhile.
 
-use crate::config::HubConfig;
 use crate::db::ingest::{Batch, EscalationRow};
 use crate::db::verdicts::PendingEscalation;
 use crate::db::{unix_ms, Db};
 use crate::decode::{decode, Incoming};
+use crate::mqtt::{Client, EventLoop, LinkEvent, Message};
 use crate::objects::{self, Objects};
 use crate::scoring::{publish_verdict, Job, Scoring};
 use crate::telemetry::Telemetry;
 use anyhow::Result;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,25 +25,9 @@ use tokio::sync::{mpsc, watch};
 
 /// A received message and the connection it came on.
 struct Received {
-    publish: Publish,
+    message: Message,
     generation: u64,
     received_unix_ms: i64,
-}
-
-/// MQTT options of the hub's client.
-pub fn mqtt_options(config: &HubConfig) -> MqttOptions {
-    let (host, port) = config.broker_address();
-    let m = &config.mqtt;
-    let mut o = MqttOptions::new(m.client_id.clone(), host, port);
-    o.set_keep_alive(Duration::from_secs(m.keep_alive_s.max(5)))
-        .set_clean_session(false)
-        .set_manual_acks(true)
-        .set_inflight(200)
-        .set_max_packet_size(m.max_packet_bytes, m.max_packet_bytes);
-    if let Some(user) = &m.username {
-        o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
-    }
-    o
 }
 
 /// The topic filters the hub subscribes to. Each kind gets its own share name
@@ -72,7 +55,7 @@ pub struct Ingest {
     /// Metrics.
     pub telemetry: Arc<Telemetry>,
     /// The MQTT client (acks, verdicts).
-    pub client: AsyncClient,
+    pub client: Client,
     /// Largest payload ingested.
     pub max_payload: usize,
     /// Most messages per transaction.
@@ -107,20 +90,20 @@ impl Ingest {
         loop {
             tokio::select! {
                 event = eventloop.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    Ok(LinkEvent::Connected { session_present }) => {
                         generation.fetch_add(1, Ordering::SeqCst);
                         self.telemetry.set_connected(true);
                         backoff = Duration::from_millis(100);
-                        tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
+                        tracing::info!(session_present, "connected to the MQTT broker");
                         for f in filters(&self.group, &self.site) {
-                            if let Err(e) = self.client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                            if let Err(e) = self.client.try_subscribe(&f) {
                                 tracing::error!("cannot subscribe to {f}: {e}");
                             }
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                    Ok(LinkEvent::Message(m)) => {
                         let r = Received {
-                            publish: p,
+                            message: m,
                             generation: generation.load(Ordering::SeqCst),
                             received_unix_ms: unix_ms(),
                         };
@@ -142,7 +125,7 @@ impl Ingest {
                 },
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
-                        let _ = self.client.try_disconnect();
+                        self.client.try_disconnect();
                         // Let the disconnect go out.
                         let _ = tokio::time::timeout(Duration::from_millis(300), eventloop.poll()).await;
                         self.telemetry.set_connected(false);
@@ -188,7 +171,7 @@ impl Ingest {
                 // An ack on a newer connection could name another message with the same
                 // packet id; the broker redelivers this one there anyway.
                 if r.generation == current {
-                    if let Err(e) = self.client.ack(&r.publish).await {
+                    if let Err(e) = self.client.ack(&r.message).await {
                         tracing::warn!("cannot acknowledge a message: {e}");
                     }
                 }
@@ -203,7 +186,7 @@ impl Ingest {
         let mut batch = Batch::default();
         let mut images = Vec::new();
         for r in received {
-            let p = &r.publish;
+            let p = &r.message;
             let kind = p.topic.rsplit('/').next().unwrap_or("");
             self.telemetry.message(kind);
             match decode(

@@ -15,6 +15,7 @@ mod grpc;
 mod http;
 mod ingest;
 mod models;
+mod mqtt;
 mod objects;
 mod report;
 mod scoring;
@@ -61,7 +62,7 @@ enum Command {
 fn main() {
     insp_core::tune_allocator();
     let cli = Cli::parse();
-    let filter = format!("rumqttd=off,sqlx=warn,{}", cli.log);
+    let filter = format!("rumqttd=off,sqlx=error,{}", cli.log);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),

@@ -20,7 +20,6 @@ use insp_core::anomaly_map::AnomalyMap;
 use insp_core::patchcore::Timings;
 use insp_proto::v1::{Band, Verdict};
 use insp_proto::{Message, TopicKind};
-use rumqttc::{AsyncClient, QoS};
 use std::collections::HashSet;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -48,7 +47,7 @@ pub struct ScoringContext {
     /// Metrics.
     pub telemetry: Arc<Telemetry>,
     /// MQTT client for verdicts.
-    pub mqtt: AsyncClient,
+    pub mqtt: crate::mqtt::Client,
     /// The async runtime (for storage and publishing from worker threads).
     pub runtime: tokio::runtime::Handle,
 }
@@ -325,10 +324,10 @@ pub fn verdict_message(v: &VerdictRow) -> Result<(String, Vec<u8>)> {
 }
 
 /// Publishes a verdict to its device (QoS 1).
-pub async fn publish_verdict(client: &AsyncClient, v: &VerdictRow) -> Result<()> {
+pub async fn publish_verdict(client: &crate::mqtt::Client, v: &VerdictRow) -> Result<()> {
     let (topic, payload) = verdict_message(v)?;
     client
-        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .publish(topic, payload)
         .await
         .context("cannot queue the verdict for publishing")
 }

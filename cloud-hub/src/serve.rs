@@ -4,13 +4,12 @@
 
 use crate::config::{HubConfig, ServeOverrides};
 use crate::db::Db;
-use crate::ingest::{mqtt_options, Ingest};
+use crate::ingest::Ingest;
 use crate::models::{model_row, CloudModel, EdgeBundles, PatchCoreCloud};
 use crate::objects::Objects;
 use crate::scoring::{Scoring, ScoringContext};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
-use rumqttc::AsyncClient;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -82,7 +81,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         tracing::warn!("no cloud model configured (models.cloud_bundle): verdicts use the reproduced edge score alone");
     }
 
-    let (client, eventloop) = AsyncClient::new(mqtt_options(&config), 4096);
+    let (client, eventloop) = crate::mqtt::connect(&config);
     let scoring = Scoring::start(
         Arc::new(ScoringContext {
             db: db.clone(),

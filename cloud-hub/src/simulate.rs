@@ -262,6 +262,12 @@ pub async fn run_fleet(
             .publish(state_topic, QoS::AtLeastOnce, true, state.encode_to_vec())
             .await?;
         let stagger = d as u64;
+        // Devices take turns: escalations evenly spread over time, not in bursts.
+        let phase = if esc_every == u64::MAX {
+            0
+        } else {
+            d as u64 * esc_every / args.devices as u64
+        };
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_device_rate));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -273,7 +279,7 @@ pub async fn run_fleet(
                 n += 1;
                 let id = uuid::Uuid::new_v4().to_string();
                 let now = unix_ms();
-                let escalate = !frames.is_empty() && (n + stagger * 7) % esc_every == 0;
+                let escalate = !frames.is_empty() && (n + phase) % esc_every == 0;
                 let frame =
                     escalate.then(|| &frames[(n as usize + stagger as usize) % frames.len()]);
                 let result = FrameResult {
