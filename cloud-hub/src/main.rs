@@ -1,6 +1,7 @@
 //! `cloud-hub`: the cloud tier. `serve` runs the hub (MQTT ingest, storage, escalation
-//! re-scoring and verdicts, gRPC API, health and metrics); the other subcommands are
-//! the API's command-line client, the fleet simulator and the load benchmark.
+//! re-scoring and verdicts, gRPC API, health and metrics); `train` and `eval` build and
+//! measure the heavy models; the other subcommands are the API's command-line client,
+//! the run report, the fleet simulator and the load benchmark.
 
 use clap::{Parser, Subcommand};
 
@@ -10,6 +11,8 @@ mod client;
 mod config;
 mod db;
 mod decode;
+mod device;
+mod eval_cmd;
 mod fusion;
 mod grpc;
 mod http;
@@ -23,6 +26,7 @@ mod serve;
 mod simulate;
 mod table;
 mod telemetry;
+mod train_cmd;
 
 /// Cloud hub of the inspection system.
 #[derive(Parser)]
@@ -31,12 +35,20 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `cloud_hub=debug`.
     #[arg(long, env = "INSP_LOG", default_value = "info", global = true)]
     log: String,
+    /// Compute device of the models: `cpu`, `cuda` (first GPU) or `cuda:N`; default: a GPU
+    /// if this build has CUDA and one is present, else the CPU.
+    #[arg(long, env = "INSP_DEVICE", global = true)]
+    device: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a heavy model (recon or flow) on the good images of an MVTec-AD-layout folder.
+    Train(train_cmd::TrainArgs),
+    /// Evaluate bundles (heavy and PatchCore) and their fusion on a data set's test split.
+    Eval(eval_cmd::EvalArgs),
     /// Run the hub (embedded broker, SQLite and local folder unless configured).
     Serve(config::ServeOverrides),
     /// List devices, or show one.
@@ -61,6 +73,7 @@ enum Command {
 
 fn main() {
     insp_core::tune_allocator();
+    insp_core::tune_candle_threads();
     let cli = Cli::parse();
     let filter = format!("rumqttd=off,sqlx=error,{}", cli.log);
     tracing_subscriber::fmt()
@@ -69,18 +82,30 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Training and evaluation are CPU work with nothing to wait on: no async runtime.
+    let result = match cli.command {
+        Command::Train(args) => {
+            device::resolve(cli.device.as_deref()).and_then(|d| train_cmd::run(args, &d))
+        }
+        Command::Eval(args) => {
+            device::resolve(cli.device.as_deref()).and_then(|d| eval_cmd::run(args, &d))
+        }
+        command => run_async(command),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs a command of the hub's network side on a multi-threaded runtime.
+fn run_async(command: Command) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let result = runtime.block_on(async {
-        match cli.command {
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        match command {
             Command::Serve(args) => serve::run(args).await,
             Command::Devices(args) => client::devices(args).await,
             Command::Reviews { command } => client::reviews(command).await,
@@ -88,10 +113,9 @@ fn main() {
             Command::Report(args) => report::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Train(_) | Command::Eval(_) => {
+                anyhow::bail!("train and eval run without the async runtime")
+            }
         }
-    });
-    if let Err(err) = result {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
-    }
+    })
 }

@@ -77,9 +77,11 @@ pub struct FitReport {
     pub calibration_seconds: f64,
 }
 
-/// The manifest of a bundle.
+/// The manifest of a bundle. `M` is the model kind's parameters: PatchCore's by default,
+/// [`crate::heavy::HeavyParams`] for the cloud models. Every kind has the same layout
+/// (`model.kind` names the kind), so tools read any bundle's common fields alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
+pub struct Manifest<M = crate::patchcore::PatchCoreParams> {
     /// Manifest layout version ([`FORMAT_VERSION`]).
     pub format_version: u32,
     /// Unique id of this bundle, e.g. `patchcore-1763900000-3fa9c2d1`.
@@ -93,7 +95,7 @@ pub struct Manifest {
     /// Frame-to-input preprocessing.
     pub preprocessing: Preprocessing,
     /// Model kind and its parameters.
-    pub model: crate::patchcore::PatchCoreParams,
+    pub model: M,
     /// Held-out good scores.
     pub calibration: Calibration,
     /// OK / UNCERTAIN / NG thresholds calibrated at fit time.
@@ -114,7 +116,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Writes `files` (name, bytes) into `dir` and then the manifest listing their hashes.
 /// The manifest goes last, so a bundle interrupted mid-write has no manifest and is
 /// refused rather than half-read.
-pub fn write(dir: &Path, manifest: &mut Manifest, files: &[(String, Vec<u8>)]) -> Result<()> {
+pub fn write<M: Serialize>(
+    dir: &Path,
+    manifest: &mut Manifest<M>,
+    files: &[(String, Vec<u8>)],
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let _ = std::fs::remove_file(dir.join(MANIFEST));
     manifest.files.clear();
@@ -132,20 +138,62 @@ pub fn write(dir: &Path, manifest: &mut Manifest, files: &[(String, Vec<u8>)]) -
     std::fs::rename(&tmp, dir.join(MANIFEST)).map_err(|e| Error::io(dir.join(MANIFEST), e))
 }
 
+/// Model parameters that can sit in a manifest: says which `model.kind` values they read.
+pub trait ModelKind {
+    /// The kinds these parameters describe.
+    const KINDS: &'static [&'static str];
+}
+
+impl ModelKind for crate::patchcore::PatchCoreParams {
+    const KINDS: &'static [&'static str] = &["patchcore"];
+}
+
+/// The model kind (`model.kind`) a bundle's manifest declares, read without verifying the
+/// bundle, to choose the loader.
+pub fn model_kind(dir: &Path) -> Result<String> {
+    let manifest_path = dir.join(MANIFEST);
+    if !manifest_path.is_file() {
+        return Err(Error::Bundle {
+            path: dir.to_path_buf(),
+            reason: format!("no {MANIFEST}: not a bundle folder"),
+        });
+    }
+    let text = crate::error::read_file(&manifest_path)?;
+    let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| Error::Bundle {
+        path: manifest_path.clone(),
+        reason: format!("malformed manifest: {e}"),
+    })?;
+    value["model"]["kind"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::Bundle {
+            path: manifest_path,
+            reason: "manifest names no model kind (model.kind)".into(),
+        })
+}
+
 /// A bundle read from disk with every file verified.
 #[derive(Debug, Clone)]
-pub struct Bundle {
+pub struct Bundle<M = crate::patchcore::PatchCoreParams> {
     /// Folder it was read from.
     pub dir: PathBuf,
     /// Its manifest.
-    pub manifest: Manifest,
+    pub manifest: Manifest<M>,
     /// Verified contents of every listed file.
     pub files: BTreeMap<String, Vec<u8>>,
 }
 
 impl Bundle {
-    /// Reads `dir/manifest.json` and every file it lists, checking each sha256.
+    /// Reads a PatchCore bundle: `dir/manifest.json` and every file it lists, checking
+    /// each sha256.
     pub fn open(dir: &Path) -> Result<Bundle> {
+        Self::open_kind(dir)
+    }
+}
+
+impl<M: serde::de::DeserializeOwned + ModelKind> Bundle<M> {
+    /// Reads a bundle whose model is of one of `M`'s kinds, checking every file's sha256.
+    pub fn open_kind(dir: &Path) -> Result<Bundle<M>> {
         let fail = |path: &Path, reason: String| Error::Bundle {
             path: path.to_path_buf(),
             reason,
@@ -158,7 +206,29 @@ impl Bundle {
             ));
         }
         let text = crate::error::read_file(&manifest_path)?;
-        let manifest: Manifest = serde_json::from_slice(&text)
+        let value: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| fail(&manifest_path, format!("malformed manifest: {e}")))?;
+        let Some(kind) = value["model"]["kind"].as_str() else {
+            return Err(fail(
+                &manifest_path,
+                "malformed manifest: no model kind (model.kind)".into(),
+            ));
+        };
+        if !M::KINDS.contains(&kind) {
+            let hint = if kind == "patchcore" {
+                "PatchCore bundles are scored by `edge-agent` and the hub's edge model"
+            } else {
+                "recon and flow bundles are scored by `cloud-hub` (insp_core::heavy)"
+            };
+            return Err(fail(
+                dir,
+                format!(
+                    "holds a {kind} model where a {} model was expected; {hint}",
+                    M::KINDS.join(" or ")
+                ),
+            ));
+        }
+        let manifest: Manifest<M> = serde_json::from_value(value)
             .map_err(|e| fail(&manifest_path, format!("malformed manifest: {e}")))?;
         if manifest.format_version != FORMAT_VERSION {
             return Err(fail(

@@ -67,6 +67,26 @@ pub fn train_images(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(images)
 }
 
+/// Splits `images` into (kept, held out): shuffled with `rng`, the first
+/// `round(len * share)` held out (at least one image always kept), the kept ones sorted.
+/// Every fit and training run splits train/good this way, so models fitted with the same
+/// seed and share hold out the same images and their validation scores can be fused.
+pub fn holdout_split(
+    mut images: Vec<PathBuf>,
+    share: f64,
+    rng: &mut crate::rng::SplitMix64,
+) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    rng.shuffle(&mut images);
+    let n_holdout = if images.len() >= 2 {
+        ((images.len() as f64 * share).round() as usize).min(images.len() - 1)
+    } else {
+        0
+    };
+    let holdout: Vec<PathBuf> = images.drain(..n_holdout).collect();
+    images.sort();
+    (images, holdout)
+}
+
 /// One test image and its ground truth.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TestImage {

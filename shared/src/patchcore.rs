@@ -422,32 +422,14 @@ pub fn fit(
 ) -> Result<Manifest> {
     let started = Instant::now();
     validate(config)?;
-    let mut images = dataset::train_images(data)?;
     let mut rng = SplitMix64::new(config.seed);
-    rng.shuffle(&mut images);
-    let n_holdout = if images.len() >= 2 {
-        ((images.len() as f64 * config.holdout).round() as usize).min(images.len() - 1)
-    } else {
-        0
-    };
-    let holdout: Vec<PathBuf> = images.drain(..n_holdout).collect();
-    images.sort();
+    let (images, holdout) =
+        dataset::holdout_split(dataset::train_images(data)?, config.holdout, &mut rng);
 
     let lite = LiteConfig::for_variant(&config.backbone)?;
     let last_stage = config.stages.iter().copied().max().unwrap_or(0);
     let all_weights = crate::weights::load(weights_file, &Device::Cpu, DType::F32)?;
-    let keep_blocks = lite.blocks_through(last_stage);
-    let subset: HashMap<String, Tensor> = all_weights
-        .into_iter()
-        .filter(|(k, _)| {
-            k.starts_with("_conv_stem.")
-                || k.starts_with("_bn0.")
-                || k.strip_prefix("_blocks.")
-                    .and_then(|r| r.split('.').next())
-                    .and_then(|i| i.parse::<usize>().ok())
-                    .is_some_and(|i| i < keep_blocks)
-        })
-        .collect();
+    let subset = crate::weights::stem_and_blocks(all_weights, lite.blocks_through(last_stage));
     let weights_bytes = safetensors::serialize(&subset, None)
         .map_err(|e| Error::Config(format!("cannot serialise weights: {e}")))?;
     let spec = BackboneSpec {

@@ -366,6 +366,21 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<HashMap<String
         .collect()
 }
 
+/// The stem's and the first `blocks` MBConv blocks' tensors of a checkpoint: all that a
+/// model using the backbone's first stages needs, and all that its bundle carries.
+pub fn stem_and_blocks(all: HashMap<String, Tensor>, blocks: usize) -> HashMap<String, Tensor> {
+    all.into_iter()
+        .filter(|(k, _)| {
+            k.starts_with("_conv_stem.")
+                || k.starts_with("_bn0.")
+                || k.strip_prefix("_blocks.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .is_some_and(|i| i < blocks)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
