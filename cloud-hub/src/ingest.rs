@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 
 /// A received message and the connection it came on.
 struct Received {
-    message: Message,
+    message: Box<Message>,
     generation: u64,
     received_unix_ms: i64,
 }

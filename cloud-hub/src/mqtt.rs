@@ -37,7 +37,7 @@ pub enum LinkEvent {
         session_present: bool,
     },
     /// A message.
-    Message(Message),
+    Message(Box<Message>),
     /// Anything else (acks, pings).
     Other,
 }
@@ -54,7 +54,7 @@ pub enum Client {
 /// The connection half, polled by one task.
 pub enum EventLoop {
     /// MQTT 3.1.1.
-    V4(rumqttc::EventLoop),
+    V4(Box<rumqttc::EventLoop>),
     /// MQTT 5.
     V5(Box<rumqttc::v5::EventLoop>),
 }
@@ -75,7 +75,7 @@ pub fn connect(config: &HubConfig) -> (Client, EventLoop) {
             o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
         }
         let (c, e) = rumqttc::AsyncClient::new(o, 4096);
-        (Client::V4(c), EventLoop::V4(e))
+        (Client::V4(c), EventLoop::V4(Box::new(e)))
     } else {
         let mut o = rumqttc::v5::MqttOptions::new(m.client_id.clone(), host, port);
         o.set_keep_alive(keep_alive)
@@ -146,11 +146,11 @@ impl EventLoop {
                     })
                 }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                    Ok(LinkEvent::Message(Message {
+                    Ok(LinkEvent::Message(Box::new(Message {
                         topic: p.topic.clone(),
                         payload: p.payload.clone(),
                         ack: Ack::V4(p),
-                    }))
+                    })))
                 }
                 Ok(_) => Ok(LinkEvent::Other),
                 Err(e) => Err(e.to_string()),
@@ -160,11 +160,11 @@ impl EventLoop {
                     session_present: a.session_present,
                 }),
                 Ok(rumqttc::v5::Event::Incoming(Packet5::Publish(p))) => {
-                    Ok(LinkEvent::Message(Message {
+                    Ok(LinkEvent::Message(Box::new(Message {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
                         payload: p.payload.clone(),
                         ack: Ack::V5(p),
-                    }))
+                    })))
                 }
                 Ok(_) => Ok(LinkEvent::Other),
                 Err(e) => Err(e.to_string()),

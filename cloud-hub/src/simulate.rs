@@ -279,7 +279,7 @@ pub async fn run_fleet(
                 n += 1;
                 let id = uuid::Uuid::new_v4().to_string();
                 let now = unix_ms();
-                let escalate = !frames.is_empty() && (n + phase) % esc_every == 0;
+                let escalate = !frames.is_empty() && (n + phase).checked_rem(esc_every) == Some(0);
                 let frame =
                     escalate.then(|| &frames[(n as usize + stagger as usize) % frames.len()]);
                 let result = FrameResult {

@@ -110,6 +110,45 @@ async fn escalation_flow(broker: (&str, u16), db_url: &str, site: &str) {
     }
     assert_eq!(count(&pool, "verdicts").await, 1);
     assert_eq!(count(&pool, "escalations").await, 1);
+
+    // An escalation whose frame does not decode is stored, marked failed with the
+    // reason, gets no verdict, and stops nothing.
+    let broken_id = uuid::Uuid::new_v4().to_string();
+    let broken = insp_proto::v1::Escalation {
+        result: Some(dev.result(&broken_id, score, Band::Uncertain, &version)),
+        frame: b"not an image".to_vec(),
+        frame_format: "png".into(),
+        edge_map: None,
+    };
+    dev.publish(
+        TopicKind::Escalation,
+        insp_proto::Message::encode_to_vec(&broken),
+    )
+    .await;
+    let failed = || async {
+        sqlx::query("SELECT state, error FROM escalations WHERE frame_id = $1")
+            .bind(broken_id.clone())
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .map(|r| {
+                (
+                    sqlx::Row::get::<String, _>(&r, 0),
+                    sqlx::Row::get::<Option<String>, _>(&r, 1),
+                )
+            })
+    };
+    eventually(30, "the broken escalation marked failed", || async {
+        failed().await.is_some_and(|(state, _)| state == "failed")
+    })
+    .await;
+    let (_, error) = failed().await.unwrap();
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains("not a PNG"),
+        "the reason is recorded: {error}"
+    );
+    assert_eq!(count(&pool, "verdicts").await, 1);
     let (status, frames): (String, i64) =
         sqlx::query("SELECT status, frames FROM devices WHERE site = $1 AND device = 'cam-1'")
             .bind(site.to_string())
@@ -117,7 +156,7 @@ async fn escalation_flow(broker: (&str, u16), db_url: &str, site: &str) {
             .await
             .map(|r| (sqlx::Row::get(&r, 0), sqlx::Row::get(&r, 1)))
             .unwrap();
-    assert_eq!((status.as_str(), frames), ("online", 22));
+    assert_eq!((status.as_str(), frames), ("online", 23));
     dev.close().await;
 }
 
@@ -195,10 +234,12 @@ async fn embedded_defaults_escalation_to_verdict_and_the_api() {
     ]);
     assert!(labelled.contains("defect"), "{labelled}");
     let pending = cli(&["reviews", "list", "--api", &api]);
-    assert_eq!(
-        pending.lines().count(),
-        2,
-        "labelled frames leave the queue:\n{pending}"
+    // The labelled frame left the queue; the escalation that failed to score waits.
+    assert_eq!(pending.lines().count(), 3, "{pending}");
+    assert!(!pending.contains(&frame_id), "{pending}");
+    assert!(
+        pending.lines().nth(2).unwrap().contains("failed"),
+        "{pending}"
     );
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
         .args(["reviews", "label", &frame_id, "maybe", "--api", &api])
