@@ -175,8 +175,13 @@ pub struct ModelsConfig {
     /// re-scored with the bundle whose manifest version it names. Absent:
     /// `<data_dir>/models`.
     pub dir: Option<PathBuf>,
-    /// The cloud's re-scoring model: a heavier PatchCore bundle. Absent: verdicts fuse
-    /// the reproduced edge score alone.
+    /// The heavy cloud models (recon and flow bundles from `cloud-hub train`). When
+    /// they load, escalations are judged by them with the reproduced edge score; a
+    /// bundle that does not load is logged and the hub falls back to `cloud_bundle`.
+    pub heavy_bundles: Vec<PathBuf>,
+    /// The fallback re-scoring model: a heavier PatchCore bundle, used when no heavy
+    /// bundle is configured or loads. Absent as well: verdicts use the reproduced edge
+    /// score alone.
     pub cloud_bundle: Option<PathBuf>,
     /// Search every bank row of edge bundles (set it if the edges run with
     /// `model.exact_search`, or reproduced scores will differ).
@@ -204,26 +209,25 @@ impl Default for ScoringConfig {
     }
 }
 
-/// The fused verdict (README, "Cloud hub"): each model's score is placed on its own
-/// calibrated scale, 0 at its OK threshold and 1 at its NG threshold; the weighted mean
-/// of these is the fused score, NG at or above `ng_at`.
+/// The fused verdict (README, "Cloud hub"; [`crate::fusion`]): each model's score is
+/// normalised by its own held-out good scores and the z-scores are combined by `rule`;
+/// NG above the `quantile` of the fused held-out good scores. The same rule
+/// `cloud-hub eval` measures.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FusionConfig {
-    /// Weight of the reproduced edge score.
-    pub edge_weight: f32,
-    /// Weight of each cloud model.
-    pub cloud_weight: f32,
-    /// Fused score at which a frame is NG.
-    pub ng_at: f32,
+    /// `mean` (default) or `max` of the members' z-scores.
+    pub rule: insp_core::fusion::Rule,
+    /// Quantile of the fused held-out good scores used as the NG threshold (1.0: the
+    /// largest; lower catches more defects and raises more false alarms).
+    pub quantile: f64,
 }
 
 impl Default for FusionConfig {
     fn default() -> Self {
         Self {
-            edge_weight: 1.0,
-            cloud_weight: 2.0,
-            ng_at: 0.5,
+            rule: insp_core::fusion::Rule::Mean,
+            quantile: 1.0,
         }
     }
 }
@@ -326,10 +330,9 @@ impl HubConfig {
         );
         anyhow::ensure!(self.scoring.workers > 0, "scoring.workers must be above 0");
         anyhow::ensure!(
-            self.fusion.edge_weight >= 0.0
-                && self.fusion.cloud_weight >= 0.0
-                && self.fusion.edge_weight + self.fusion.cloud_weight > 0.0,
-            "fusion weights must be non-negative and not both 0"
+            (0.0..=1.0).contains(&self.fusion.quantile),
+            "fusion.quantile {} must be within 0 and 1",
+            self.fusion.quantile
         );
         let url = self.database_url();
         anyhow::ensure!(
@@ -375,9 +378,16 @@ pub struct ServeOverrides {
     /// Folder of edge bundles.
     #[arg(long, env = "HUB_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
-    /// The cloud model's bundle.
+    /// The fallback cloud model's bundle (a heavier PatchCore).
     #[arg(long, env = "HUB_CLOUD_BUNDLE")]
     pub cloud_bundle: Option<PathBuf>,
+    /// A heavy cloud model's bundle (recon or flow); repeat for several.
+    #[arg(
+        long = "heavy-bundle",
+        env = "HUB_HEAVY_BUNDLES",
+        value_delimiter = ','
+    )]
+    pub heavy_bundles: Vec<PathBuf>,
     /// gRPC listen address.
     #[arg(long, env = "HUB_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
@@ -422,6 +432,9 @@ impl ServeOverrides {
         }
         if let Some(v) = &self.cloud_bundle {
             c.models.cloud_bundle = Some(v.clone());
+        }
+        if !self.heavy_bundles.is_empty() {
+            c.models.heavy_bundles = self.heavy_bundles.clone();
         }
         if let Some(v) = self.grpc_listen {
             c.api.grpc_listen = v;

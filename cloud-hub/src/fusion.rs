@@ -1,127 +1,153 @@
-//! The fused verdict on an escalated frame.
+//! The fused verdict on an escalated frame: the rule `cloud-hub eval` measures
+//! ([`insp_core::fusion`]), applied to the models that scored the frame.
 //!
-//! Each model's score is put on its own calibrated scale: 0 at its OK threshold, 1 at its
-//! NG threshold (both calibrated at fit time from held-out good images, so the scale
-//! means the same for a small edge model and a heavy cloud model whose raw distances
-//! differ by orders of magnitude). The fused score is the weighted mean of these
-//! normalised scores; the frame is NG when it reaches `ng_at` (default 0.5, the middle of
-//! the uncertain band), else OK. The cloud model weighs more by default (2 : 1), because
-//! the frame reached the hub precisely because the edge model was unsure.
+//! Each member (the reproduced edge score and every cloud model) is normalised by its own
+//! held-out good scores, `z = (score - median) / spread`; the members' z are combined
+//! (`mean` by default, or `max`); the frame is NG when the fused score is above the
+//! `quantile` (default 1.0: the largest) of the fused scores of the held-out good images
+//! the members share. No defect image is needed to calibrate, and adding a model never
+//! changes the scale of the others.
+//!
+//! A fusion depends on which models took part (an escalation whose edge bundle is not at
+//! the hub is judged by the cloud models alone), so calibrated fusions are kept per set of
+//! members.
 
 use crate::config::FusionConfig;
-use insp_core::routing::Thresholds;
+use anyhow::{Context, Result};
+use insp_core::bundle::Calibration;
+use insp_core::fusion::Fusion;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-/// One model's vote.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Vote {
-    /// Raw score.
-    pub score: f32,
-    /// The model's calibrated thresholds.
-    pub thresholds: Thresholds,
-    /// Weight.
-    pub weight: f32,
+/// Calibrated fusions, one per set of members (keyed by their bundle versions).
+pub struct Fusions {
+    config: FusionConfig,
+    calibrated: Mutex<HashMap<String, Arc<Fusion>>>,
 }
 
-/// The decision.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Fused {
-    /// Weighted mean of the normalised scores.
-    pub score: f32,
-    /// NG (true) or OK.
-    pub ng: bool,
+/// One member of a verdict: its name, bundle version and held-out good scores.
+pub struct Member<'a> {
+    /// Name in inferences (e.g. `edge-reproduced`, `cloud-recon`).
+    pub name: &'a str,
+    /// Bundle version.
+    pub version: &'a str,
+    /// The bundle's held-out good scores.
+    pub calibration: &'a Calibration,
 }
 
-/// A score on its model's scale: 0 at `ok_below`, 1 at `ng_above`. A degenerate band
-/// (both thresholds equal) gives 0 or 1.
-pub fn normalise(score: f32, t: Thresholds) -> f32 {
-    let width = t.ng_above - t.ok_below;
-    if width > f32::EPSILON * t.ng_above.abs().max(1.0) {
-        (score - t.ok_below) / width
-    } else if score > t.ok_below {
-        1.0
-    } else {
-        0.0
-    }
-}
-
-/// Fuses the votes (weights of 0 and non-finite scores are left out); `None` when no
-/// vote is left.
-pub fn fuse(votes: &[Vote], config: &FusionConfig) -> Option<Fused> {
-    let (mut sum, mut weights) = (0.0f64, 0.0f64);
-    for v in votes {
-        if v.weight > 0.0 && v.score.is_finite() {
-            sum += v.weight as f64 * normalise(v.score, v.thresholds) as f64;
-            weights += v.weight as f64;
+impl Fusions {
+    /// An empty cache with the configured rule.
+    pub fn new(config: FusionConfig) -> Fusions {
+        Fusions {
+            config,
+            calibrated: Mutex::new(HashMap::new()),
         }
     }
-    (weights > 0.0).then(|| {
-        let score = (sum / weights) as f32;
-        Fused {
-            score,
-            ng: score >= config.ng_at,
-        }
-    })
-}
 
-/// The rule in words, stored with every verdict.
-pub fn describe(config: &FusionConfig) -> String {
-    format!(
-        "weighted mean of (score - ok_below) / (ng_above - ok_below); edge weight {}, cloud weight {}; NG at >= {}",
-        config.edge_weight, config.cloud_weight, config.ng_at
-    )
+    /// The calibrated fusion of these members, calibrating it on first use.
+    pub fn of(&self, members: &[Member]) -> Result<Arc<Fusion>> {
+        let key = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.version))
+            .collect::<Vec<_>>()
+            .join("+");
+        if let Some(f) = self
+            .calibrated
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&key).cloned())
+        {
+            return Ok(f);
+        }
+        let named: Vec<(String, &Calibration)> = members
+            .iter()
+            .map(|m| (m.name.to_string(), m.calibration))
+            .collect();
+        let fusion = Arc::new(
+            Fusion::calibrate(&named, self.config.rule, self.config.quantile)
+                .with_context(|| format!("cannot calibrate the fusion of {key}"))?,
+        );
+        tracing::info!(
+            "fusion of {key}: {:?} of z-scores, NG above {:.3} ({} held-out good images)",
+            fusion.rule,
+            fusion.threshold,
+            fusion.calibration_images
+        );
+        if let Ok(mut c) = self.calibrated.lock() {
+            c.insert(key, fusion.clone());
+        }
+        Ok(fusion)
+    }
+
+    /// The rule in words, stored with every verdict.
+    pub fn describe(&self, fusion: &Fusion) -> String {
+        let names: Vec<&str> = fusion.members.iter().map(|(n, _)| n.as_str()).collect();
+        format!(
+            "{:?} of z = (score - median) / spread of each model's held-out good scores over [{}]; NG above {:.4} (quantile {} of {} held-out good images)",
+            fusion.rule,
+            names.join(", "),
+            fusion.threshold,
+            fusion.quantile,
+            fusion.calibration_images
+        )
+        .to_lowercase()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use insp_core::fusion::Rule;
 
-    const T: Thresholds = Thresholds {
-        ok_below: 1.0,
-        ng_above: 3.0,
-    };
-
-    #[test]
-    fn normalised_scale() {
-        assert_eq!(normalise(1.0, T), 0.0);
-        assert_eq!(normalise(3.0, T), 1.0);
-        assert_eq!(normalise(2.0, T), 0.5);
-        let flat = Thresholds {
-            ok_below: 2.0,
-            ng_above: 2.0,
-        };
-        assert_eq!((normalise(2.5, flat), normalise(1.5, flat)), (1.0, 0.0));
+    fn cal(scores: &[f32]) -> Calibration {
+        Calibration {
+            good_scores: scores.to_vec(),
+            images: (0..scores.len()).map(|i| format!("good/{i}.png")).collect(),
+        }
     }
 
     #[test]
-    fn cloud_outweighs_an_unsure_edge() {
-        let c = FusionConfig::default();
-        let cloud_t = Thresholds {
-            ok_below: 100.0,
-            ng_above: 200.0,
-        };
-        let edge = Vote {
-            score: 1.8, // 0.4: leaning OK
-            thresholds: T,
-            weight: c.edge_weight,
-        };
-        let cloud = Vote {
-            score: 190.0, // 0.9: clearly towards NG
-            thresholds: cloud_t,
-            weight: c.cloud_weight,
-        };
-        let f = fuse(&[edge, cloud], &c).unwrap();
-        assert!((f.score - (0.4 + 2.0 * 0.9) / 3.0).abs() < 1e-6);
-        assert!(f.ng);
-        let calm = Vote {
-            score: 120.0,
-            ..cloud
-        };
-        assert!(!fuse(&[edge, calm], &c).unwrap().ng);
-        let lost = Vote {
-            score: f32::NAN,
-            ..cloud
-        };
-        assert_eq!(fuse(&[edge, lost], &c).unwrap().score, normalise(1.8, T));
-        assert!(fuse(&[lost], &c).is_none());
+    fn calibrates_once_per_member_set_and_thresholds_at_the_largest_good() {
+        let fusions = Fusions::new(FusionConfig::default());
+        let edge = cal(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        let cloud = cal(&[10.0, 20.0, 30.0, 40.0, 50.0]);
+        let both = [
+            Member {
+                name: "edge-reproduced",
+                version: "e1",
+                calibration: &edge,
+            },
+            Member {
+                name: "cloud-recon",
+                version: "r1",
+                calibration: &cloud,
+            },
+        ];
+        let f = fusions.of(&both).unwrap();
+        assert_eq!(f.rule, Rule::Mean);
+        // The largest good image in both models is exactly at the threshold, not above.
+        let top = f.fuse(&[5.0, 50.0]).unwrap();
+        assert!(!f.is_defective(top) && f.is_defective(f.fuse(&[6.0, 60.0]).unwrap()));
+        // A second call with the same members returns the cached fusion.
+        assert!(Arc::ptr_eq(&f, &fusions.of(&both).unwrap()));
+        // The cloud model alone is its own fusion.
+        let alone = fusions.of(&both[1..]).unwrap();
+        assert_eq!(alone.members.len(), 1);
+        assert!(fusions
+            .describe(&f)
+            .contains("edge-reproduced, cloud-recon"));
+        // A member without held-out scores cannot be calibrated.
+        let empty = Calibration::default();
+        let err = fusions
+            .of(&[Member {
+                name: "x",
+                version: "v",
+                calibration: &empty,
+            }])
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("held-out good scores"),
+            "{err:#}"
+        );
     }
 }

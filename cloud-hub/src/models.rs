@@ -7,7 +7,8 @@ use crate::db::api::ModelRow;
 use anyhow::{Context, Result};
 use image::DynamicImage;
 use insp_core::anomaly_map::AnomalyMap;
-use insp_core::bundle::{Manifest, MANIFEST};
+use insp_core::bundle::{Calibration, Manifest, MANIFEST};
+use insp_core::heavy::HeavyModel;
 use insp_core::patchcore::{PatchCore, Timings};
 use insp_core::routing::Thresholds;
 use std::collections::HashMap;
@@ -32,8 +33,10 @@ pub trait CloudModel: Send + Sync {
     fn name(&self) -> &str;
     /// Bundle version.
     fn version(&self) -> &str;
-    /// Calibrated OK / NG thresholds (fusion puts the score on this scale).
-    fn thresholds(&self) -> Thresholds;
+    /// Held-out good scores (fusion normalises the score by them).
+    fn calibration(&self) -> &Calibration;
+    /// Routing thresholds, where the bundle has them (PatchCore bundles do).
+    fn thresholds(&self) -> Option<Thresholds>;
     /// Scores a decoded frame.
     fn score(&self, image: &DynamicImage) -> Result<CloudScore>;
 }
@@ -81,8 +84,11 @@ impl CloudModel for PatchCoreCloud {
     fn version(&self) -> &str {
         &self.model.manifest().version
     }
-    fn thresholds(&self) -> Thresholds {
-        self.thresholds
+    fn calibration(&self) -> &Calibration {
+        &self.model.manifest().calibration
+    }
+    fn thresholds(&self) -> Option<Thresholds> {
+        Some(self.thresholds)
     }
     fn score(&self, image: &DynamicImage) -> Result<CloudScore> {
         let s = self.model.score_image(image, &mut Timings::default())?;
@@ -93,8 +99,75 @@ impl CloudModel for PatchCoreCloud {
     }
 }
 
-/// The registry row of a bundle.
+/// A heavy model (feature reconstruction or normalizing flow, `cloud-hub train`) as a
+/// cloud model.
+pub struct HeavyCloud {
+    model: HeavyModel,
+    name: String,
+}
+
+impl HeavyCloud {
+    /// Opens and verifies a recon or flow bundle; it must carry held-out good scores.
+    pub fn open(dir: &Path, device: &candle_core::Device) -> Result<HeavyCloud> {
+        let model = HeavyModel::open(dir, device).with_context(|| {
+            format!(
+                "cannot load the heavy bundle {} (make one with `cloud-hub train`)",
+                dir.display()
+            )
+        })?;
+        anyhow::ensure!(
+            !model.manifest().calibration.good_scores.is_empty(),
+            "the heavy bundle {} has no held-out good scores to normalise with; retrain it with --holdout above 0",
+            dir.display()
+        );
+        let name = format!("cloud-{}", model.kind());
+        Ok(HeavyCloud { model, name })
+    }
+
+    /// The registry row of the bundle.
+    pub fn row(&self, dir: &Path) -> ModelRow {
+        let m = self.model.manifest();
+        ModelRow {
+            kind: self.model.kind().to_string(),
+            bank_rows: 0,
+            ..row_of(m, dir, "cloud")
+        }
+    }
+}
+
+impl CloudModel for HeavyCloud {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn version(&self) -> &str {
+        &self.model.manifest().version
+    }
+    fn calibration(&self) -> &Calibration {
+        &self.model.manifest().calibration
+    }
+    fn thresholds(&self) -> Option<Thresholds> {
+        self.model.manifest().thresholds
+    }
+    fn score(&self, image: &DynamicImage) -> Result<CloudScore> {
+        let s = self.model.score_image(image)?;
+        Ok(CloudScore {
+            score: s.score,
+            map: s.map,
+        })
+    }
+}
+
+/// The registry row of a PatchCore bundle.
 pub fn model_row(manifest: &Manifest, dir: &Path, role: &str) -> ModelRow {
+    ModelRow {
+        kind: manifest.model.kind.clone(),
+        bank_rows: manifest.model.bank_rows as i64,
+        ..row_of(manifest, dir, role)
+    }
+}
+
+/// The registry row of any bundle; `kind` and `bank_rows` are left for the caller.
+fn row_of<M>(manifest: &Manifest<M>, dir: &Path, role: &str) -> ModelRow {
     let size: u64 = std::fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -108,12 +181,12 @@ pub fn model_row(manifest: &Manifest, dir: &Path, role: &str) -> ModelRow {
     ModelRow {
         version: manifest.version.clone(),
         role: role.to_string(),
-        kind: manifest.model.kind.clone(),
+        kind: String::new(),
         backbone: manifest.backbone.variant.clone(),
         path: dir.display().to_string(),
         input_height: manifest.preprocessing.height as i64,
         input_width: manifest.preprocessing.width as i64,
-        bank_rows: manifest.model.bank_rows as i64,
+        bank_rows: 0,
         ok_below: manifest.thresholds.map(|t| t.ok_below as f64),
         ng_above: manifest.thresholds.map(|t| t.ng_above as f64),
         parent_version: manifest.parent_version.clone(),

@@ -8,10 +8,9 @@
 //! acknowledged to the broker, then offered to the workers; when their queue is full the
 //! row simply waits, and a sweeper re-offers pending rows (also after a restart).
 
-use crate::config::FusionConfig;
 use crate::db::verdicts::{InferenceRow, PendingEscalation, VerdictRow};
 use crate::db::{unix_ms, Db};
-use crate::fusion::{self, Vote};
+use crate::fusion::{Fusions, Member};
 use crate::models::{CloudModel, EdgeBundles};
 use crate::objects::{self, Objects};
 use crate::telemetry::Telemetry;
@@ -42,8 +41,8 @@ pub struct ScoringContext {
     pub edge: Arc<EdgeBundles>,
     /// Cloud models.
     pub cloud: Vec<Arc<dyn CloudModel>>,
-    /// Fusion rule.
-    pub fusion: FusionConfig,
+    /// Calibrated fusions of the models.
+    pub fusions: Fusions,
     /// Metrics.
     pub telemetry: Arc<Telemetry>,
     /// MQTT client for verdicts.
@@ -191,41 +190,40 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
     let origin = format!("frame {} ({})", e.frame_id, e.source);
     let image = insp_core::image::decode(&bytes, &origin)?;
     let mut inferences = Vec::new();
-    let mut votes = Vec::new();
     let mut maps: Vec<(String, AnomalyMap)> = Vec::new();
+    // Raw scores of the fusion's members, in member order.
+    let mut scores = Vec::new();
 
     // The edge score, reproduced exactly as the edge computed it.
     let mut reproduced = f32::NAN;
-    match ctx.edge.model(&e.model_version) {
-        Ok(model) => {
-            let t0 = Instant::now();
-            let s = model.score_image(&image, &mut Timings::default())?;
-            let seconds = t0.elapsed().as_secs_f64();
-            ctx.telemetry.model_latency(EDGE_MODEL, seconds);
-            reproduced = s.score;
-            let t = model.manifest().thresholds;
-            if let Some(t) = t {
-                votes.push(Vote {
-                    score: s.score,
-                    thresholds: t,
-                    weight: ctx.fusion.edge_weight,
-                });
-            }
-            inferences.push(InferenceRow {
-                model: EDGE_MODEL.into(),
-                model_version: e.model_version.clone(),
-                score: s.score,
-                ok_below: t.map_or(-1.0, |t| t.ok_below),
-                ng_above: t.map_or(-1.0, |t| t.ng_above),
-                map_key: Some(objects::map_key(&e.frame_id, EDGE_MODEL)),
-                latency_ms: (seconds * 1e3) as f32,
-            });
-            maps.push((EDGE_MODEL.into(), s.map));
+    let edge = match ctx.edge.model(&e.model_version) {
+        Ok(model) => Some(model),
+        Err(err) => {
+            tracing::warn!(
+                "escalation {}: edge score not reproduced: {err:#}",
+                e.frame_id
+            );
+            None
         }
-        Err(err) => tracing::warn!(
-            "escalation {}: edge score not reproduced: {err:#}",
-            e.frame_id
-        ),
+    };
+    if let Some(model) = &edge {
+        let t0 = Instant::now();
+        let s = model.score_image(&image, &mut Timings::default())?;
+        let seconds = t0.elapsed().as_secs_f64();
+        ctx.telemetry.model_latency(EDGE_MODEL, seconds);
+        reproduced = s.score;
+        scores.push(s.score);
+        let t = model.manifest().thresholds;
+        inferences.push(InferenceRow {
+            model: EDGE_MODEL.into(),
+            model_version: e.model_version.clone(),
+            score: s.score,
+            ok_below: t.map_or(-1.0, |t| t.ok_below),
+            ng_above: t.map_or(-1.0, |t| t.ng_above),
+            map_key: Some(objects::map_key(&e.frame_id, EDGE_MODEL)),
+            latency_ms: (seconds * 1e3) as f32,
+        });
+        maps.push((EDGE_MODEL.into(), s.map));
     }
 
     let mut cloud_score = f32::NAN;
@@ -237,44 +235,61 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         if cloud_score.is_nan() {
             cloud_score = s.score;
         }
+        scores.push(s.score);
         let t = m.thresholds();
-        votes.push(Vote {
-            score: s.score,
-            thresholds: t,
-            weight: ctx.fusion.cloud_weight,
-        });
         inferences.push(InferenceRow {
             model: m.name().to_string(),
             model_version: m.version().to_string(),
             score: s.score,
-            ok_below: t.ok_below,
-            ng_above: t.ng_above,
+            ok_below: t.map_or(-1.0, |t| t.ok_below),
+            ng_above: t.map_or(-1.0, |t| t.ng_above),
             map_key: Some(objects::map_key(&e.frame_id, m.name())),
             latency_ms: (seconds * 1e3) as f32,
         });
         maps.push((m.name().to_string(), s.map));
     }
 
-    let fused = fusion::fuse(&votes, &ctx.fusion).with_context(|| {
-        format!(
-            "no model could score it (edge bundle {:?} missing or without thresholds, and no cloud model configured)",
-            e.model_version
-        )
-    })?;
+    let mut members = Vec::new();
+    if let Some(model) = &edge {
+        members.push(Member {
+            name: EDGE_MODEL,
+            version: &e.model_version,
+            calibration: &model.manifest().calibration,
+        });
+    }
+    for m in &ctx.cloud {
+        members.push(Member {
+            name: m.name(),
+            version: m.version(),
+            calibration: m.calibration(),
+        });
+    }
+    anyhow::ensure!(
+        !members.is_empty(),
+        "no model could score it (edge bundle {:?} missing, and no cloud model configured)",
+        e.model_version
+    );
+    let fusion = ctx.fusions.of(&members)?;
+    let fused = fusion.fuse(&scores)?;
     let mut versions = vec![e.model_version.clone()];
     versions.extend(ctx.cloud.iter().map(|m| m.version().to_string()));
     let verdict = VerdictRow {
         frame_id: e.frame_id.clone(),
         site: e.site.clone(),
         device: e.device.clone(),
-        band: if fused.ng { "NG" } else { "OK" }.into(),
-        fused: fused.score,
+        band: if fusion.is_defective(fused) {
+            "NG"
+        } else {
+            "OK"
+        }
+        .into(),
+        fused,
         cloud_score,
         edge_score_reported: e.edge_score,
         edge_score_reproduced: reproduced,
         edge_exact: reproduced.to_bits() == e.edge_score.to_bits(),
         model_versions: versions.join("+"),
-        rule: fusion::describe(&ctx.fusion),
+        rule: ctx.fusions.describe(&fusion),
         received_unix_ms: e.received_unix_ms,
         decided_unix_ms: unix_ms(),
     };

@@ -4,8 +4,9 @@
 
 use crate::config::{HubConfig, ServeOverrides};
 use crate::db::Db;
+use crate::fusion::Fusions;
 use crate::ingest::Ingest;
-use crate::models::{model_row, CloudModel, EdgeBundles, PatchCoreCloud};
+use crate::models::{model_row, CloudModel, EdgeBundles, HeavyCloud, PatchCoreCloud};
 use crate::objects::Objects;
 use crate::scoring::{Scoring, ScoringContext};
 use crate::telemetry::Telemetry;
@@ -68,19 +69,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         db.upsert_model(&model_row(manifest, dir, "edge")).await?;
     }
     tracing::info!("{} edge bundles in {}", found.len(), models_dir.display());
-    let mut cloud: Vec<Arc<dyn CloudModel>> = Vec::new();
-    if let Some(path) = config.models.cloud_bundle.clone() {
-        let d = device.clone();
-        let p = path.clone();
-        let model = tokio::task::spawn_blocking(move || PatchCoreCloud::open(&p, &d)).await??;
-        db.upsert_model(&model_row(model.manifest(), &path, "cloud"))
-            .await?;
-        tracing::info!("cloud model {} from {}", model.version(), path.display());
-        cloud.push(Arc::new(model));
-    } else {
-        tracing::warn!("no cloud model configured (models.cloud_bundle): verdicts use the reproduced edge score alone");
-    }
-
+    let cloud = load_cloud_models(&config, &device, &db).await?;
     let (client, eventloop) = crate::mqtt::connect(&config);
     let scoring = Scoring::start(
         Arc::new(ScoringContext {
@@ -88,7 +77,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
             objects: objects.clone(),
             edge: edge.clone(),
             cloud,
-            fusion: config.fusion.clone(),
+            fusions: Fusions::new(config.fusion.clone()),
             telemetry: telemetry.clone(),
             mqtt: client.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -189,4 +178,60 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The cloud models: the heavy bundles when they all load, else the PatchCore fallback,
+/// else none (verdicts from the reproduced edge score alone). A configured fallback that
+/// does not load stops the hub: that is a deployment error, not a degraded mode.
+async fn load_cloud_models(
+    config: &HubConfig,
+    device: &candle_core::Device,
+    db: &crate::db::Db,
+) -> Result<Vec<Arc<dyn CloudModel>>> {
+    let mut cloud: Vec<Arc<dyn CloudModel>> = Vec::new();
+    let mut heavy_failed = None;
+    for path in &config.models.heavy_bundles {
+        let (d, p) = (device.clone(), path.clone());
+        match tokio::task::spawn_blocking(move || HeavyCloud::open(&p, &d)).await? {
+            Ok(model) => {
+                db.upsert_model(&model.row(path)).await?;
+                tracing::info!(
+                    "heavy cloud model {} {} from {}",
+                    model.name(),
+                    model.version(),
+                    path.display()
+                );
+                cloud.push(Arc::new(model));
+            }
+            Err(e) => {
+                heavy_failed = Some(format!("{e:#}"));
+                break;
+            }
+        }
+    }
+    if let Some(reason) = &heavy_failed {
+        cloud.clear();
+        tracing::error!(
+            "heavy cloud models not used: {reason}; falling back to {}",
+            match &config.models.cloud_bundle {
+                Some(p) => format!("the PatchCore cloud bundle {}", p.display()),
+                None => "the reproduced edge score alone (no models.cloud_bundle)".into(),
+            }
+        );
+    }
+    if cloud.is_empty() {
+        if let Some(path) = config.models.cloud_bundle.clone() {
+            let (d, p) = (device.clone(), path.clone());
+            let model = tokio::task::spawn_blocking(move || PatchCoreCloud::open(&p, &d)).await??;
+            db.upsert_model(&model_row(model.manifest(), &path, "cloud"))
+                .await?;
+            tracing::info!("cloud model {} from {}", model.version(), path.display());
+            cloud.push(Arc::new(model));
+        } else if heavy_failed.is_none() {
+            tracing::warn!(
+                "no cloud model configured (models.heavy_bundles, models.cloud_bundle): verdicts use the reproduced edge score alone"
+            );
+        }
+    }
+    Ok(cloud)
 }

@@ -440,3 +440,146 @@ async fn a_killed_hub_loses_nothing_the_broker_accepted() {
     drop(hub);
     forget_session(&client_id).await;
 }
+
+/// The models that judged a frame, from its inferences: (model, version, score, latency ms).
+async fn inferences(pool: &sqlx::AnyPool, frame_id: &str) -> Vec<(String, String, f64, f64)> {
+    sqlx::query(
+        "SELECT model, model_version, score, latency_ms FROM inferences WHERE frame_id = $1 ORDER BY model",
+    )
+    .bind(frame_id.to_string())
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        use sqlx::Row;
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    })
+    .collect()
+}
+
+fn manifest_version(bundle: &std::path::Path) -> String {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    m["version"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_models_judge_escalations_and_a_broken_one_falls_back_to_patchcore() {
+    let f = fixture();
+    let (recon, flow) = heavy_fixture();
+    let defect = f
+        .images
+        .iter()
+        .find(|p| p.to_string_lossy().contains("hole"))
+        .unwrap();
+    let (_, _, _, version) = edge_score(defect);
+
+    // Both heavy bundles present: they judge the frame with the reproduced edge score.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let setup = HubSetup {
+        dir: dir.path(),
+        broker: None,
+        embedded_port: port,
+        database: None,
+        client_id: "hub-heavy",
+        group: "hubs",
+        site: "plant-h",
+    };
+    let hub =
+        HubProcess::start_with_models(&setup, &format!("heavy_bundles = [{recon:?}, {flow:?}]"));
+    let mut dev = Device::connect(("127.0.0.1", port), "plant-h", "cam-1").await;
+    dev.online(&version).await;
+    let (frame_id, edge) = dev.escalate(defect).await;
+    let v = dev.verdict(120).await;
+    assert_eq!(v.frame_id, frame_id);
+    assert_eq!(v.edge_score_reproduced.to_bits(), edge.to_bits());
+    let (rv, fv) = (manifest_version(recon), manifest_version(flow));
+    assert_eq!(v.model_versions, format!("{version}+{rv}+{fv}"), "{v:?}");
+    let db = format!("sqlite://{}", dir.path().join("data/hub.db").display());
+    let db_pool = pool(&db).await;
+    let got = inferences(&db_pool, &frame_id).await;
+    let models: Vec<&str> = got.iter().map(|i| i.0.as_str()).collect();
+    assert_eq!(
+        models,
+        ["cloud-flow", "cloud-recon", "edge-reproduced"],
+        "{got:?}"
+    );
+    assert_eq!(
+        (got[0].1.as_str(), got[1].1.as_str()),
+        (fv.as_str(), rv.as_str())
+    );
+    for (model, _, score, latency) in &got {
+        assert!(score.is_finite(), "{model}: score {score}");
+        assert!(*latency > 0.0, "{model}: latency {latency} ms not recorded");
+    }
+    let rule: String = sqlx::query("SELECT rule FROM verdicts WHERE frame_id = $1")
+        .bind(frame_id.clone())
+        .fetch_one(&db_pool)
+        .await
+        .map(|r| sqlx::Row::get(&r, 0))
+        .unwrap();
+    assert!(
+        rule.contains("edge-reproduced, cloud-recon, cloud-flow"),
+        "{rule}"
+    );
+    assert_eq!(
+        hub.metric(r#"hub_model_latency_seconds_count{model="cloud-recon"}"#),
+        1.0
+    );
+    assert_eq!(hub.metric("hub_escalations_failed_total"), 0.0);
+    dev.close().await;
+    db_pool.close().await;
+    drop(hub);
+
+    // A recon bundle whose weights no longer match its manifest is refused, with the
+    // reason in the log, and the PatchCore cloud bundle judges instead.
+    let broken = dir.path().join("broken-recon");
+    std::fs::create_dir_all(&broken).unwrap();
+    for e in std::fs::read_dir(recon).unwrap().flatten() {
+        std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
+    }
+    let weights = std::fs::read_dir(&broken)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "safetensors")
+                && !p.to_string_lossy().contains("backbone")
+        })
+        .expect("a model weights file");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&weights, bytes).unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hub = HubProcess::start_with_models(
+        &HubSetup {
+            dir: dir2.path(),
+            embedded_port: port,
+            ..setup
+        },
+        &format!("heavy_bundles = [{broken:?}, {flow:?}]"),
+    );
+    let log = hub.log_text();
+    assert!(
+        log.contains("heavy cloud models not used") && log.contains("broken-recon"),
+        "{log}"
+    );
+    let mut dev = Device::connect(("127.0.0.1", port), "plant-h", "cam-1").await;
+    dev.online(&version).await;
+    let (frame_id, _) = dev.escalate(defect).await;
+    let v = dev.verdict(120).await;
+    assert_eq!(v.frame_id, frame_id);
+    let db = format!("sqlite://{}", dir2.path().join("data/hub.db").display());
+    let pool2 = pool(&db).await;
+    let models: Vec<String> = inferences(&pool2, &frame_id)
+        .await
+        .into_iter()
+        .map(|i| i.0)
+        .collect();
+    assert_eq!(models, ["cloud-patchcore", "edge-reproduced"]);
+    dev.close().await;
+}

@@ -110,6 +110,60 @@ pub fn fixture() -> &'static Fixture {
     })
 }
 
+/// Tiny recon and flow bundles trained (once per test binary) on the fixture's data.
+pub fn heavy_fixture() -> &'static (PathBuf, PathBuf) {
+    static H: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    H.get_or_init(|| {
+        use insp_core::flow::FlowConfig;
+        use insp_core::heavy::Architecture;
+        use insp_core::recon::ReconConfig;
+        use insp_core::training::{train, TrainConfig};
+        let f = fixture();
+        let weights = insp_core::weights::locate(&insp_core::weights::default_dir(), "lite0")
+            .unwrap_or_else(|e| {
+                panic!("pretrained weights missing ({e}): run `edge-agent weights fetch`")
+            });
+        let tiny = |architecture| TrainConfig {
+            size: 128,
+            epochs: 2,
+            batch: 4,
+            time_limit: None,
+            ..TrainConfig::new(architecture)
+        };
+        let recon = f.root.join("recon");
+        let flow = f.root.join("flow");
+        let arch = Architecture::Recon(ReconConfig {
+            hidden: 16,
+            prototypes: 8,
+            attention_dims: 8,
+            ..ReconConfig::default()
+        });
+        train(
+            &f.root.join("data"),
+            &weights,
+            &tiny(arch),
+            &recon,
+            &candle_core::Device::Cpu,
+            &mut |_| {},
+        )
+        .expect("train recon");
+        let arch = Architecture::Flow(FlowConfig {
+            steps: 2,
+            ..FlowConfig::default()
+        });
+        train(
+            &f.root.join("data"),
+            &weights,
+            &tiny(arch),
+            &flow,
+            &candle_core::Device::Cpu,
+            &mut |_| {},
+        )
+        .expect("train flow");
+        (recon, flow)
+    })
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -232,10 +286,15 @@ pub struct HubSetup<'a> {
 impl HubProcess {
     /// Writes a config and starts the hub; waits until it is ready.
     pub fn start(s: &HubSetup) -> HubProcess {
+        Self::start_with_models(s, "")
+    }
+
+    /// As [`HubProcess::start`], with extra lines in the config's `[models]` table.
+    pub fn start_with_models(s: &HubSetup, models: &str) -> HubProcess {
         let f = fixture();
         let (http, grpc) = (free_port(), free_port());
         let mut toml = format!(
-            "data_dir = {:?}\n[models]\ndir = {:?}\ncloud_bundle = {:?}\n[api]\nhttp_listen = \"127.0.0.1:{http}\"\ngrpc_listen = \"127.0.0.1:{grpc}\"\n[mqtt]\nclient_id = {:?}\ngroup = {:?}\nsite = {:?}\n",
+            "data_dir = {:?}\n[models]\ndir = {:?}\ncloud_bundle = {:?}\n{models}\n[api]\nhttp_listen = \"127.0.0.1:{http}\"\ngrpc_listen = \"127.0.0.1:{grpc}\"\n[mqtt]\nclient_id = {:?}\ngroup = {:?}\nsite = {:?}\n",
             s.dir.join("data"),
             f.models,
             f.cloud,
