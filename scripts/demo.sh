@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole system on one machine, on the embedded defaults: builds, fetches the pretrained
 # weights, makes a synthetic data set (or takes the MVTec-AD-layout folder given as $1),
-# fits the edge bundle (Lite0) and the cloud's heavier one (Lite2, larger input), starts a
+# fits the edge bundle (Lite0) and the cloud's heavier one (Lite2, larger input, the
+# fallback), trains small feature-reconstruction and flow models for the cloud, starts a
 # hub (in-process MQTT broker, SQLite, local object folder) and two edge agents that stream
 # the test images through it, then prints what happened (bands, escalations, verdicts,
 # accuracy against ground truth, latency) and writes heatmap overlays of the escalated
@@ -34,13 +35,18 @@ mkdir -p "$run"
 echo "== fitting the edge bundle (Lite0) and the cloud bundle (Lite2, larger input)"
 $agent fit --data "$data" --out "$run/models/edge"
 $agent fit --data "$data" --out "$run/cloud" --backbone lite2 --size 320 --blur-sigma 10
+echo "== training the heavy cloud models (feature reconstruction, normalizing flow; small demo settings)"
+$hub train --model recon --data "$data" --out "$run/recon" --size 160 --epochs 6 \
+  --hidden 48 --prototypes 32 --attention-dims 24 --time-limit 60
+$hub train --model flow --data "$data" --out "$run/flow" --size 160 --epochs 6 --flow-steps 4 --time-limit 60
 
 free_port() { "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 broker=$(free_port); grpc=$(free_port); http=$(free_port)
 
 echo "== starting the hub (embedded MQTT broker on 127.0.0.1:$broker, SQLite, local objects)"
 $hub serve --data-dir "$run/hub" --broker-listen "127.0.0.1:$broker" \
-  --models-dir "$run/models" --cloud-bundle "$run/cloud" \
+  --models-dir "$run/models" --heavy-bundle "$run/recon" --heavy-bundle "$run/flow" \
+  --cloud-bundle "$run/cloud" \
   --grpc-listen "127.0.0.1:$grpc" --http-listen "127.0.0.1:$http" > "$run/hub.log" 2>&1 &
 hub_pid=$!
 agents=()

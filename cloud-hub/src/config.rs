@@ -175,9 +175,10 @@ pub struct ModelsConfig {
     /// re-scored with the bundle whose manifest version it names. Absent:
     /// `<data_dir>/models`.
     pub dir: Option<PathBuf>,
-    /// The heavy cloud models (recon and flow bundles from `cloud-hub train`). When
-    /// they load, escalations are judged by them with the reproduced edge score; a
-    /// bundle that does not load is logged and the hub falls back to `cloud_bundle`.
+    /// The heavy cloud models (recon and flow bundles from `cloud-hub train`; a PatchCore
+    /// bundle may run beside them). When they all load, escalations are judged by them
+    /// with the reproduced edge score; a bundle that does not load is logged and the hub
+    /// falls back to `cloud_bundle`.
     pub heavy_bundles: Vec<PathBuf>,
     /// The fallback re-scoring model: a heavier PatchCore bundle, used when no heavy
     /// bundle is configured or loads. Absent as well: verdicts use the reproduced edge

@@ -129,6 +129,26 @@ async fn load(db: &Db) -> Result<Vec<Frame>> {
     Ok(out)
 }
 
+/// Per model and version: the latency of every inference, milliseconds.
+async fn model_latencies(db: &Db) -> Result<Vec<(String, String, Vec<f64>)>> {
+    let rows = sqlx::query(
+        "SELECT model, model_version, latency_ms FROM inferences ORDER BY model, model_version",
+    )
+    .fetch_all(db.pool())
+    .await
+    .context("cannot read inferences")?;
+    let mut out: Vec<(String, String, Vec<f64>)> = Vec::new();
+    for r in rows {
+        let (model, version): (String, String) = (r.try_get("model")?, r.try_get("model_version")?);
+        let ms: f64 = r.try_get("latency_ms")?;
+        match out.last_mut() {
+            Some(last) if last.0 == model && last.1 == version => last.2.push(ms),
+            _ => out.push((model, version, vec![ms])),
+        }
+    }
+    Ok(out)
+}
+
 async fn thresholds(db: &Db) -> Result<HashMap<String, Thresholds>> {
     let rows = sqlx::query("SELECT version, ok_below, ng_above FROM models")
         .fetch_all(db.pool())
@@ -290,6 +310,26 @@ pub async fn run(args: ReportArgs) -> Result<()> {
             percentile(&mut verdict_ms, 0.5),
             percentile(&mut verdict_ms, 0.99)
         );
+    }
+
+    // Each model's share of the escalations.
+    let models = model_latencies(&db).await?;
+    if !models.is_empty() {
+        println!();
+        println!(
+            "{:<18} {:<40} {:>7} {:>13} {:>13}",
+            "model on escalations", "version", "frames", "latency p50", "p99"
+        );
+        for (model, version, mut ms) in models {
+            println!(
+                "{:<18} {:<40} {:>7} {:>10.1} ms {:>10.1} ms",
+                model,
+                version,
+                ms.len(),
+                percentile(&mut ms, 0.5),
+                percentile(&mut ms, 0.99)
+            );
+        }
     }
 
     // Overlays of the escalated frames.

@@ -180,6 +180,23 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// A bundle of `models.heavy_bundles`: recon or flow, or a PatchCore bundle to run beside
+/// them.
+fn open_tier_bundle(
+    dir: &std::path::Path,
+    device: &candle_core::Device,
+) -> Result<(Arc<dyn CloudModel>, crate::db::api::ModelRow)> {
+    if insp_core::bundle::model_kind(dir)? == "patchcore" {
+        let model = PatchCoreCloud::open(dir, device)?;
+        let row = model_row(model.manifest(), dir, "cloud");
+        Ok((Arc::new(model), row))
+    } else {
+        let model = HeavyCloud::open(dir, device)?;
+        let row = model.row(dir);
+        Ok((Arc::new(model), row))
+    }
+}
+
 /// The cloud models: the heavy bundles when they all load, else the PatchCore fallback,
 /// else none (verdicts from the reproduced edge score alone). A configured fallback that
 /// does not load stops the hub: that is a deployment error, not a degraded mode.
@@ -192,16 +209,17 @@ async fn load_cloud_models(
     let mut heavy_failed = None;
     for path in &config.models.heavy_bundles {
         let (d, p) = (device.clone(), path.clone());
-        match tokio::task::spawn_blocking(move || HeavyCloud::open(&p, &d)).await? {
-            Ok(model) => {
-                db.upsert_model(&model.row(path)).await?;
+        let opened = tokio::task::spawn_blocking(move || open_tier_bundle(&p, &d)).await?;
+        match opened {
+            Ok((model, row)) => {
+                db.upsert_model(&row).await?;
                 tracing::info!(
-                    "heavy cloud model {} {} from {}",
+                    "cloud model {} {} from {}",
                     model.name(),
                     model.version(),
                     path.display()
                 );
-                cloud.push(Arc::new(model));
+                cloud.push(model);
             }
             Err(e) => {
                 heavy_failed = Some(format!("{e:#}"));

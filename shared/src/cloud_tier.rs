@@ -1,7 +1,8 @@
 //! The cloud tier's judgement of an escalated frame: every model the hub holds (the
 //! edge's PatchCore bundle, recomputed on the lossless frame, and the heavy models)
-//! scores it, and [`crate::fusion`] turns their scores into one verdict. This is the
-//! call the hub makes per escalation.
+//! scores it, and [`crate::fusion`] turns their scores into one verdict. `cloud-hub eval`
+//! judges a data set through it; `cloud-hub serve` applies the same fusion with the edge
+//! bundle each escalation names (the hub holds many edge versions at once).
 //!
 //! ```no_run
 //! # fn main() -> insp_core::Result<()> {
