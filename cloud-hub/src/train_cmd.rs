@@ -37,7 +37,7 @@ pub struct TrainArgs {
     /// Backbone stages used, ascending (3 = stride 8, 5 = stride 16) [default: 3,5].
     #[arg(long, value_delimiter = ',')]
     stages: Option<Vec<usize>>,
-    /// Input side in pixels [default: 256].
+    /// Input side in pixels [default: 176].
     #[arg(long)]
     size: Option<usize>,
     /// Keep each frame's aspect ratio (about size x size pixels) [default: true].

@@ -90,7 +90,7 @@ impl TrainConfig {
             architecture,
             backbone: "lite0".into(),
             stages: vec![3, 5],
-            size: 256,
+            size: 176,
             keep_aspect: true,
             pool: if recon { 3 } else { 1 },
             holdout: 0.1,
