@@ -74,7 +74,7 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
             "--size",
             "128",
             "--train",
-            "24",
+            "40",
             "--test-good",
             "6",
             "--test-defect",
@@ -92,6 +92,8 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
             s(&models.join("edge")),
             "--bank-rows",
             "1000",
+            "--holdout",
+            "0.25",
         ],
     );
     run(
@@ -106,8 +108,41 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
             "lite2",
             "--bank-rows",
             "1500",
+            "--holdout",
+            "0.25",
         ],
     );
+    // Tiny heavy models; every model holds out the same images (same share and seed), on
+    // which the hub calibrates its fused verdict.
+    let tiny = ["--size", "128", "--epochs", "3", "--holdout", "0.25"];
+    for (model, extra) in [
+        (
+            "recon",
+            &[
+                "--hidden",
+                "16",
+                "--prototypes",
+                "8",
+                "--attention-dims",
+                "8",
+            ][..],
+        ),
+        ("flow", &["--flow-steps", "2"][..]),
+    ] {
+        let out = root.join(model);
+        let mut args = vec![
+            "train",
+            "--model",
+            model,
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+        ];
+        args.extend(tiny);
+        args.extend(extra);
+        run(&hub, &args);
+    }
 
     let (broker, grpc, http) = (free_port(), free_port(), free_port());
     let log = std::fs::File::create(root.join("hub.log")).unwrap();
@@ -122,6 +157,10 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
                 &format!("127.0.0.1:{broker}"),
                 "--models-dir",
                 s(&models),
+                "--heavy-bundle",
+                s(&root.join("recon")),
+                "--heavy-bundle",
+                s(&root.join("flow")),
                 "--cloud-bundle",
                 s(&root.join("cloud")),
                 "--grpc-listen",
@@ -220,6 +259,7 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(report_dir.join("summary.json")).unwrap())
             .unwrap();
+    println!("{text}");
     let n = files.len() as u64;
     assert_eq!(summary["frames"], n, "{text}");
     assert_eq!(summary["labelled_frames"], n, "{text}");
@@ -243,4 +283,9 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
         .sum();
     assert_eq!(overlays as u64, uncertain, "{text}");
     assert!(text.contains("cam-1") && text.contains("cam-2"), "{text}");
+    // The heavy models judged the escalations, each with its latency.
+    assert!(
+        text.contains("cloud-recon") && text.contains("cloud-flow"),
+        "{text}"
+    );
 }
