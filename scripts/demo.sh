@@ -40,7 +40,7 @@ fi
 rm -rf "$run" "$out/report"
 mkdir -p "$run"
 echo "== fitting the edge bundle (Lite0) and the cloud bundle (Lite2, larger input)"
-$agent fit --data "$data" --out "$run/models/edge" "${holdout[@]}" "${edge_band[@]}"
+$agent fit --data "$data" --out "$run/models/edge" "${holdout[@]}" ${edge_band[@]+"${edge_band[@]}"}
 $agent fit --data "$data" --out "$run/cloud" --backbone lite2 --size 320 --blur-sigma 10 "${holdout[@]}"
 echo "== training the heavy cloud models (feature reconstruction, normalizing flow; small demo settings)"
 $hub train --model recon --data "$data" --out "$run/recon" --size 160 --epochs 6 \

@@ -130,6 +130,24 @@ mod tests {
         assert!(!f.is_defective(top) && f.is_defective(f.fuse(&[6.0, 60.0]).unwrap()));
         // A second call with the same members returns the cached fusion.
         assert!(Arc::ptr_eq(&f, &fusions.of(&both).unwrap()));
+        // A new version of a member is calibrated afresh.
+        let cloud2 = cal(&[100.0, 200.0, 300.0, 400.0, 500.0]);
+        let newer = fusions
+            .of(&[
+                Member {
+                    name: "edge-reproduced",
+                    version: "e1",
+                    calibration: &edge,
+                },
+                Member {
+                    name: "cloud-recon",
+                    version: "r2",
+                    calibration: &cloud2,
+                },
+            ])
+            .unwrap();
+        assert!(!Arc::ptr_eq(&f, &newer));
+        assert!(!newer.is_defective(newer.fuse(&[5.0, 500.0]).unwrap()));
         // The cloud model alone is its own fusion.
         let alone = fusions.of(&both[1..]).unwrap();
         assert_eq!(alone.members.len(), 1);

@@ -317,12 +317,12 @@ pub async fn run(args: ReportArgs) -> Result<()> {
     if !models.is_empty() {
         println!();
         println!(
-            "{:<18} {:<40} {:>7} {:>13} {:>13}",
+            "{:<20} {:<36} {:>7} {:>13} {:>10}",
             "model on escalations", "version", "frames", "latency p50", "p99"
         );
         for (model, version, mut ms) in models {
             println!(
-                "{:<18} {:<40} {:>7} {:>10.1} ms {:>10.1} ms",
+                "{:<20} {:<36} {:>7} {:>10.1} ms {:>7.1} ms",
                 model,
                 version,
                 ms.len(),

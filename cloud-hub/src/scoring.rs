@@ -191,7 +191,8 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
     let image = insp_core::image::decode(&bytes, &origin)?;
     let mut inferences = Vec::new();
     let mut maps: Vec<(String, AnomalyMap)> = Vec::new();
-    // Raw scores of the fusion's members, in member order.
+    // The fusion's members and their raw scores, in the same order.
+    let mut members = Vec::new();
     let mut scores = Vec::new();
 
     // The edge score, reproduced exactly as the edge computed it.
@@ -212,7 +213,6 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         let seconds = t0.elapsed().as_secs_f64();
         ctx.telemetry.model_latency(EDGE_MODEL, seconds);
         reproduced = s.score;
-        scores.push(s.score);
         let t = model.manifest().thresholds;
         inferences.push(InferenceRow {
             model: EDGE_MODEL.into(),
@@ -235,7 +235,6 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         if cloud_score.is_nan() {
             cloud_score = s.score;
         }
-        scores.push(s.score);
         let t = m.thresholds();
         inferences.push(InferenceRow {
             model: m.name().to_string(),
@@ -249,24 +248,46 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         maps.push((m.name().to_string(), s.map));
     }
 
-    let mut members = Vec::new();
-    if let Some(model) = &edge {
-        members.push(Member {
-            name: EDGE_MODEL,
-            version: &e.model_version,
-            calibration: &model.manifest().calibration,
-        });
-    }
-    for m in &ctx.cloud {
-        members.push(Member {
-            name: m.name(),
-            version: m.version(),
-            calibration: m.calibration(),
-        });
+    // Members in inference order (edge first, then the cloud models); one without
+    // held-out good scores or with a non-finite score is left out of the verdict.
+    let calibrations = edge
+        .iter()
+        .map(|m| {
+            (
+                EDGE_MODEL,
+                e.model_version.as_str(),
+                &m.manifest().calibration,
+            )
+        })
+        .chain(
+            ctx.cloud
+                .iter()
+                .map(|m| (m.name(), m.version(), m.calibration())),
+        );
+    for ((name, version, calibration), inference) in calibrations.zip(&inferences) {
+        if calibration.good_scores.is_empty() {
+            tracing::warn!(
+                "escalation {}: {name} {version} has no held-out good scores (refit it with --holdout above 0): left out of the verdict",
+                e.frame_id
+            );
+        } else if !inference.score.is_finite() {
+            tracing::warn!(
+                "escalation {}: {name} {version} gave the score {}: left out of the verdict",
+                e.frame_id,
+                inference.score
+            );
+        } else {
+            members.push(Member {
+                name,
+                version,
+                calibration,
+            });
+            scores.push(inference.score);
+        }
     }
     anyhow::ensure!(
         !members.is_empty(),
-        "no model could score it (edge bundle {:?} missing, and no cloud model configured)",
+        "no model could judge it (edge bundle {:?} missing or uncalibrated, and no usable cloud model)",
         e.model_version
     );
     let fusion = ctx.fusions.of(&members)?;

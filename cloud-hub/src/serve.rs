@@ -206,13 +206,21 @@ async fn load_cloud_models(
     db: &crate::db::Db,
 ) -> Result<Vec<Arc<dyn CloudModel>>> {
     let mut cloud: Vec<Arc<dyn CloudModel>> = Vec::new();
+    let mut rows = Vec::new();
     let mut heavy_failed = None;
     for path in &config.models.heavy_bundles {
         let (d, p) = (device.clone(), path.clone());
         let opened = tokio::task::spawn_blocking(move || open_tier_bundle(&p, &d)).await?;
         match opened {
+            Ok((model, _)) if cloud.iter().any(|m| m.name() == model.name()) => {
+                heavy_failed = Some(format!(
+                    "{} is a second {} model: list one bundle of each kind in models.heavy_bundles",
+                    path.display(),
+                    model.name()
+                ));
+                break;
+            }
             Ok((model, row)) => {
-                db.upsert_model(&row).await?;
                 tracing::info!(
                     "cloud model {} {} from {}",
                     model.name(),
@@ -220,10 +228,24 @@ async fn load_cloud_models(
                     path.display()
                 );
                 cloud.push(model);
+                rows.push(row);
             }
             Err(e) => {
                 heavy_failed = Some(format!("{e:#}"));
                 break;
+            }
+        }
+    }
+    if heavy_failed.is_none() {
+        // Registered only once all of them load: the registry lists what is in use.
+        for row in &rows {
+            db.upsert_model(row).await?;
+        }
+        if let Some(path) = &config.models.cloud_bundle {
+            if !cloud.is_empty() {
+                if let Err(e) = crate::models::read_manifest(path) {
+                    tracing::warn!("the fallback cloud bundle is not usable: {e:#}");
+                }
             }
         }
     }

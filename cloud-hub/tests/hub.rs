@@ -524,11 +524,48 @@ async fn heavy_models_judge_escalations_and_a_broken_one_falls_back_to_patchcore
         rule.contains("edge-reproduced, cloud-recon, cloud-flow"),
         "{rule}"
     );
+    // The verdict is the library fusion of the three members, recomputed here from the
+    // bundles' held-out good scores and the stored raw scores (edge, recon, flow order).
+    let (fused, band): (f64, String) =
+        sqlx::query("SELECT fused, band FROM verdicts WHERE frame_id = $1")
+            .bind(frame_id.clone())
+            .fetch_one(&db_pool)
+            .await
+            .map(|r| (sqlx::Row::get(&r, 0), sqlx::Row::get(&r, 1)))
+            .unwrap();
+    let calibration = |dir: &std::path::Path| -> insp_core::bundle::Calibration {
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        serde_json::from_value(m["calibration"].clone()).unwrap()
+    };
+    let (ce, cr, cf) = (calibration(&f.edge), calibration(recon), calibration(flow));
+    let expected = insp_core::fusion::Fusion::calibrate(
+        &[
+            ("edge".into(), &ce),
+            ("recon".into(), &cr),
+            ("flow".into(), &cf),
+        ],
+        insp_core::fusion::Rule::Mean,
+        1.0,
+    )
+    .unwrap();
+    let want = expected
+        .fuse(&[got[2].2 as f32, got[1].2 as f32, got[0].2 as f32])
+        .unwrap();
+    assert!(
+        (fused - want as f64).abs() < 1e-4,
+        "stored fused {fused}, recomputed {want}"
+    );
+    assert_eq!(
+        band == "NG",
+        expected.is_defective(want),
+        "{band} at {fused}"
+    );
     assert_eq!(
         hub.metric(r#"hub_model_latency_seconds_count{model="cloud-recon"}"#),
         1.0
     );
-    assert_eq!(hub.metric("hub_escalations_failed_total"), 0.0);
+    assert_eq!(hub.metric("hub_escalations_scored_total"), 1.0);
     dev.close().await;
     db_pool.close().await;
     drop(hub);
@@ -581,5 +618,17 @@ async fn heavy_models_judge_escalations_and_a_broken_one_falls_back_to_patchcore
         .map(|i| i.0)
         .collect();
     assert_eq!(models, ["cloud-patchcore", "edge-reproduced"]);
+    let (versions, rule): (String, String) =
+        sqlx::query("SELECT model_versions, rule FROM verdicts WHERE frame_id = $1")
+            .bind(frame_id.clone())
+            .fetch_one(&pool2)
+            .await
+            .map(|r| (sqlx::Row::get(&r, 0), sqlx::Row::get(&r, 1)))
+            .unwrap();
+    assert_eq!(
+        versions,
+        format!("{version}+{}", manifest_version(&f.cloud))
+    );
+    assert!(rule.contains("edge-reproduced, cloud-patchcore"), "{rule}");
     dev.close().await;
 }

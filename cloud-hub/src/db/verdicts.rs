@@ -59,9 +59,10 @@ pub struct VerdictRow {
     pub device: String,
     /// `OK` or `NG`.
     pub band: String,
-    /// Fused score (0 at OK threshold, 1 at NG threshold).
+    /// Fused score: mean (or max) of the members' z-scores; NG above the threshold
+    /// recorded in `rule`.
     pub fused: f32,
-    /// The cloud model's score (NaN without one).
+    /// Raw score of the first cloud model, in its own units (NaN without one).
     pub cloud_score: f32,
     /// The edge score as reported.
     pub edge_score_reported: f32,
