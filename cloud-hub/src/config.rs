@@ -199,6 +199,9 @@ pub struct ScoringConfig {
     pub workers: usize,
     /// Escalations waiting for a worker before ingest of further escalations waits.
     pub queue: usize,
+    /// Seconds after which a pending escalation is offered to the workers again: after a
+    /// temporary failure (object store or database away) or a full queue.
+    pub retry_after_s: f64,
 }
 
 impl Default for ScoringConfig {
@@ -206,6 +209,7 @@ impl Default for ScoringConfig {
         Self {
             workers: 1,
             queue: 256,
+            retry_after_s: 60.0,
         }
     }
 }
@@ -330,6 +334,10 @@ impl HubConfig {
             "ingest.max_batch must be above 0"
         );
         anyhow::ensure!(self.scoring.workers > 0, "scoring.workers must be above 0");
+        anyhow::ensure!(
+            self.scoring.retry_after_s.is_finite() && self.scoring.retry_after_s >= 0.0,
+            "scoring.retry_after_s must be a number of seconds, 0 or more"
+        );
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.fusion.quantile),
             "fusion.quantile {} must be within 0 and 1",

@@ -27,9 +27,16 @@ use std::time::{Duration, Instant};
 /// Name of the reproduced edge score among a frame's inferences.
 pub const EDGE_MODEL: &str = "edge-reproduced";
 
-/// How old a pending escalation must be before the periodic sweep re-offers it (a
-/// younger one is probably still queued here or at another hub).
-const STALE_MS: i64 = 60_000;
+/// Marks an error worth retrying (object store or database unavailable): the escalation
+/// stays pending and the periodic sweep offers it again, instead of being marked failed.
+#[derive(Debug)]
+pub struct Temporary;
+
+impl std::fmt::Display for Temporary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("temporary failure, retried by the pending sweep")
+    }
+}
 
 /// What the workers need.
 pub struct ScoringContext {
@@ -65,11 +72,20 @@ pub struct Scoring {
     tx: SyncSender<Job>,
     in_flight: Arc<Mutex<HashSet<String>>>,
     telemetry: Arc<Telemetry>,
+    /// How old a pending escalation must be before the periodic sweep re-offers it (a
+    /// younger one is probably still queued here or at another hub).
+    retry_after: Duration,
 }
 
 impl Scoring {
-    /// Starts `workers` threads with a queue of `queue` jobs.
-    pub fn start(ctx: Arc<ScoringContext>, workers: usize, queue: usize) -> Result<Scoring> {
+    /// Starts `workers` threads with a queue of `queue` jobs; the sweep re-offers
+    /// pending escalations older than `retry_after`.
+    pub fn start(
+        ctx: Arc<ScoringContext>,
+        workers: usize,
+        queue: usize,
+        retry_after: Duration,
+    ) -> Result<Scoring> {
         let (tx, rx) = sync_channel::<Job>(queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let in_flight = Arc::new(Mutex::new(HashSet::new()));
@@ -84,6 +100,7 @@ impl Scoring {
             tx,
             in_flight,
             telemetry: ctx.telemetry.clone(),
+            retry_after,
         })
     }
 
@@ -116,7 +133,7 @@ impl Scoring {
         let now = unix_ms();
         let mut offered = 0;
         for e in db.pending_escalations(1000).await? {
-            if !all && now - e.received_unix_ms < STALE_MS {
+            if !all && now - e.received_unix_ms < self.retry_after.as_millis() as i64 {
                 continue;
             }
             if self.submit(Job {
@@ -136,13 +153,26 @@ impl Scoring {
             Ok(_) => {}
             Err(e) => tracing::error!("cannot read pending escalations: {e:#}"),
         }
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut tick = tokio::time::interval(
+            self.retry_after
+                .clamp(Duration::from_millis(200), Duration::from_secs(10)),
+        );
         loop {
             tick.tick().await;
             if let Err(e) = self.sweep(&db, false).await {
                 tracing::warn!("pending sweep failed: {e:#}");
             }
         }
+    }
+}
+
+/// Whether a worker's outcome was a temporary failure (`Some(true)`), another failure
+/// (`Some(false)`), or a success (`None`).
+fn outcome_kind(outcome: &std::thread::Result<Result<()>>) -> Option<bool> {
+    match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.downcast_ref::<Temporary>().is_some()),
+        Err(_) => Some(false),
     }
 }
 
@@ -161,12 +191,19 @@ fn work(
         };
         let id = job.escalation.frame_id.clone();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score(&ctx, job)));
+        let temporary = matches!(outcome_kind(&outcome), Some(true));
         let error = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(format!("{e:#}")),
             Err(_) => Some("scoring panicked".to_string()),
         };
-        if let Some(error) = error {
+        if temporary {
+            tracing::warn!(
+                "escalation {id}: {}; it stays pending",
+                error.as_deref().unwrap_or_default()
+            );
+            ctx.telemetry.escalation_retried();
+        } else if let Some(error) = error {
             tracing::error!("escalation {id}: {error}");
             ctx.telemetry.escalation_failed();
             if let Err(e) = ctx.runtime.block_on(ctx.db.mark_failed(&id, &error)) {
@@ -185,7 +222,23 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
     let e = &job.escalation;
     let bytes = match job.image {
         Some(b) => b,
-        None => ctx.runtime.block_on(ctx.objects.get(&e.frame_key))?,
+        None => ctx
+            .runtime
+            .block_on(ctx.objects.get(&e.frame_key))
+            .map_err(|err| {
+                // A frame that is gone stays gone; a store that does not answer may come back.
+                let missing = err.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<object_store::Error>(),
+                        Some(object_store::Error::NotFound { .. })
+                    )
+                });
+                if missing {
+                    err
+                } else {
+                    err.context(Temporary)
+                }
+            })?,
     };
     let origin = format!("frame {} ({})", e.frame_id, e.source);
     let image = insp_core::image::decode(&bytes, &origin)?;
@@ -314,17 +367,20 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         received_unix_ms: e.received_unix_ms,
         decided_unix_ms: unix_ms(),
     };
-    let stored = ctx.runtime.block_on(async {
-        for (model, map) in &maps {
-            ctx.objects
-                .put(
-                    &objects::map_key(&e.frame_id, model),
-                    objects::npy_bytes(map),
-                )
-                .await?;
-        }
-        ctx.db.save_decision(&inferences, &verdict).await
-    })?;
+    let stored = ctx
+        .runtime
+        .block_on(async {
+            for (model, map) in &maps {
+                ctx.objects
+                    .put(
+                        &objects::map_key(&e.frame_id, model),
+                        objects::npy_bytes(map),
+                    )
+                    .await?;
+            }
+            ctx.db.save_decision(&inferences, &verdict).await
+        })
+        .context(Temporary)?;
     ctx.telemetry.escalation_scored(
         (stored.decided_unix_ms - stored.received_unix_ms) as f64 / 1e3,
         stored.edge_exact,

@@ -84,6 +84,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         }),
         config.scoring.workers,
         config.scoring.queue,
+        std::time::Duration::from_secs_f64(config.scoring.retry_after_s),
     )?;
     tokio::spawn(scoring.clone().sweep_forever(db.clone()));
 

@@ -27,6 +27,7 @@ pub struct Telemetry {
     batch_seconds: Histogram,
     escalations_scored: Counter,
     escalations_failed: Counter,
+    escalations_retried: Counter,
     edge_mismatch: Counter,
     model_latency: Family<Labels, Histogram, fn() -> Histogram>,
     verdict_latency: Histogram,
@@ -54,6 +55,7 @@ impl Telemetry {
             batch_seconds: latency_histogram(),
             escalations_scored: Counter::default(),
             escalations_failed: Counter::default(),
+            escalations_retried: Counter::default(),
             edge_mismatch: Counter::default(),
             model_latency: Family::new_with_constructor(latency_histogram),
             verdict_latency: latency_histogram(),
@@ -101,6 +103,11 @@ impl Telemetry {
             "escalations_failed",
             "Escalations that could not be scored",
             t.escalations_failed.clone(),
+        );
+        registry.register(
+            "escalations_retried",
+            "Scoring attempts that failed for a temporary reason (storage, database); the escalation stays pending",
+            t.escalations_retried.clone(),
         );
         registry.register(
             "edge_score_mismatches",
@@ -178,6 +185,11 @@ impl Telemetry {
     /// An escalation could not be scored.
     pub fn escalation_failed(&self) {
         self.escalations_failed.inc();
+    }
+
+    /// A scoring attempt failed for a temporary reason; the escalation stays pending.
+    pub fn escalation_retried(&self) {
+        self.escalations_retried.inc();
     }
 
     /// Escalations waiting.

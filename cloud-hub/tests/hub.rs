@@ -632,3 +632,71 @@ async fn heavy_models_judge_escalations_and_a_broken_one_falls_back_to_patchcore
     assert!(rule.contains("edge-reproduced, cloud-patchcore"), "{rule}");
     dev.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_failure_leaves_the_escalation_pending_until_the_store_is_back() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    // A folder where the frame's reproduced edge map goes: ingest stores the frame and
+    // the edge's map, but the scoring worker cannot store its map (even as root).
+    let frame_id = uuid::Uuid::new_v4().to_string();
+    let blocker = dir
+        .path()
+        .join(format!("data/objects/maps/{frame_id}/edge-reproduced.npy"));
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let port = free_port();
+    let hub = HubProcess::start_with_models(
+        &HubSetup {
+            dir: dir.path(),
+            broker: None,
+            embedded_port: port,
+            database: None,
+            client_id: "hub-storage",
+            group: "hubs",
+            site: "plant-s",
+        },
+        "[scoring]\nretry_after_s = 1.0",
+    );
+    let defect = f
+        .images
+        .iter()
+        .find(|p| p.to_string_lossy().contains("hole"))
+        .unwrap();
+    let (_, _, _, version) = edge_score(defect);
+    let mut dev = Device::connect(("127.0.0.1", port), "plant-s", "cam-1").await;
+    dev.online(&version).await;
+    dev.escalate_as(defect, &frame_id).await;
+    let db = format!("sqlite://{}", dir.path().join("data/hub.db").display());
+    let pool = pool(&db).await;
+    let state = |pool: sqlx::AnyPool, id: String| async move {
+        sqlx::query("SELECT state FROM escalations WHERE frame_id = $1")
+            .bind(id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .map(|r| sqlx::Row::get::<String, _>(&r, 0))
+    };
+    eventually(
+        30,
+        "two scoring attempts failed for a temporary reason",
+        || async { hub.metric("hub_escalations_retried_total") >= 2.0 },
+    )
+    .await;
+    assert_eq!(
+        state(pool.clone(), frame_id.clone()).await.as_deref(),
+        Some("pending")
+    );
+    assert!(hub.log_text().contains("it stays pending"));
+
+    // The store is back: the sweep retries and the verdict arrives.
+    std::fs::remove_dir_all(&blocker).unwrap();
+    let v = dev.verdict(60).await;
+    assert_eq!(v.frame_id, frame_id);
+    assert_ne!(
+        state(pool.clone(), frame_id.clone()).await.as_deref(),
+        Some("pending")
+    );
+    assert_eq!(count(&pool, "verdicts").await, 1);
+    assert_eq!(hub.metric("hub_escalations_scored_total"), 1.0);
+    dev.close().await;
+}

@@ -289,7 +289,8 @@ impl HubProcess {
         Self::start_with_models(s, "")
     }
 
-    /// As [`HubProcess::start`], with extra lines in the config's `[models]` table.
+    /// As [`HubProcess::start`], with extra config lines after the `[models]` keys (more
+    /// `[models]` keys, then any further tables).
     pub fn start_with_models(s: &HubSetup, models: &str) -> HubProcess {
         let f = fixture();
         let (http, grpc) = (free_port(), free_port());
@@ -556,8 +557,14 @@ impl Device {
     /// Publishes an escalation of `image` with the edge's real score; returns
     /// (frame id, edge score).
     pub async fn escalate(&self, image: &Path) -> (String, f32) {
+        self.escalate_as(image, &uuid::Uuid::new_v4().to_string())
+            .await
+    }
+
+    /// As [`Device::escalate`], with the frame id given.
+    pub async fn escalate_as(&self, image: &Path, id: &str) -> (String, f32) {
         let (bytes, score, map, version) = edge_score(image);
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = id.to_string();
         let e = Escalation {
             result: Some(self.result(&id, score, Band::Uncertain, &version)),
             frame: bytes,
