@@ -9,15 +9,15 @@
 //! keyed by the frame UUID, so a redelivery changes nothing. A batch that cannot be
 //! stored (database down) is retried with backoff and nothing is acknowledged meanwhile.
 
-use crate::db::ingest::{Batch, EscalationRow};
+use crate::db::ingest::{Batch, DeadLetter, EscalationRow};
 use crate::db::verdicts::PendingEscalation;
 use crate::db::{unix_ms, Db};
 use crate::decode::{decode, Incoming};
 use crate::mqtt::{Client, EventLoop, LinkEvent, Message};
 use crate::objects::{self, Objects};
-use crate::scoring::{publish_verdict, Job, Scoring};
+use crate::scoring::{publish_verdict, Job, Scoring, Temporary};
 use crate::telemetry::Telemetry;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,21 +151,11 @@ impl Ingest {
                     Err(_) => break,
                 }
             }
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                match self.store(&pending).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::error!(
-                            "cannot store {} messages (kept unacknowledged, retrying in {:?}): {e:#}",
-                            pending.len(),
-                            backoff
-                        );
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
-                }
+            for r in &pending {
+                let kind = r.message.topic.rsplit('/').next().unwrap_or("");
+                self.telemetry.message(kind);
             }
+            self.store_or_isolate(&pending).await;
             let current = generation.load(Ordering::SeqCst);
             for r in pending.drain(..) {
                 // An ack on a newer connection could name another message with the same
@@ -179,6 +169,75 @@ impl Ingest {
         }
     }
 
+    /// Stores a batch, retrying with backoff while the database or the object store is
+    /// away (nothing is acknowledged meanwhile). When the batch is refused although both
+    /// answer, one message holds a value the database will not take (say, a NUL byte in
+    /// a string, which PostgreSQL refuses): the messages are then stored one by one and
+    /// each one refused on its own becomes a dead letter, so a bad message never stalls
+    /// ingest.
+    async fn store_or_isolate(&self, pending: &[Received]) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let Err(e) = self.store(pending).await else {
+                return;
+            };
+            if e.downcast_ref::<Temporary>().is_none() && self.db.ping().await.is_ok() {
+                tracing::warn!(
+                    "{} messages refused while the database answers ({e:#}): storing them one by one",
+                    pending.len()
+                );
+                for r in pending {
+                    self.store_one(r).await;
+                }
+                return;
+            }
+            tracing::error!(
+                "cannot store {} messages (kept unacknowledged, retrying in {:?}): {e:#}",
+                pending.len(),
+                backoff
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Stores one message; one the database refuses while answering becomes a dead
+    /// letter with the database's reason.
+    async fn store_one(&self, r: &Received) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let Err(e) = self.store(std::slice::from_ref(r)).await else {
+                return;
+            };
+            if e.downcast_ref::<Temporary>().is_none() && self.db.ping().await.is_ok() {
+                let payload = &r.message.payload;
+                let dead = DeadLetter {
+                    topic: r.message.topic.clone(),
+                    reason: format!("refused by the database: {e:#}").replace('\0', "\\0"),
+                    payload_bytes: payload.len(),
+                    payload: payload[..payload.len().min(self.keep_bytes)].to_vec(),
+                    received_unix_ms: r.received_unix_ms,
+                };
+                tracing::warn!("dead letter from {}: {}", dead.topic, dead.reason);
+                let batch = Batch {
+                    dead_letters: vec![dead],
+                    ..Default::default()
+                };
+                match self.db.store_batch(&batch, unix_ms()).await {
+                    Ok(_) => {
+                        self.telemetry.batch_stored(0, 0, 1, 0.0);
+                        return;
+                    }
+                    Err(e) => tracing::error!("cannot store a dead letter: {e:#}"),
+                }
+            } else {
+                tracing::error!("cannot store a message (retrying in {backoff:?}): {e:#}");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
     /// Decodes, writes objects, commits the rows, then hands new escalations to scoring
     /// and re-sends verdicts of redelivered ones.
     async fn store(&self, received: &[Received]) -> Result<()> {
@@ -187,8 +246,6 @@ impl Ingest {
         let mut images = Vec::new();
         for r in received {
             let p = &r.message;
-            let kind = p.topic.rsplit('/').next().unwrap_or("");
-            self.telemetry.message(kind);
             match decode(
                 &p.topic,
                 &p.payload,
@@ -200,11 +257,17 @@ impl Ingest {
                 Incoming::Escalation(e) => {
                     let f = &e.frame;
                     let frame_key = objects::frame_key(&f.site, &f.device, &f.frame_id, &e.format);
-                    self.objects.put(&frame_key, e.image.clone()).await?;
+                    self.objects
+                        .put(&frame_key, e.image.clone())
+                        .await
+                        .context(Temporary)?;
                     let edge_map_key = match &e.edge_map {
                         Some(m) => {
                             let key = objects::map_key(&f.frame_id, "edge");
-                            self.objects.put(&key, objects::npy_bytes(m)).await?;
+                            self.objects
+                                .put(&key, objects::npy_bytes(m))
+                                .await
+                                .context(Temporary)?;
                             Some(key)
                         }
                         None => None,

@@ -700,3 +700,54 @@ async fn a_storage_failure_leaves_the_escalation_pending_until_the_store_is_back
     assert_eq!(hub.metric("hub_escalations_scored_total"), 1.0);
     dev.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_postgres_refuses_is_dead_lettered_and_ingest_goes_on() {
+    require_mosquitto();
+    let pg = PgDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let site = format!("plant-{tag}");
+    let hub = HubProcess::start(&HubSetup {
+        dir: dir.path(),
+        broker: Some(MOSQUITTO),
+        embedded_port: 0,
+        database: Some(&pg.url),
+        client_id: &format!("hub-poison-{tag}"),
+        group: &format!("g{tag}"),
+        site: &site,
+    });
+    let dev = Device::connect(MOSQUITTO, &site, "cam-1").await;
+    // Ten good results around one whose source holds a NUL byte: it decodes, but
+    // PostgreSQL refuses NUL in text, which used to fail (and retry) its whole batch.
+    for i in 0..11 {
+        let mut r = dev.result(&uuid::Uuid::new_v4().to_string(), 0.5, Band::Ok, "v1");
+        if i == 5 {
+            r.source = "cam\0dir/frame.png".into();
+        }
+        dev.publish_result(&r).await;
+    }
+    let pool = pool(&pg.url).await;
+    eventually(30, "10 frames and 1 dead letter stored", || async {
+        count(&pool, "frames").await == 10 && count(&pool, "dead_letters").await == 1
+    })
+    .await;
+    let reason: String = sqlx::query("SELECT reason FROM dead_letters")
+        .fetch_one(&pool)
+        .await
+        .map(|r| sqlx::Row::get(&r, 0))
+        .unwrap();
+    assert!(reason.contains("refused by the database"), "{reason}");
+    // Ingest goes on after it.
+    dev.publish_result(&dev.result(&uuid::Uuid::new_v4().to_string(), 0.5, Band::Ok, "v1"))
+        .await;
+    eventually(20, "the next result stored", || async {
+        count(&pool, "frames").await == 11
+    })
+    .await;
+    assert_eq!(hub.metric("hub_dead_letters_total"), 1.0);
+    pool.close().await;
+    dev.close().await;
+    drop(hub);
+    forget_session(&format!("hub-poison-{tag}")).await;
+}
