@@ -386,13 +386,19 @@ pub async fn models(cmd: ModelsCommand) -> Result<()> {
             for (name, bytes) in &files {
                 std::fs::write(out.join(name), bytes)?;
             }
-            let bundle = insp_core::bundle::Bundle::open(&out).with_context(|| {
+            let verified = match insp_core::bundle::model_kind(&out)?.as_str() {
+                "recon" | "flow" => {
+                    insp_core::bundle::Bundle::<insp_core::heavy::HeavyParams>::open_kind(&out)
+                        .map(|b| b.manifest.version)
+                }
+                _ => insp_core::bundle::Bundle::open(&out).map(|b| b.manifest.version),
+            };
+            let fetched = verified.with_context(|| {
                 format!("the fetched bundle in {} does not verify", out.display())
             })?;
             anyhow::ensure!(
-                bundle.manifest.version == version,
-                "fetched version {} instead of {version}",
-                bundle.manifest.version
+                fetched == version,
+                "fetched version {fetched} instead of {version}"
             );
             println!(
                 "bundle {version} written to {} ({} files, hashes verified)",

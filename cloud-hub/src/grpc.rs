@@ -33,7 +33,35 @@ pub struct Api {
     db: Db,
     objects: Objects,
     edge: Arc<EdgeBundles>,
-    cloud_bundle: Option<PathBuf>,
+    /// The cloud's own bundles (heavy and PatchCore fallback), served by version.
+    cloud_bundles: Vec<PathBuf>,
+}
+
+/// A bundle's version and the files its manifest lists, of any model kind. A listed name
+/// that is not a plain file name (a path, `..`) makes the bundle unservable: the API
+/// never reads outside the bundle's folder.
+fn bundle_files(dir: &std::path::Path) -> anyhow::Result<(String, Vec<String>)> {
+    let path = dir.join(insp_core::bundle::MANIFEST);
+    let text =
+        std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let m: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| anyhow::anyhow!("{} is not a manifest: {e}", path.display()))?;
+    let version = m["version"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("{} has no version", path.display()))?
+        .to_string();
+    let files: Vec<String> = m["files"]
+        .as_object()
+        .map(|f| f.keys().cloned().collect())
+        .unwrap_or_default();
+    for f in &files {
+        anyhow::ensure!(
+            !f.is_empty() && !f.contains(['/', '\\']) && f != ".." && f != ".",
+            "{} lists the file {f:?}, which is not a plain file name",
+            path.display()
+        );
+    }
+    Ok((version, files))
 }
 
 /// Serves the API on `listener` until the process ends.
@@ -48,7 +76,13 @@ pub async fn serve(
         db,
         objects,
         edge,
-        cloud_bundle: config.models.cloud_bundle.clone(),
+        cloud_bundles: config
+            .models
+            .heavy_bundles
+            .iter()
+            .chain(&config.models.cloud_bundle)
+            .cloned()
+            .collect(),
     };
     let result = tonic::transport::Server::builder()
         .add_service(DevicesServer::new(api.clone()))
@@ -302,17 +336,18 @@ impl Models for Api {
     ) -> Result<Response<ChunkStream>, Status> {
         let version = r.into_inner().version;
         let cloud = self
-            .cloud_bundle
-            .clone()
-            .filter(|p| crate::models::read_manifest(p).is_ok_and(|m| m.version == version));
+            .cloud_bundles
+            .iter()
+            .find(|p| bundle_files(p).is_ok_and(|(v, _)| v == version))
+            .cloned();
         let Some(dir) = cloud.or_else(|| self.edge.path(&version)) else {
             return Err(Status::not_found(format!(
                 "no bundle of version {version:?}"
             )));
         };
-        let manifest = crate::models::read_manifest(&dir).map_err(internal)?;
+        let (_, listed) = bundle_files(&dir).map_err(internal)?;
         let mut files = vec![insp_core::bundle::MANIFEST.to_string()];
-        files.extend(manifest.files.keys().cloned());
+        files.extend(listed);
         let stream = futures::stream::unfold(
             (dir, files.into_iter(), None::<(String, Vec<u8>, usize)>),
             |(dir, mut files, mut current)| async move {
@@ -345,5 +380,36 @@ impl Models for Api {
             },
         );
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_files_lists_plain_names_and_refuses_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join(insp_core::bundle::MANIFEST);
+        std::fs::write(
+            &manifest,
+            r#"{"version": "flow-1", "files": {"model.safetensors": "ab", "backbone.safetensors": "cd"}}"#,
+        )
+        .unwrap();
+        let (version, mut files) = bundle_files(dir.path()).unwrap();
+        files.sort();
+        assert_eq!(version, "flow-1");
+        assert_eq!(files, ["backbone.safetensors", "model.safetensors"]);
+        for bad in ["../../etc/passwd", "..", "sub/file", ""] {
+            std::fs::write(
+                &manifest,
+                format!(r#"{{"version": "x", "files": {{"{bad}": "ab"}}}}"#),
+            )
+            .unwrap();
+            let err = bundle_files(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("not a plain file name"), "{bad}: {err}");
+        }
+        std::fs::write(&manifest, "{").unwrap();
+        assert!(bundle_files(dir.path()).is_err());
     }
 }

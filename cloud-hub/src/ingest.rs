@@ -299,13 +299,15 @@ impl Ingest {
             batch.dead_letters.len(),
             t0.elapsed().as_secs_f64(),
         );
+        // Lag up to the commit, not up to the start of the batch.
+        let committed = unix_ms();
         for f in batch
             .frames
             .iter()
             .chain(batch.escalations.iter().map(|e| &e.frame))
         {
             self.telemetry
-                .ingest_lag((now - f.scored_unix_ms) as f64 / 1e3);
+                .ingest_lag((committed - f.scored_unix_ms) as f64 / 1e3);
         }
         for e in &batch.escalations {
             let f = &e.frame;

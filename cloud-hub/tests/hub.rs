@@ -566,6 +566,22 @@ async fn heavy_models_judge_escalations_and_a_broken_one_falls_back_to_patchcore
         1.0
     );
     assert_eq!(hub.metric("hub_escalations_scored_total"), 1.0);
+    // The heavy bundle in use can be fetched from the API, verified.
+    let fetched = dir.path().join("fetched-recon");
+    let out = cli(&[
+        "models",
+        "fetch",
+        &rv,
+        "--out",
+        fetched.to_str().unwrap(),
+        "--api",
+        &hub.api(),
+    ]);
+    assert!(out.contains("hashes verified"), "{out}");
+    assert_eq!(
+        std::fs::read(fetched.join("model.safetensors")).unwrap(),
+        std::fs::read(recon.join("model.safetensors")).unwrap()
+    );
     dev.close().await;
     db_pool.close().await;
     drop(hub);
