@@ -50,9 +50,12 @@ pub struct BenchArgs {
     /// Edge bundle (escalations carry its real scores; the hub reproduces them).
     #[arg(long)]
     pub bundle: PathBuf,
-    /// Cloud model bundle.
+    /// Fallback cloud model bundle (a heavier PatchCore).
     #[arg(long)]
     pub cloud_bundle: Option<PathBuf>,
+    /// Heavy cloud model bundles (recon, flow); repeat the flag for several.
+    #[arg(long = "heavy-bundle")]
+    pub heavy_bundles: Vec<PathBuf>,
     /// Images to escalate.
     #[arg(long)]
     pub frames: PathBuf,
@@ -160,6 +163,7 @@ async fn run_one(
     };
     config.models.dir = Some(models);
     config.models.cloud_bundle = args.cloud_bundle.clone();
+    config.models.heavy_bundles = args.heavy_bundles.clone();
     config.api.grpc_listen = format!("127.0.0.1:{}", free_port()?).parse()?;
     config.api.http_listen = format!("127.0.0.1:{}", free_port()?).parse()?;
     let tag = uuid::Uuid::new_v4().simple().to_string();
