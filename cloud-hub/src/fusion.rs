@@ -19,6 +19,9 @@ use insp_core::fusion::Fusion;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// Below this many shared held-out good images the threshold is only a rough estimate.
+const FEW_IMAGES: usize = 20;
+
 /// Calibrated fusions, one per set of members (keyed by their bundle versions).
 pub struct Fusions {
     config: FusionConfig,
@@ -73,6 +76,12 @@ impl Fusions {
             fusion.threshold,
             fusion.calibration_images
         );
+        if fusion.calibration_images < FEW_IMAGES {
+            tracing::warn!(
+                "fusion of {key} is calibrated on only {} held-out good images: its threshold is a rough estimate of the good frames' tail (fit and train with a larger --holdout)",
+                fusion.calibration_images
+            );
+        }
         if let Ok(mut c) = self.calibrated.lock() {
             c.insert(key, fusion.clone());
         }
