@@ -38,6 +38,9 @@ impl std::fmt::Display for Temporary {
     }
 }
 
+/// The cloud models in use, in fusion order.
+pub type CloudSet = Arc<Vec<Arc<dyn CloudModel>>>;
+
 /// What the workers need.
 pub struct ScoringContext {
     /// Database.
@@ -46,8 +49,8 @@ pub struct ScoringContext {
     pub objects: Objects,
     /// Edge bundles.
     pub edge: Arc<EdgeBundles>,
-    /// Cloud models.
-    pub cloud: Vec<Arc<dyn CloudModel>>,
+    /// Cloud models; replaced as a whole when they are reloaded (SIGHUP).
+    pub cloud: std::sync::RwLock<CloudSet>,
     /// Calibrated fusions of the models.
     pub fusions: Fusions,
     /// Metrics.
@@ -279,8 +282,14 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         maps.push((EDGE_MODEL.into(), s.map));
     }
 
+    // One consistent set for the whole frame, even if a reload swaps it meanwhile.
+    let cloud: CloudSet = ctx
+        .cloud
+        .read()
+        .map(|c| c.clone())
+        .map_err(|_| anyhow::anyhow!("the cloud model set is poisoned"))?;
     let mut cloud_score = f32::NAN;
-    for m in &ctx.cloud {
+    for m in cloud.iter() {
         let t0 = Instant::now();
         let s = m.score(&image)?;
         let seconds = t0.elapsed().as_secs_f64();
@@ -313,7 +322,7 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
             )
         })
         .chain(
-            ctx.cloud
+            cloud
                 .iter()
                 .map(|m| (m.name(), m.version(), m.calibration())),
         );
@@ -346,7 +355,7 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
     let fusion = ctx.fusions.of(&members)?;
     let fused = fusion.fuse(&scores)?;
     let mut versions = vec![e.model_version.clone()];
-    versions.extend(ctx.cloud.iter().map(|m| m.version().to_string()));
+    versions.extend(cloud.iter().map(|m| m.version().to_string()));
     let verdict = VerdictRow {
         frame_id: e.frame_id.clone(),
         site: e.site.clone(),

@@ -3,6 +3,7 @@
 //! interrupted. [`start`] is also what the load benchmark and the tests run in-process.
 
 use crate::config::{HubConfig, ServeOverrides};
+use crate::db::api::ModelRow;
 use crate::db::Db;
 use crate::fusion::Fusions;
 use crate::ingest::Ingest;
@@ -71,17 +72,31 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     tracing::info!("{} edge bundles in {}", found.len(), models_dir.display());
     let cloud = load_cloud_models(&config, &device, &db).await?;
     let (client, eventloop) = crate::mqtt::connect(&config);
+    let context = Arc::new(ScoringContext {
+        db: db.clone(),
+        objects: objects.clone(),
+        edge: edge.clone(),
+        cloud: std::sync::RwLock::new(Arc::new(cloud)),
+        fusions: Fusions::new(config.fusion.clone()),
+        telemetry: telemetry.clone(),
+        mqtt: client.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    });
+    // Registered before the hub reports ready, so an early SIGHUP never kills it.
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangup) => {
+            tokio::spawn(reload_on_hangup(
+                config.clone(),
+                device.clone(),
+                context.clone(),
+                hangup,
+            ));
+        }
+        Err(e) => tracing::warn!("cannot listen for SIGHUP (no model reload): {e}"),
+    }
     let scoring = Scoring::start(
-        Arc::new(ScoringContext {
-            db: db.clone(),
-            objects: objects.clone(),
-            edge: edge.clone(),
-            cloud,
-            fusions: Fusions::new(config.fusion.clone()),
-            telemetry: telemetry.clone(),
-            mqtt: client.clone(),
-            runtime: tokio::runtime::Handle::current(),
-        }),
+        context,
         config.scoring.workers,
         config.scoring.queue,
         std::time::Duration::from_secs_f64(config.scoring.retry_after_s),
@@ -198,28 +213,24 @@ fn open_tier_bundle(
     }
 }
 
-/// The cloud models: the heavy bundles when they all load, else the PatchCore fallback,
-/// else none (verdicts from the reproduced edge score alone). A configured fallback that
-/// does not load stops the hub: that is a deployment error, not a degraded mode.
-async fn load_cloud_models(
+/// The heavy bundles of `models.heavy_bundles`, opened and verified, with their registry
+/// rows; the inner error says why one of them cannot be used.
+#[allow(clippy::type_complexity)]
+async fn load_heavy(
     config: &HubConfig,
     device: &candle_core::Device,
-    db: &crate::db::Db,
-) -> Result<Vec<Arc<dyn CloudModel>>> {
+) -> Result<std::result::Result<(Vec<Arc<dyn CloudModel>>, Vec<ModelRow>), String>> {
     let mut cloud: Vec<Arc<dyn CloudModel>> = Vec::new();
     let mut rows = Vec::new();
-    let mut heavy_failed = None;
     for path in &config.models.heavy_bundles {
         let (d, p) = (device.clone(), path.clone());
-        let opened = tokio::task::spawn_blocking(move || open_tier_bundle(&p, &d)).await?;
-        match opened {
+        match tokio::task::spawn_blocking(move || open_tier_bundle(&p, &d)).await? {
             Ok((model, _)) if cloud.iter().any(|m| m.name() == model.name()) => {
-                heavy_failed = Some(format!(
+                return Ok(Err(format!(
                     "{} is a second {} model: list one bundle of each kind in models.heavy_bundles",
                     path.display(),
                     model.name()
-                ));
-                break;
+                )));
             }
             Ok((model, row)) => {
                 tracing::info!(
@@ -231,12 +242,59 @@ async fn load_cloud_models(
                 cloud.push(model);
                 rows.push(row);
             }
-            Err(e) => {
-                heavy_failed = Some(format!("{e:#}"));
-                break;
-            }
+            Err(e) => return Ok(Err(format!("{e:#}"))),
         }
     }
+    Ok(Ok((cloud, rows)))
+}
+
+/// On SIGHUP, opens the heavy bundles again (e.g. after a new model was copied in place)
+/// and swaps them in between frames; if one does not load, the models in use stay.
+#[cfg(unix)]
+async fn reload_on_hangup(
+    config: HubConfig,
+    device: candle_core::Device,
+    context: Arc<ScoringContext>,
+    mut hangup: tokio::signal::unix::Signal,
+) {
+    while hangup.recv().await.is_some() {
+        if config.models.heavy_bundles.is_empty() {
+            tracing::warn!("SIGHUP: no models.heavy_bundles to reload");
+            continue;
+        }
+        match load_heavy(&config, &device).await {
+            Ok(Ok((cloud, rows))) => {
+                for row in &rows {
+                    if let Err(e) = context.db.upsert_model(row).await {
+                        tracing::warn!("cannot register {}: {e:#}", row.version);
+                    }
+                }
+                let versions: Vec<String> = cloud.iter().map(|m| m.version().to_string()).collect();
+                if let Ok(mut c) = context.cloud.write() {
+                    *c = Arc::new(cloud);
+                    tracing::info!("cloud models reloaded: {}", versions.join(", "));
+                }
+            }
+            Ok(Err(reason)) => tracing::error!(
+                "SIGHUP: heavy cloud models not reloaded, the models in use stay: {reason}"
+            ),
+            Err(e) => tracing::error!("SIGHUP: reload failed: {e:#}"),
+        }
+    }
+}
+
+/// The cloud models: the heavy bundles when they all load, else the PatchCore fallback,
+/// else none (verdicts from the reproduced edge score alone). A configured fallback that
+/// does not load stops the hub: that is a deployment error, not a degraded mode.
+async fn load_cloud_models(
+    config: &HubConfig,
+    device: &candle_core::Device,
+    db: &crate::db::Db,
+) -> Result<Vec<Arc<dyn CloudModel>>> {
+    let (mut cloud, rows, heavy_failed) = match load_heavy(config, device).await? {
+        Ok((cloud, rows)) => (cloud, rows, None),
+        Err(reason) => (Vec::new(), Vec::new(), Some(reason)),
+    };
     if heavy_failed.is_none() {
         // Registered only once all of them load: the registry lists what is in use.
         for row in &rows {

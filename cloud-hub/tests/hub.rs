@@ -767,3 +767,106 @@ async fn a_message_postgres_refuses_is_dead_lettered_and_ingest_goes_on() {
     drop(hub);
     forget_session(&format!("hub-poison-{tag}")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_swaps_in_a_new_heavy_bundle_and_keeps_the_old_one_if_broken() {
+    let f = fixture();
+    let (recon, flow) = heavy_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    // The recon bundle the hub is configured with, replaced in place later.
+    let live = dir.path().join("recon-live");
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        let _ = std::fs::remove_dir_all(to);
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    copy(recon, &live);
+    let port = free_port();
+    let hub = HubProcess::start_with_models(
+        &HubSetup {
+            dir: dir.path(),
+            broker: None,
+            embedded_port: port,
+            database: None,
+            client_id: "hub-reload",
+            group: "hubs",
+            site: "plant-r",
+        },
+        &format!("heavy_bundles = [{live:?}, {flow:?}]"),
+    );
+    let defect = f
+        .images
+        .iter()
+        .find(|p| p.to_string_lossy().contains("hole"))
+        .unwrap();
+    let (_, _, _, version) = edge_score(defect);
+    let mut dev = Device::connect(("127.0.0.1", port), "plant-r", "cam-1").await;
+    dev.online(&version).await;
+    dev.escalate(defect).await;
+    let first = dev.verdict(60).await;
+    let old = manifest_version(recon);
+    assert!(first.model_versions.contains(&old), "{first:?}");
+
+    // A newly trained recon model copied over the live one, then SIGHUP.
+    let newer = dir.path().join("recon-new");
+    {
+        use insp_core::heavy::Architecture;
+        use insp_core::recon::ReconConfig;
+        use insp_core::training::{train, TrainConfig};
+        let weights =
+            insp_core::weights::locate(&insp_core::weights::default_dir(), "lite0").unwrap();
+        let config = TrainConfig {
+            size: 128,
+            epochs: 1,
+            batch: 4,
+            time_limit: None,
+            ..TrainConfig::new(Architecture::Recon(ReconConfig {
+                hidden: 16,
+                prototypes: 8,
+                attention_dims: 8,
+                ..ReconConfig::default()
+            }))
+        };
+        train(
+            &f.root.join("data"),
+            &weights,
+            &config,
+            &newer,
+            &candle_core::Device::Cpu,
+            &mut |_| {},
+        )
+        .unwrap();
+    }
+    let new_version = manifest_version(&newer);
+    assert_ne!(new_version, old);
+    copy(&newer, &live);
+    hub.hangup();
+    eventually(30, "the reload logged", || async {
+        hub.log_text().contains("cloud models reloaded")
+    })
+    .await;
+    dev.escalate(defect).await;
+    let second = dev.verdict(60).await;
+    assert!(
+        second.model_versions.contains(&new_version) && !second.model_versions.contains(&old),
+        "{second:?}"
+    );
+
+    // A broken bundle in place: SIGHUP keeps the models in use.
+    let model = live.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&model, bytes).unwrap();
+    hub.hangup();
+    eventually(30, "the refused reload logged", || async {
+        hub.log_text()
+            .contains("not reloaded, the models in use stay")
+    })
+    .await;
+    dev.escalate(defect).await;
+    let third = dev.verdict(60).await;
+    assert!(third.model_versions.contains(&new_version), "{third:?}");
+    dev.close().await;
+}

@@ -371,6 +371,16 @@ impl HubProcess {
     }
 
     /// The log so far.
+    /// Sends SIGHUP (reload the heavy cloud models).
+    pub fn hangup(&self) {
+        let pid = self.child.as_ref().expect("hub running").id();
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -HUP {pid} failed");
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
