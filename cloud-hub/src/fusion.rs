@@ -108,6 +108,14 @@ mod tests {
     use super::*;
     use insp_core::fusion::Rule;
 
+    fn member<'a>(name: &'a str, version: &'a str, calibration: &'a Calibration) -> Member<'a> {
+        Member {
+            name,
+            version,
+            calibration,
+        }
+    }
+
     fn cal(scores: &[f32]) -> Calibration {
         Calibration {
             good_scores: scores.to_vec(),
@@ -121,16 +129,8 @@ mod tests {
         let edge = cal(&[1.0, 2.0, 3.0, 4.0, 5.0]);
         let cloud = cal(&[10.0, 20.0, 30.0, 40.0, 50.0]);
         let both = [
-            Member {
-                name: "edge-reproduced",
-                version: "e1",
-                calibration: &edge,
-            },
-            Member {
-                name: "cloud-recon",
-                version: "r1",
-                calibration: &cloud,
-            },
+            member("edge-reproduced", "e1", &edge),
+            member("cloud-recon", "r1", &cloud),
         ];
         let f = fusions.of(&both).unwrap();
         assert_eq!(f.rule, Rule::Mean);
@@ -143,16 +143,8 @@ mod tests {
         let cloud2 = cal(&[100.0, 200.0, 300.0, 400.0, 500.0]);
         let newer = fusions
             .of(&[
-                Member {
-                    name: "edge-reproduced",
-                    version: "e1",
-                    calibration: &edge,
-                },
-                Member {
-                    name: "cloud-recon",
-                    version: "r2",
-                    calibration: &cloud2,
-                },
+                member("edge-reproduced", "e1", &edge),
+                member("cloud-recon", "r2", &cloud2),
             ])
             .unwrap();
         assert!(!Arc::ptr_eq(&f, &newer));
@@ -165,13 +157,7 @@ mod tests {
             .contains("edge-reproduced, cloud-recon"));
         // A member without held-out scores cannot be calibrated.
         let empty = Calibration::default();
-        let err = fusions
-            .of(&[Member {
-                name: "x",
-                version: "v",
-                calibration: &empty,
-            }])
-            .unwrap_err();
+        let err = fusions.of(&[member("x", "v", &empty)]).unwrap_err();
         assert!(
             format!("{err:#}").contains("held-out good scores"),
             "{err:#}"

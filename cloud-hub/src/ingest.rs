@@ -181,7 +181,7 @@ impl Ingest {
             let Err(e) = self.store(pending).await else {
                 return;
             };
-            if e.downcast_ref::<Temporary>().is_none() && self.db.ping().await.is_ok() {
+            if self.refused_while_answering(&e).await {
                 tracing::warn!(
                     "{} messages refused while the database answers ({e:#}): storing them one by one",
                     pending.len()
@@ -201,6 +201,12 @@ impl Ingest {
         }
     }
 
+    /// True when a store failed although the object store and the database answer: the
+    /// data was refused, and retrying the same data cannot help.
+    async fn refused_while_answering(&self, e: &anyhow::Error) -> bool {
+        e.downcast_ref::<Temporary>().is_none() && self.db.ping().await.is_ok()
+    }
+
     /// Stores one message; one the database refuses while answering becomes a dead
     /// letter with the database's reason.
     async fn store_one(&self, r: &Received) {
@@ -209,7 +215,7 @@ impl Ingest {
             let Err(e) = self.store(std::slice::from_ref(r)).await else {
                 return;
             };
-            if e.downcast_ref::<Temporary>().is_none() && self.db.ping().await.is_ok() {
+            if self.refused_while_answering(&e).await {
                 let payload = &r.message.payload;
                 let dead = DeadLetter {
                     topic: r.message.topic.clone(),

@@ -27,6 +27,15 @@ pub struct CloudScore {
     pub map: AnomalyMap,
 }
 
+impl From<insp_core::patchcore::Scored> for CloudScore {
+    fn from(s: insp_core::patchcore::Scored) -> Self {
+        CloudScore {
+            score: s.score,
+            map: s.map,
+        }
+    }
+}
+
 /// A model the hub re-scores escalated frames with.
 pub trait CloudModel: Send + Sync {
     /// Name in inferences and metrics (e.g. `cloud-patchcore`).
@@ -91,11 +100,10 @@ impl CloudModel for PatchCoreCloud {
         Some(self.thresholds)
     }
     fn score(&self, image: &DynamicImage) -> Result<CloudScore> {
-        let s = self.model.score_image(image, &mut Timings::default())?;
-        Ok(CloudScore {
-            score: s.score,
-            map: s.map,
-        })
+        Ok(self
+            .model
+            .score_image(image, &mut Timings::default())?
+            .into())
     }
 }
 
@@ -149,11 +157,7 @@ impl CloudModel for HeavyCloud {
         self.model.manifest().thresholds
     }
     fn score(&self, image: &DynamicImage) -> Result<CloudScore> {
-        let s = self.model.score_image(image)?;
-        Ok(CloudScore {
-            score: s.score,
-            map: s.map,
-        })
+        Ok(self.model.score_image(image)?.into())
     }
 }
 

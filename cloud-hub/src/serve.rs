@@ -309,7 +309,6 @@ async fn load_cloud_models(
         }
     }
     if let Some(reason) = &heavy_failed {
-        cloud.clear();
         tracing::error!(
             "heavy cloud models not used: {reason}; falling back to {}",
             match &config.models.cloud_bundle {

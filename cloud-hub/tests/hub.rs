@@ -23,11 +23,7 @@ async fn escalation_flow(broker: (&str, u16), db_url: &str, site: &str) {
             .await;
     }
     // A defective image: escalated with the edge's real score and map.
-    let defect = f
-        .images
-        .iter()
-        .find(|p| p.to_string_lossy().contains("hole"))
-        .unwrap();
+    let defect = defect_image();
     let (frame_id, edge) = dev.escalate(defect).await;
     let v = dev.verdict(60).await;
     assert_eq!(v.frame_id, frame_id);
@@ -468,11 +464,7 @@ fn manifest_version(bundle: &std::path::Path) -> String {
 async fn heavy_models_judge_escalations_and_a_broken_one_falls_back_to_patchcore() {
     let f = fixture();
     let (recon, flow) = heavy_fixture();
-    let defect = f
-        .images
-        .iter()
-        .find(|p| p.to_string_lossy().contains("hole"))
-        .unwrap();
+    let defect = defect_image();
     let (_, _, _, version) = edge_score(defect);
 
     // Both heavy bundles present: they judge the frame with the reproduced edge score.
@@ -589,10 +581,7 @@ async fn heavy_models_judge_escalations_and_a_broken_one_falls_back_to_patchcore
     // A recon bundle whose weights no longer match its manifest is refused, with the
     // reason in the log, and the PatchCore cloud bundle judges instead.
     let broken = dir.path().join("broken-recon");
-    std::fs::create_dir_all(&broken).unwrap();
-    for e in std::fs::read_dir(recon).unwrap().flatten() {
-        std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
-    }
+    copy_bundle(recon, &broken);
     let weights = std::fs::read_dir(&broken)
         .unwrap()
         .flatten()
@@ -651,7 +640,6 @@ async fn heavy_models_judge_escalations_and_a_broken_one_falls_back_to_patchcore
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storage_failure_leaves_the_escalation_pending_until_the_store_is_back() {
-    let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     // A folder where the frame's reproduced edge map goes: ingest stores the frame and
     // the edge's map, but the scoring worker cannot store its map (even as root).
@@ -673,11 +661,7 @@ async fn a_storage_failure_leaves_the_escalation_pending_until_the_store_is_back
         },
         "[scoring]\nretry_after_s = 1.0",
     );
-    let defect = f
-        .images
-        .iter()
-        .find(|p| p.to_string_lossy().contains("hole"))
-        .unwrap();
+    let defect = defect_image();
     let (_, _, _, version) = edge_score(defect);
     let mut dev = Device::connect(("127.0.0.1", port), "plant-s", "cam-1").await;
     dev.online(&version).await;
@@ -770,19 +754,11 @@ async fn a_message_postgres_refuses_is_dead_lettered_and_ingest_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_swaps_in_a_new_heavy_bundle_and_keeps_the_old_one_if_broken() {
-    let f = fixture();
     let (recon, flow) = heavy_fixture();
     let dir = tempfile::tempdir().unwrap();
     // The recon bundle the hub is configured with, replaced in place later.
     let live = dir.path().join("recon-live");
-    let copy = |from: &std::path::Path, to: &std::path::Path| {
-        let _ = std::fs::remove_dir_all(to);
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap().flatten() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    };
-    copy(recon, &live);
+    copy_bundle(recon, &live);
     let port = free_port();
     let hub = HubProcess::start_with_models(
         &HubSetup {
@@ -796,11 +772,7 @@ async fn sighup_swaps_in_a_new_heavy_bundle_and_keeps_the_old_one_if_broken() {
         },
         &format!("heavy_bundles = [{live:?}, {flow:?}]"),
     );
-    let defect = f
-        .images
-        .iter()
-        .find(|p| p.to_string_lossy().contains("hole"))
-        .unwrap();
+    let defect = defect_image();
     let (_, _, _, version) = edge_score(defect);
     let mut dev = Device::connect(("127.0.0.1", port), "plant-r", "cam-1").await;
     dev.online(&version).await;
@@ -811,37 +783,10 @@ async fn sighup_swaps_in_a_new_heavy_bundle_and_keeps_the_old_one_if_broken() {
 
     // A newly trained recon model copied over the live one, then SIGHUP.
     let newer = dir.path().join("recon-new");
-    {
-        use insp_core::heavy::Architecture;
-        use insp_core::recon::ReconConfig;
-        use insp_core::training::{train, TrainConfig};
-        let weights =
-            insp_core::weights::locate(&insp_core::weights::default_dir(), "lite0").unwrap();
-        let config = TrainConfig {
-            size: 128,
-            epochs: 1,
-            batch: 4,
-            time_limit: None,
-            ..TrainConfig::new(Architecture::Recon(ReconConfig {
-                hidden: 16,
-                prototypes: 8,
-                attention_dims: 8,
-                ..ReconConfig::default()
-            }))
-        };
-        train(
-            &f.root.join("data"),
-            &weights,
-            &config,
-            &newer,
-            &candle_core::Device::Cpu,
-            &mut |_| {},
-        )
-        .unwrap();
-    }
+    train_tiny("recon", 1, &newer);
     let new_version = manifest_version(&newer);
     assert_ne!(new_version, old);
-    copy(&newer, &live);
+    copy_bundle(&newer, &live);
     hub.hangup();
     eventually(30, "the reload logged", || async {
         hub.log_text().contains("cloud models reloaded")

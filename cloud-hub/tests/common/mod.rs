@@ -114,54 +114,70 @@ pub fn fixture() -> &'static Fixture {
 pub fn heavy_fixture() -> &'static (PathBuf, PathBuf) {
     static H: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     H.get_or_init(|| {
-        use insp_core::flow::FlowConfig;
-        use insp_core::heavy::Architecture;
-        use insp_core::recon::ReconConfig;
-        use insp_core::training::{train, TrainConfig};
-        let f = fixture();
-        let weights = insp_core::weights::locate(&insp_core::weights::default_dir(), "lite0")
-            .unwrap_or_else(|e| {
-                panic!("pretrained weights missing ({e}): run `edge-agent weights fetch`")
-            });
-        let tiny = |architecture| TrainConfig {
-            size: 128,
-            epochs: 2,
-            batch: 4,
-            time_limit: None,
-            ..TrainConfig::new(architecture)
-        };
-        let recon = f.root.join("recon");
-        let flow = f.root.join("flow");
-        let arch = Architecture::Recon(ReconConfig {
+        let root = &fixture().root;
+        let (recon, flow) = (root.join("recon"), root.join("flow"));
+        train_tiny("recon", 2, &recon);
+        train_tiny("flow", 2, &flow);
+        (recon, flow)
+    })
+}
+
+/// Trains a tiny `recon` or `flow` model for `epochs` on the fixture's data into `out`.
+pub fn train_tiny(kind: &str, epochs: usize, out: &Path) {
+    use insp_core::flow::FlowConfig;
+    use insp_core::heavy::Architecture;
+    use insp_core::recon::ReconConfig;
+    use insp_core::training::{train, TrainConfig};
+    let weights = insp_core::weights::locate(&insp_core::weights::default_dir(), "lite0")
+        .unwrap_or_else(|e| {
+            panic!("pretrained weights missing ({e}): run `edge-agent weights fetch`")
+        });
+    let architecture = match kind {
+        "recon" => Architecture::Recon(ReconConfig {
             hidden: 16,
             prototypes: 8,
             attention_dims: 8,
             ..ReconConfig::default()
-        });
-        train(
-            &f.root.join("data"),
-            &weights,
-            &tiny(arch),
-            &recon,
-            &candle_core::Device::Cpu,
-            &mut |_| {},
-        )
-        .expect("train recon");
-        let arch = Architecture::Flow(FlowConfig {
+        }),
+        _ => Architecture::Flow(FlowConfig {
             steps: 2,
             ..FlowConfig::default()
-        });
-        train(
-            &f.root.join("data"),
-            &weights,
-            &tiny(arch),
-            &flow,
-            &candle_core::Device::Cpu,
-            &mut |_| {},
-        )
-        .expect("train flow");
-        (recon, flow)
-    })
+        }),
+    };
+    let config = TrainConfig {
+        size: 128,
+        epochs,
+        batch: 4,
+        time_limit: None,
+        ..TrainConfig::new(architecture)
+    };
+    train(
+        &fixture().root.join("data"),
+        &weights,
+        &config,
+        out,
+        &candle_core::Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("train {kind}: {e}"));
+}
+
+/// The fixture's first defective test image (a hole).
+pub fn defect_image() -> &'static Path {
+    fixture()
+        .images
+        .iter()
+        .find(|p| p.to_string_lossy().contains("hole"))
+        .expect("a hole image in the fixture")
+}
+
+/// Copies a bundle folder's files into `to`, replacing what was there.
+pub fn copy_bundle(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
 }
 
 /// A free TCP port on loopback.
