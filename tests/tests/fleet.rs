@@ -74,7 +74,7 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
             "--size",
             "128",
             "--train",
-            "40",
+            "60",
             "--test-good",
             "6",
             "--test-defect",
@@ -93,7 +93,7 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
             "--bank-rows",
             "1000",
             "--holdout",
-            "0.25",
+            "0.5",
         ],
     );
     run(
@@ -109,12 +109,13 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
             "--bank-rows",
             "1500",
             "--holdout",
-            "0.25",
+            "0.5",
         ],
     );
-    // Tiny heavy models; every model holds out the same images (same share and seed), on
-    // which the hub calibrates its fused verdict.
-    let tiny = ["--size", "128", "--epochs", "3", "--holdout", "0.25"];
+    // Tiny heavy models; every model holds out the same 30 images (same share and seed),
+    // on which the hub calibrates its fused verdict (few held-out images make a rough
+    // threshold: the hub warns below 20).
+    let tiny = ["--size", "128", "--epochs", "3", "--holdout", "0.5"];
     for (model, extra) in [
         (
             "recon",
@@ -184,7 +185,8 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
     }
 
     // Two cameras, each replaying half the test images (class folders kept: the ground
-    // truth). Every frame that is not clearly NG is escalated, so the cloud decides many.
+    // truth). The band is opened to every score, so every frame is escalated and the
+    // cloud decides them all.
     let test = data.join("test");
     let mut files: Vec<PathBuf> = Vec::new();
     for class in std::fs::read_dir(&test).unwrap().flatten() {
@@ -226,6 +228,8 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
                     "http.listen=\"\"",
                     "--set",
                     "routing.ok_below=0.0",
+                    "--set",
+                    "routing.ng_above=1e30",
                     "--set",
                     "routing.verdict_deadline_ms=30000",
                 ])
@@ -272,8 +276,14 @@ fn two_edges_and_a_hub_decide_every_frame_and_report_it() {
         summary["edge_scores_reproduced_exactly"], uncertain,
         "{text}"
     );
+    // Every frame was escalated (see the routing overrides), so the cloud decided them
+    // all: the synthetic defects are gross and must all be caught. The verdict threshold
+    // is the largest fused score of the 30 held-out good images, so a good test frame
+    // scores above it with a chance of about 1 in 31; allow for one or two.
+    assert_eq!(uncertain, n, "{text}");
+    assert_eq!(summary["missed_defects_two_tier"], 0, "{text}");
     assert!(
-        summary["accuracy_two_tier"].as_f64().unwrap() >= 0.9,
+        summary["false_alarms_two_tier"].as_u64().unwrap() <= 2,
         "{text}"
     );
     let overlays: usize = std::fs::read_dir(report_dir.join("escalated"))
