@@ -184,10 +184,11 @@ pub struct ModelsConfig {
     /// bundle is configured or loads. Absent as well: verdicts use the reproduced edge
     /// score alone.
     pub cloud_bundle: Option<PathBuf>,
-    /// Search every bank row of edge bundles (set it if the edges run with
-    /// `model.exact_search`, or reproduced scores will differ).
+    /// Search every bank row of edge bundles when reproducing escalations from agents
+    /// that do not send their search setting (agents of this version send it, and the
+    /// hub searches as each did).
     pub edge_exact_search: bool,
-    /// Inverted lists probed by edge bundles, if the edges override the bundle's.
+    /// Inverted lists probed by edge bundles, for agents that do not send their setting.
     pub edge_probes: Option<usize>,
 }
 

@@ -7,6 +7,7 @@
 
 use crate::db::ingest::{DeadLetter, FrameRow, MetricsRow, StateRow};
 use insp_core::anomaly_map::AnomalyMap;
+use insp_core::memory_bank::Search;
 use insp_proto::v1::{
     device_state::Status, Band, DeviceMetrics, DeviceState, Escalation, FrameResult,
 };
@@ -23,6 +24,8 @@ pub struct EscalationIn {
     pub format: String,
     /// The edge's map, if it came and is well-formed.
     pub edge_map: Option<AnomalyMap>,
+    /// How the edge searched its memory bank, if it said (older agents do not).
+    pub search: Option<Search>,
 }
 
 /// A decoded message.
@@ -38,6 +41,14 @@ pub enum Incoming {
     Metrics(MetricsRow),
     /// Anything that could not be ingested.
     Dead(DeadLetter),
+}
+
+/// The wire form of a bank search.
+pub fn wire_search(search: Search) -> insp_proto::v1::BankSearch {
+    match search {
+        Search::Exact => insp_proto::v1::BankSearch::every_row(),
+        Search::Probes(n) => insp_proto::v1::BankSearch::lists(n),
+    }
 }
 
 /// Decodes a message received at `received_unix_ms`. Payloads above `max_payload` and
@@ -92,11 +103,25 @@ pub fn decode(
                     (h > 0 && w > 0 && h.checked_mul(w) == Some(m.data.len()))
                         .then(|| AnomalyMap::new(h, w, m.data))
                 });
+                // A bad setting costs the bit-identical reproduction, not the frame.
+                let search = match e.search.map(|s| s.probed_lists()) {
+                    None => None,
+                    Some(Ok(None)) => Some(Search::Exact),
+                    Some(Ok(Some(n))) => Some(Search::Probes(n)),
+                    Some(Err(reason)) => {
+                        tracing::warn!(
+                            "escalation {} from {device}: {reason}; reproducing its score with the hub's models.edge_* settings",
+                            frame.frame_id
+                        );
+                        None
+                    }
+                };
                 Incoming::Escalation(Box::new(EscalationIn {
                     frame,
                     image: e.frame,
                     format: e.frame_format,
                     edge_map,
+                    search,
                 }))
             }
             Err(e) => dead(format!("malformed Escalation: {e}")),
@@ -249,12 +274,25 @@ mod tests {
                 width: 2,
                 data: vec![0.0; 4],
             }),
+            search: Some(wire_search(Search::Probes(3))),
         };
         let Incoming::Escalation(got) = decode(t, &e.encode_to_vec(), 0, 1000, 16) else {
             panic!()
         };
         assert_eq!(got.image, vec![1, 2, 3]);
         assert_eq!(got.edge_map.unwrap().height, 2);
+        assert_eq!(got.search, Some(Search::Probes(3)));
+        // A search of zero lists is unusable: the frame is kept, the hub's setting used.
+        e.search = Some(insp_proto::v1::BankSearch::lists(0));
+        let Incoming::Escalation(got) = decode(t, &e.encode_to_vec(), 0, 1000, 16) else {
+            panic!()
+        };
+        assert_eq!(got.search, None);
+        e.search = Some(wire_search(Search::Exact));
+        let Incoming::Escalation(got) = decode(t, &e.encode_to_vec(), 0, 1000, 16) else {
+            panic!()
+        };
+        assert_eq!(got.search, Some(Search::Exact));
         e.edge_map = Some(WireMap {
             height: 3,
             width: 2,

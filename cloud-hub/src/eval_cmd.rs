@@ -236,8 +236,12 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
     }
     let fusion = tier.fusion();
     println!(
-        "  fusion: {:?} of z-scores, threshold {:.3} (quantile {} of {} held-out good images)",
-        fusion.rule, fusion.threshold, fusion.quantile, fusion.calibration_images
+        "  fusion: {:?} of z-scores, threshold {:.3} (quantile {} of {} held-out good images; expected false alarms up to {:.1} % of good frames)",
+        fusion.rule,
+        fusion.threshold,
+        fusion.quantile,
+        fusion.calibration_images,
+        100.0 * fusion.expected_false_alarm_rate()
     );
 
     let ablations = ablations(&tier, &names, &rows, &config)?;
@@ -286,6 +290,7 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
         "data": args.data.display().to_string(),
         "models": models,
         "fusion": fusion,
+        "expected_false_alarm_rate": fusion.expected_false_alarm_rate(),
         "ablations": ablations,
         "tiers": tiers,
     });

@@ -70,15 +70,16 @@ impl Fusions {
             Fusion::calibrate(&named, self.config.rule, self.config.quantile)
                 .with_context(|| format!("cannot calibrate the fusion of {key}"))?,
         );
+        let rate = 100.0 * fusion.expected_false_alarm_rate();
         tracing::info!(
-            "fusion of {key}: {:?} of z-scores, NG above {:.3} ({} held-out good images)",
+            "fusion of {key}: {:?} of z-scores, NG above {:.3} ({} held-out good images; expect up to {rate:.1} % of good frames flagged NG)",
             fusion.rule,
             fusion.threshold,
             fusion.calibration_images
         );
         if fusion.calibration_images < FEW_IMAGES {
             tracing::warn!(
-                "fusion of {key} is calibrated on only {} held-out good images: its threshold is a rough estimate of the good frames' tail (fit and train with a larger --holdout)",
+                "fusion of {key} is calibrated on only {} held-out good images: up to {rate:.1} % of good frames may be flagged NG and the threshold is a rough estimate of the good frames' tail (fit and train with a larger --holdout)",
                 fusion.calibration_images
             );
         }

@@ -283,6 +283,7 @@ impl Ingest {
                         frame_key,
                         frame_format: e.format.clone(),
                         edge_map_key,
+                        edge_search: e.search.map(|s| s.to_string()),
                     });
                     images.push((e.frame.frame_id.clone(), e.image));
                 }
@@ -334,6 +335,7 @@ impl Ingest {
                     model_version: f.model_version.clone(),
                     frame_key: e.frame_key.clone(),
                     received_unix_ms: f.received_unix_ms,
+                    edge_search: e.edge_search.as_deref().and_then(|s| s.parse().ok()),
                 },
                 image,
             });

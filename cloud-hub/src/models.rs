@@ -9,6 +9,7 @@ use image::DynamicImage;
 use insp_core::anomaly_map::AnomalyMap;
 use insp_core::bundle::{Calibration, Manifest, MANIFEST};
 use insp_core::heavy::HeavyModel;
+use insp_core::memory_bank::Search;
 use insp_core::patchcore::{PatchCore, Timings};
 use insp_core::routing::Thresholds;
 use std::collections::HashMap;
@@ -213,7 +214,8 @@ pub struct EdgeBundles {
     probes: Option<usize>,
     device: candle_core::Device,
     index: Mutex<HashMap<String, PathBuf>>,
-    loaded: Mutex<Vec<(String, Arc<PatchCore>)>>,
+    /// Loaded models by version and the search they were set to.
+    loaded: Mutex<Vec<(String, Option<Search>, Arc<PatchCore>)>>,
 }
 
 impl EdgeBundles {
@@ -267,10 +269,12 @@ impl EdgeBundles {
         })
     }
 
-    /// The loaded model of `version`, verifying and loading it on first use.
-    pub fn model(&self, version: &str) -> Result<Arc<PatchCore>> {
+    /// The loaded model of `version`, searching its bank as `search` says (the edge's
+    /// own setting; `None`: the hub's `models.edge_*` settings), verifying and loading it
+    /// on first use.
+    pub fn model(&self, version: &str, search: Option<Search>) -> Result<Arc<PatchCore>> {
         if let Ok(loaded) = self.loaded.lock() {
-            if let Some((_, m)) = loaded.iter().find(|(v, _)| v == version) {
+            if let Some((.., m)) = loaded.iter().find(|(v, s, _)| v == version && *s == search) {
                 return Ok(m.clone());
             }
         }
@@ -291,12 +295,15 @@ impl EdgeBundles {
         if let Some(p) = self.probes {
             model.set_probes(p);
         }
+        if let Some(s) = search {
+            model.set_search(s);
+        }
         let model = Arc::new(model);
         if let Ok(mut loaded) = self.loaded.lock() {
             if loaded.len() >= LOADED {
                 loaded.remove(0);
             }
-            loaded.push((version.to_string(), model.clone()));
+            loaded.push((version.to_string(), search, model.clone()));
         }
         Ok(model)
     }

@@ -253,7 +253,7 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
 
     // The edge score, reproduced exactly as the edge computed it.
     let mut reproduced = f32::NAN;
-    let edge = match ctx.edge.model(&e.model_version) {
+    let edge = match ctx.edge.model(&e.model_version, e.edge_search) {
         Ok(model) => Some(model),
         Err(err) => {
             tracing::warn!(

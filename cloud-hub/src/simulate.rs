@@ -86,6 +86,8 @@ pub struct SimFrame {
     pub score: f32,
     /// Edge map.
     pub map: WireMap,
+    /// How the bank was searched for it.
+    pub search: insp_core::memory_bank::Search,
     /// File name.
     pub name: String,
 }
@@ -140,6 +142,7 @@ pub fn load_frames(
                 data: s.map.data,
             },
             name: p.display().to_string(),
+            search: model.search(),
         });
     }
     Ok((model.manifest().version.clone(), frames))
@@ -300,6 +303,7 @@ pub async fn run_fleet(
                         frame: f.bytes.clone(),
                         frame_format: f.format.clone(),
                         edge_map: Some(f.map.clone()),
+                        search: Some(crate::decode::wire_search(f.search)),
                     };
                     if let Ok(mut s) = sent_at.lock() {
                         s.insert(id.clone(), (Instant::now(), f.score));

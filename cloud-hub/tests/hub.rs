@@ -69,6 +69,7 @@ async fn escalation_flow(broker: (&str, u16), db_url: &str, site: &str) {
         frame: bytes,
         frame_format: "png".into(),
         edge_map: Some(map),
+        search: None,
     };
     dev.publish(
         TopicKind::Escalation,
@@ -115,6 +116,7 @@ async fn escalation_flow(broker: (&str, u16), db_url: &str, site: &str) {
         frame: b"not an image".to_vec(),
         frame_format: "png".into(),
         edge_map: None,
+        search: None,
     };
     dev.publish(
         TopicKind::Escalation,
@@ -813,5 +815,82 @@ async fn sighup_swaps_in_a_new_heavy_bundle_and_keeps_the_old_one_if_broken() {
     dev.escalate(defect).await;
     let third = dev.verdict(60).await;
     assert!(third.model_versions.contains(&new_version), "{third:?}");
+    dev.close().await;
+}
+
+/// Devices may search their memory bank differently from the bundle's default (every row,
+/// or more or fewer inverted lists). Each escalation says how its edge searched, and the
+/// hub searches the same way: the reproduced score is bit-identical for every setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_devices_bank_search_is_reproduced_exactly() {
+    use insp_core::memory_bank::Search;
+    use insp_core::patchcore::{PatchCore, Timings};
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hub = HubProcess::start(&HubSetup {
+        dir: dir.path(),
+        broker: None,
+        embedded_port: port,
+        database: None,
+        client_id: "hub-search",
+        group: "hubs",
+        site: "plant-s",
+    });
+    let mut dev = Device::connect(("127.0.0.1", port), "plant-s", "cam-s").await;
+    let mut model = PatchCore::open(&f.edge, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(model.search(), Search::Probes(EDGE_PROBES));
+    // Frames whose score depends on the search: the bundle's default search would not
+    // reproduce these.
+    let mut cases = Vec::new();
+    for image in &f.images {
+        let bytes = std::fs::read(image).unwrap();
+        let decoded = insp_core::image::decode(&bytes, "test").unwrap();
+        let mut score = |search| {
+            model.set_search(search);
+            model
+                .score_image(&decoded, &mut Timings::default())
+                .unwrap()
+                .score
+        };
+        let default = score(Search::Probes(EDGE_PROBES));
+        for search in [Search::Probes(1), Search::Exact] {
+            let s = score(search);
+            if s.to_bits() != default.to_bits() && cases.len() < 3 {
+                cases.push((bytes.clone(), search, s, default));
+            }
+        }
+    }
+    assert!(
+        !cases.is_empty(),
+        "no test image scores differently with another search"
+    );
+    for (bytes, search, score, default) in cases {
+        let id = uuid::Uuid::new_v4().to_string();
+        let e = insp_proto::v1::Escalation {
+            result: Some(dev.result(&id, score, Band::Uncertain, &model.manifest().version)),
+            frame: bytes,
+            frame_format: "png".into(),
+            edge_map: None,
+            search: Some(match search {
+                Search::Exact => insp_proto::v1::BankSearch::every_row(),
+                Search::Probes(n) => insp_proto::v1::BankSearch::lists(n),
+            }),
+        };
+        dev.publish(
+            TopicKind::Escalation,
+            insp_proto::Message::encode_to_vec(&e),
+        )
+        .await;
+        let v = dev.verdict(60).await;
+        assert_eq!(v.frame_id, id);
+        assert_eq!(
+            v.edge_score_reproduced.to_bits(),
+            score.to_bits(),
+            "{search}: reproduced {} vs the edge's {score} (bundle default {default})",
+            v.edge_score_reproduced,
+        );
+    }
+    assert_eq!(hub.metric("hub_edge_score_mismatches_total"), 0.0);
     dev.close().await;
 }

@@ -13,6 +13,7 @@ use crate::frame::{unix_ms, unix_us, Frame, Handled};
 use crate::outbox::{Envelope, Item, Outbox, Queue};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
+use insp_core::memory_bank::Search;
 use insp_core::patchcore::{PatchCore, Timings};
 use insp_core::routing::{Band, Thresholds};
 use insp_proto::v1::{self, AnomalyMap, Escalation, FrameResult};
@@ -54,6 +55,14 @@ impl ActiveModel {
     /// The bundle version.
     pub fn version(&self) -> &str {
         &self.model.manifest().version
+    }
+}
+
+/// The bank search as sent with escalations, so the hub reproduces the score.
+fn wire_search(search: Search) -> v1::BankSearch {
+    match search {
+        Search::Exact => v1::BankSearch::every_row(),
+        Search::Probes(n) => v1::BankSearch::lists(n),
     }
 }
 
@@ -273,6 +282,7 @@ impl Scorer {
                 frame_format: sniff_format(&frame.bytes),
                 frame: std::mem::take(&mut frame.bytes),
                 edge_map: Some(map),
+                search: Some(wire_search(self.active.model.search())),
             };
             let mut payload = escalation.encode_to_vec();
             if payload.len() > self.max_payload {

@@ -206,13 +206,17 @@ fn watched_frames_flow_to_the_broker_in_their_bands_and_corrupt_files_are_skippe
         "no duplicates, no corrupt file"
     );
     assert!(!by_source.contains_key("broken.png"));
-    let version = serde_json::from_str::<serde_json::Value>(
+    let manifest = serde_json::from_str::<serde_json::Value>(
         &std::fs::read_to_string(f.bundle.join("manifest.json")).unwrap(),
     )
-    .unwrap()["version"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    .unwrap();
+    let version = manifest["version"].as_str().unwrap().to_string();
+    // Escalations say how the bank was searched (here the bundle's own setting).
+    let search = &manifest["model"]["search"];
+    let wanted_search = match search["lists"].as_u64().unwrap() {
+        0 => insp_proto::v1::BankSearch::every_row(),
+        _ => insp_proto::v1::BankSearch::lists(search["probes"].as_u64().unwrap() as usize),
+    };
     let mut bands = BTreeMap::new();
     for (name, bytes) in &frames {
         let r = &by_source[name];
@@ -242,6 +246,7 @@ fn watched_frames_flow_to_the_broker_in_their_bands_and_corrupt_files_are_skippe
             assert_eq!(esc.len(), 1, "{name}");
             assert_eq!(&esc[0].frame, bytes, "{name}: escalated bytes differ");
             assert_eq!(esc[0].frame_format, "png");
+            assert_eq!(esc[0].search.as_ref(), Some(&wanted_search), "{name}");
             let map = esc[0].edge_map.as_ref().unwrap();
             assert_eq!(map.data.len(), (map.height * map.width) as usize);
             assert!(map.height > 0);

@@ -87,6 +87,34 @@ pub fn parse_topic(topic: &str) -> Option<(&str, &str, TopicKind)> {
     Some((site, device, kind))
 }
 
+impl v1::BankSearch {
+    /// A search of every bank row.
+    pub fn every_row() -> Self {
+        Self {
+            exact: true,
+            probes: 0,
+        }
+    }
+
+    /// A search of the `n` nearest inverted lists.
+    pub fn lists(n: usize) -> Self {
+        Self {
+            exact: false,
+            probes: u32::try_from(n).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// `None` for an exact search, `Some(n)` for `n` probed lists; an error for a
+    /// non-exact search of zero lists.
+    pub fn probed_lists(&self) -> Result<Option<usize>, String> {
+        match (self.exact, self.probes) {
+            (true, _) => Ok(None),
+            (false, 0) => Err("bank search of 0 lists".into()),
+            (false, n) => Ok(Some(n as usize)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::v1::*;
@@ -111,11 +139,15 @@ mod tests {
                 width: 2,
                 data: vec![0.5, 1.0, 1.5, 2.0],
             }),
+            search: Some(BankSearch::lists(8)),
         };
         let bytes = e.encode_to_vec();
         let back = Escalation::decode(bytes.as_slice()).unwrap();
         assert_eq!(back, e);
         assert_eq!(back.result.unwrap().band(), Band::Uncertain);
+        assert_eq!(back.search.unwrap().probed_lists(), Ok(Some(8)));
+        assert_eq!(BankSearch::every_row().probed_lists(), Ok(None));
+        assert!(BankSearch::lists(0).probed_lists().is_err());
     }
 
     #[test]

@@ -115,6 +115,9 @@ pub struct Fusion {
     pub quantile: f64,
     /// Held-out good images the threshold was calibrated on.
     pub calibration_images: usize,
+    /// Of those, how many fused above the threshold.
+    #[serde(default)]
+    pub calibration_above: usize,
 }
 
 impl Fusion {
@@ -193,12 +196,18 @@ impl Fusion {
         let threshold = calibration
             .quantile(quantile)
             .ok_or_else(|| Error::Config("fusion: no held-out good scores".into()))?;
+        let above = calibration
+            .good_scores
+            .iter()
+            .filter(|&&s| s > threshold)
+            .count();
         Ok(Self {
             members: normalisers,
             rule,
             threshold,
             quantile,
             calibration_images: calibration.good_scores.len(),
+            calibration_above: above,
         })
     }
 
@@ -244,6 +253,14 @@ impl Fusion {
             })
             .collect();
         Ok(AnomalyMap::new(h, w, data))
+    }
+
+    /// The share of good frames expected above the threshold: a new good frame is as
+    /// likely to rank anywhere among the `n` held-out ones, so with `k` of them above the
+    /// threshold it lands above with probability `(k + 1) / (n + 1)` (at most). With the
+    /// threshold at the largest of 10 held-out images that is 1 in 11: calibrate on more.
+    pub fn expected_false_alarm_rate(&self) -> f64 {
+        (self.calibration_above + 1) as f64 / (self.calibration_images + 1) as f64
     }
 
     /// True if a fused score means defective.
@@ -295,9 +312,14 @@ mod tests {
         assert!((f.threshold - top).abs() < 1e-4);
         assert!(!f.is_defective(top) && f.is_defective(top + 0.01));
         assert_eq!(f.calibration_images, 21);
+        assert_eq!(f.calibration_above, 0);
+        assert!((f.expected_false_alarm_rate() - 1.0 / 22.0).abs() < 1e-12);
         // Max rule takes the larger z.
         let m = Fusion::calibrate(&[("a".into(), &ca), ("b".into(), &cb)], Rule::Max, 0.5).unwrap();
         assert!((m.fuse(&[10.0, 3000.0]).unwrap() - f.normalise(&[0.0, 3000.0])[1]).abs() < 1e-4);
+        // At the median, the 10 images above it make about half of good frames alarms.
+        assert_eq!(m.calibration_above, 10);
+        assert!((m.expected_false_alarm_rate() - 0.5).abs() < 1e-12);
         assert!(f.fuse(&[1.0]).is_err());
         // Maps are fused pixel by pixel at the first map's size.
         let ma = AnomalyMap::new(2, 2, vec![10.0, 10.0, 19.0, 19.0]);

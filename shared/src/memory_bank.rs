@@ -35,6 +35,39 @@ impl std::str::FromStr for BankDtype {
     }
 }
 
+/// How a query searches the bank. Scores depend on it, so the hub reproducing an edge
+/// score must search as that edge did (the edge sends its search with each escalation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Search {
+    /// Every row (also what a bank without inverted lists always does).
+    Exact,
+    /// The rows of the `n` inverted lists nearest to the query.
+    Probes(usize),
+}
+
+impl std::fmt::Display for Search {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Search::Exact => write!(f, "exact"),
+            Search::Probes(n) => write!(f, "probes={n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Search {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "exact" {
+            return Ok(Search::Exact);
+        }
+        s.strip_prefix("probes=")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .map(Search::Probes)
+            .ok_or_else(|| format!("bank search {s:?}: use exact or probes=N (N >= 1)"))
+    }
+}
+
 /// Normal patch features, `rows` x `dims`.
 pub struct MemoryBank {
     rows: usize,
@@ -129,6 +162,25 @@ impl MemoryBank {
     pub fn set_probes(&mut self, probes: usize) {
         if let Some(index) = &mut self.index {
             index.probes = probes.clamp(1, index.lists());
+        }
+    }
+
+    /// How queries search the bank now.
+    pub fn search(&self) -> Search {
+        match (&self.index, self.exact) {
+            (Some(index), false) => Search::Probes(index.probes),
+            _ => Search::Exact,
+        }
+    }
+
+    /// Searches as `search` says (probes are clamped to the lists there are).
+    pub fn set_search(&mut self, search: Search) {
+        match search {
+            Search::Exact => self.exact = true,
+            Search::Probes(n) => {
+                self.exact = false;
+                self.set_probes(n);
+            }
         }
     }
 
@@ -376,6 +428,29 @@ mod tests {
             assert!((f - want).abs() < 1e-4, "query {i}: {f} vs {want}");
             assert!((g - want).abs() < 1e-4, "query {i}: {g} vs {want}");
         }
+    }
+
+    #[test]
+    fn search_settings_round_trip_and_apply() {
+        for (text, search) in [("exact", Search::Exact), ("probes=3", Search::Probes(3))] {
+            assert_eq!(text.parse::<Search>().unwrap(), search);
+            assert_eq!(search.to_string(), text);
+        }
+        for bad in ["", "probes=0", "probes=x", "ivf"] {
+            assert!(bad.parse::<Search>().is_err(), "{bad}");
+        }
+        let mut rng = SplitMix64::new(5);
+        let bank: Vec<f32> = (0..400 * 4).map(|_| rng.normal() as f32).collect();
+        let mut indexed =
+            MemoryBank::with_inverted_lists(bank.clone(), 4, 8, 2, 1, &Device::Cpu).unwrap();
+        assert_eq!(indexed.search(), Search::Probes(2));
+        indexed.set_search(Search::Probes(50));
+        assert_eq!(indexed.search(), Search::Probes(8), "clamped to the lists");
+        indexed.set_search(Search::Exact);
+        assert_eq!(indexed.search(), Search::Exact);
+        let mut plain = MemoryBank::new(bank, 4, &Device::Cpu).unwrap();
+        plain.set_search(Search::Probes(2));
+        assert_eq!(plain.search(), Search::Exact, "no index: always exact");
     }
 
     #[test]

@@ -291,6 +291,16 @@ impl PatchCore {
         self.bank.set_probes(probes);
     }
 
+    /// How the memory bank is searched now.
+    pub fn search(&self) -> crate::memory_bank::Search {
+        self.bank.search()
+    }
+
+    /// Searches the memory bank as `search` says.
+    pub fn set_search(&mut self, search: crate::memory_bank::Search) {
+        self.bank.set_search(search);
+    }
+
     /// Preprocessing this model expects.
     pub fn preprocessing(&self) -> &Preprocessing {
         &self.manifest.preprocessing

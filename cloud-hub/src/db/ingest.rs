@@ -54,6 +54,8 @@ pub struct EscalationRow {
     pub frame_format: String,
     /// Object key of the edge map, if it came.
     pub edge_map_key: Option<String>,
+    /// How the edge searched its bank (`exact`, `probes=N`), if it said.
+    pub edge_search: Option<String>,
 }
 
 /// A device's retained state.
@@ -201,9 +203,9 @@ impl Db {
         for chunk in escalations.chunks(CHUNK) {
             let text = format!(
                 "INSERT INTO escalations (frame_id, site, device, source, captured_unix_ms, edge_score, \
-                 model_version, frame_key, frame_format, edge_map_key, received_unix_ms, state) VALUES {} \
-                 ON CONFLICT (frame_id) DO NOTHING RETURNING frame_id",
-                values_sql(chunk.len(), 12)
+                 model_version, frame_key, frame_format, edge_map_key, received_unix_ms, state, \
+                 edge_search) VALUES {} ON CONFLICT (frame_id) DO NOTHING RETURNING frame_id",
+                values_sql(chunk.len(), 13)
             );
             let mut q = sqlx::query(sql(text));
             for e in chunk {
@@ -220,7 +222,8 @@ impl Db {
                     .bind(e.frame_format.clone())
                     .bind(e.edge_map_key.clone())
                     .bind(f.received_unix_ms)
-                    .bind("pending");
+                    .bind("pending")
+                    .bind(e.edge_search.clone());
             }
             for row in q.fetch_all(&mut *tx).await? {
                 new_escalations.insert(row.try_get::<String, _>(0)?);

@@ -40,16 +40,30 @@ impl DbKind {
     }
 }
 
-const POSTGRES: &[(i64, &str, &str)] = &[(
-    1,
-    "hub",
-    include_str!("../../../migrations/postgres/0001_hub.sql"),
-)];
-const SQLITE: &[(i64, &str, &str)] = &[(
-    1,
-    "hub",
-    include_str!("../../../migrations/sqlite/0001_hub.sql"),
-)];
+const POSTGRES: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "hub",
+        include_str!("../../../migrations/postgres/0001_hub.sql"),
+    ),
+    (
+        2,
+        "edge search",
+        include_str!("../../../migrations/postgres/0002_edge_search.sql"),
+    ),
+];
+const SQLITE: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "hub",
+        include_str!("../../../migrations/sqlite/0001_hub.sql"),
+    ),
+    (
+        2,
+        "edge search",
+        include_str!("../../../migrations/sqlite/0002_edge_search.sql"),
+    ),
+];
 
 /// The embedded migrations of a database kind.
 fn migrator(kind: DbKind) -> Migrator {
@@ -200,6 +214,7 @@ mod tests {
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
         assert_eq!(DbKind::of("postgresql://h/d").unwrap(), DbKind::Postgres);
         assert!(DbKind::of("mysql://h/d").is_err());
-        assert_eq!(migrator(DbKind::Sqlite).iter().count(), 1);
+        assert_eq!(migrator(DbKind::Sqlite).iter().count(), 2);
+        assert_eq!(migrator(DbKind::Postgres).iter().count(), 2);
     }
 }

@@ -27,6 +27,8 @@ pub struct PendingEscalation {
     pub frame_key: String,
     /// When the hub received it.
     pub received_unix_ms: i64,
+    /// How the edge searched its bank (`None`: the hub's `models.edge_*` settings).
+    pub edge_search: Option<insp_core::memory_bank::Search>,
 }
 
 /// One model's score of a frame.
@@ -90,6 +92,9 @@ fn pending_from(r: &AnyRow) -> Result<PendingEscalation> {
         model_version: r.try_get("model_version")?,
         frame_key: r.try_get("frame_key")?,
         received_unix_ms: r.try_get("received_unix_ms")?,
+        edge_search: r
+            .try_get::<Option<String>, _>("edge_search")?
+            .and_then(|s| s.parse().ok()),
     })
 }
 
@@ -133,7 +138,7 @@ pub fn load_score(v: f32) -> f32 {
 }
 
 const PENDING_COLUMNS: &str =
-    "frame_id, site, device, source, edge_score, model_version, frame_key, received_unix_ms";
+    "frame_id, site, device, source, edge_score, model_version, frame_key, received_unix_ms, edge_search";
 
 impl Db {
     /// Escalations with no verdict yet, oldest first.

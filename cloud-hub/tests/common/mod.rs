@@ -29,6 +29,12 @@ pub fn postgres_admin() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// Inverted lists of the edge bundle's memory bank, and how many a query probes by
+/// default (so that how a device searches changes its scores).
+pub const EDGE_LISTS: usize = 8;
+/// See [`EDGE_LISTS`].
+pub const EDGE_PROBES: usize = 2;
+
 /// Data and bundles shared by all tests of a test binary.
 pub struct Fixture {
     /// Root.
@@ -72,7 +78,7 @@ pub fn fixture() -> &'static Fixture {
         )
         .expect("synthetic data");
         let weights = insp_core::weights::default_dir();
-        let fit = |variant: &str, size: usize, bank: usize, out: &Path| {
+        let fit = |variant: &str, size: usize, bank: usize, out: &Path, lists: Option<usize>| {
             let w = insp_core::weights::locate(&weights, variant).unwrap_or_else(|e| {
                 panic!("pretrained weights missing ({e}): run `edge-agent weights fetch` (scripts/test.sh does)")
             });
@@ -80,6 +86,8 @@ pub fn fixture() -> &'static Fixture {
                 backbone: variant.into(),
                 size,
                 bank_rows: bank,
+                ivf_lists: lists,
+                ivf_probes: EDGE_PROBES,
                 ..Default::default()
             };
             insp_core::patchcore::fit(&data, &w, &config, out, &candle_core::Device::Cpu, &mut |_, _, _| {})
@@ -87,9 +95,9 @@ pub fn fixture() -> &'static Fixture {
         };
         let models = root.join("models");
         let edge = models.join("edge");
-        fit("lite0", 128, 1000, &edge);
+        fit("lite0", 128, 1000, &edge, Some(EDGE_LISTS));
         let cloud = root.join("cloud");
-        fit("lite2", 160, 2000, &cloud);
+        fit("lite2", 160, 2000, &cloud, None);
         let mut images = Vec::new();
         for sub in ["test/good", "test/hole", "test/scratch", "test/stain"] {
             let mut v: Vec<PathBuf> = std::fs::read_dir(data.join(sub))
@@ -596,6 +604,7 @@ impl Device {
             frame: bytes,
             frame_format: "png".into(),
             edge_map: Some(map),
+            search: Some(insp_proto::v1::BankSearch::lists(EDGE_PROBES)),
         };
         self.publish(TopicKind::Escalation, e.encode_to_vec()).await;
         (id, score)
