@@ -236,7 +236,7 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
     }
     let fusion = tier.fusion();
     println!(
-        "  fusion: {:?} of z-scores, threshold {:.3} (quantile {} of {} held-out good images; expected false alarms up to {:.1} % of good frames)",
+        "  fusion: {:?} of z-scores, threshold {:.3} (quantile {} of {} held-out good images; on average about {:.1} % of good frames fuse above it)",
         fusion.rule,
         fusion.threshold,
         fusion.quantile,

@@ -72,14 +72,14 @@ impl Fusions {
         );
         let rate = 100.0 * fusion.expected_false_alarm_rate();
         tracing::info!(
-            "fusion of {key}: {:?} of z-scores, NG above {:.3} ({} held-out good images; expect up to {rate:.1} % of good frames flagged NG)",
+            "fusion of {key}: {:?} of z-scores, NG above {:.3} ({} held-out good images; on average about {rate:.1} % of good frames would fuse above it)",
             fusion.rule,
             fusion.threshold,
             fusion.calibration_images
         );
         if fusion.calibration_images < FEW_IMAGES {
             tracing::warn!(
-                "fusion of {key} is calibrated on only {} held-out good images: up to {rate:.1} % of good frames may be flagged NG and the threshold is a rough estimate of the good frames' tail (fit and train with a larger --holdout)",
+                "fusion of {key} is calibrated on only {} held-out good images: on average about {rate:.1} % of good frames would fuse above its threshold, which is a rough estimate of the good frames' tail (fit and train with a larger --holdout)",
                 fusion.calibration_images
             );
         }

@@ -335,7 +335,10 @@ impl Ingest {
                     model_version: f.model_version.clone(),
                     frame_key: e.frame_key.clone(),
                     received_unix_ms: f.received_unix_ms,
-                    edge_search: e.edge_search.as_deref().and_then(|s| s.parse().ok()),
+                    edge_search: crate::db::verdicts::parse_search(
+                        e.edge_search.clone(),
+                        &f.frame_id,
+                    ),
                 },
                 image,
             });

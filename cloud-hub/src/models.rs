@@ -214,12 +214,13 @@ pub struct EdgeBundles {
     probes: Option<usize>,
     device: candle_core::Device,
     index: Mutex<HashMap<String, PathBuf>>,
-    /// Loaded models by version and the search they were set to.
-    loaded: Mutex<Vec<(String, Option<Search>, Arc<PatchCore>)>>,
+    /// Loaded models by version and effective search, least recently used first.
+    loaded: Mutex<Vec<(String, Search, Arc<PatchCore>)>>,
 }
 
 impl EdgeBundles {
-    /// A registry of the bundles under `dir`, loaded with the edges' search settings.
+    /// A registry of the bundles under `dir`; `exact_search` / `probes` are the search
+    /// used for escalations that do not say how their edge searched.
     pub fn new(
         dir: &Path,
         exact_search: bool,
@@ -271,19 +272,28 @@ impl EdgeBundles {
 
     /// The loaded model of `version`, searching its bank as `search` says (the edge's
     /// own setting; `None`: the hub's `models.edge_*` settings), verifying and loading it
-    /// on first use.
+    /// on first use. Models are kept per version and effective search, the least
+    /// recently used dropped first.
     pub fn model(&self, version: &str, search: Option<Search>) -> Result<Arc<PatchCore>> {
-        if let Ok(loaded) = self.loaded.lock() {
-            if let Some((.., m)) = loaded.iter().find(|(v, s, _)| v == version && *s == search) {
-                return Ok(m.clone());
-            }
-        }
         let dir = self.path(version).with_context(|| {
             format!(
                 "no bundle of version {version:?} in {}: copy the edge's bundle folder there",
                 self.dir.display()
             )
         })?;
+        let manifest = read_manifest(&dir)?;
+        let search = self.effective_search(&manifest, search);
+        if let Ok(mut loaded) = self.loaded.lock() {
+            if let Some(i) = loaded
+                .iter()
+                .position(|(v, s, _)| v == version && *s == search)
+            {
+                let hit = loaded.remove(i);
+                let model = hit.2.clone();
+                loaded.push(hit);
+                return Ok(model);
+            }
+        }
         let mut model = PatchCore::open(&dir, &self.device)
             .with_context(|| format!("cannot load the edge bundle {}", dir.display()))?;
         anyhow::ensure!(
@@ -291,13 +301,7 @@ impl EdgeBundles {
             "bundle {} changed version while loading",
             dir.display()
         );
-        model.set_exact_search(self.exact_search);
-        if let Some(p) = self.probes {
-            model.set_probes(p);
-        }
-        if let Some(s) = search {
-            model.set_search(s);
-        }
+        model.set_search(search);
         let model = Arc::new(model);
         if let Ok(mut loaded) = self.loaded.lock() {
             if loaded.len() >= LOADED {
@@ -306,5 +310,20 @@ impl EdgeBundles {
             loaded.push((version.to_string(), search, model.clone()));
         }
         Ok(model)
+    }
+
+    /// The search a bundle ends up with: the one asked for (else the hub's defaults, else
+    /// the bundle's own), exact without inverted lists, probes clamped to the lists.
+    fn effective_search(&self, manifest: &Manifest, search: Option<Search>) -> Search {
+        let own = manifest.model.search;
+        let wanted = search.unwrap_or(if self.exact_search {
+            Search::Exact
+        } else {
+            Search::Probes(self.probes.unwrap_or(own.probes))
+        });
+        match (own.lists, wanted) {
+            (0, _) | (_, Search::Exact) => Search::Exact,
+            (lists, Search::Probes(n)) => Search::Probes(n.clamp(1, lists)),
+        }
     }
 }

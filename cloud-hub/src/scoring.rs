@@ -396,11 +396,12 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
     );
     if !stored.edge_exact {
         tracing::warn!(
-            "escalation {}: reproduced edge score {} differs from the reported {} (same bundle {}?)",
+            "escalation {}: reproduced edge score {} differs from the reported {} (same bundle {}? bank search {})",
             e.frame_id,
             stored.edge_score_reproduced,
             stored.edge_score_reported,
-            e.model_version
+            e.model_version,
+            e.edge_search.map_or_else(|| "not sent: the hub's models.edge_* settings".to_string(), |s| s.to_string())
         );
     }
     ctx.runtime.block_on(publish_verdict(&ctx.mqtt, &stored))

@@ -663,11 +663,13 @@ async fn a_storage_failure_leaves_the_escalation_pending_until_the_store_is_back
         },
         "[scoring]\nretry_after_s = 1.0",
     );
-    let defect = defect_image();
-    let (_, _, _, version) = edge_score(defect);
+    // A frame from an edge searching unlike the bundle's default: the retry, which reads
+    // the escalation back from the database, must still reproduce its score exactly.
+    let (image, search) = search_sensitive(1).remove(0);
+    let (_, _, _, version) = edge_score(&image);
     let mut dev = Device::connect(("127.0.0.1", port), "plant-s", "cam-1").await;
     dev.online(&version).await;
-    dev.escalate_as(defect, &frame_id).await;
+    let score = dev.escalate_searching(&image, &frame_id, search).await;
     let db = format!("sqlite://{}", dir.path().join("data/hub.db").display());
     let pool = pool(&db).await;
     let state = |pool: sqlx::AnyPool, id: String| async move {
@@ -694,6 +696,12 @@ async fn a_storage_failure_leaves_the_escalation_pending_until_the_store_is_back
     std::fs::remove_dir_all(&blocker).unwrap();
     let v = dev.verdict(60).await;
     assert_eq!(v.frame_id, frame_id);
+    assert_eq!(
+        v.edge_score_reproduced.to_bits(),
+        score.to_bits(),
+        "{search}: reproduced {} vs the edge's {score} after the retry",
+        v.edge_score_reproduced
+    );
     assert_ne!(
         state(pool.clone(), frame_id.clone()).await.as_deref(),
         Some("pending")
@@ -820,12 +828,10 @@ async fn sighup_swaps_in_a_new_heavy_bundle_and_keeps_the_old_one_if_broken() {
 
 /// Devices may search their memory bank differently from the bundle's default (every row,
 /// or more or fewer inverted lists). Each escalation says how its edge searched, and the
-/// hub searches the same way: the reproduced score is bit-identical for every setting.
+/// hub searches the same way: the reproduced score is bit-identical for every setting,
+/// and agents that do not say are reproduced with the hub's default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_devices_bank_search_is_reproduced_exactly() {
-    use insp_core::memory_bank::Search;
-    use insp_core::patchcore::{PatchCore, Timings};
-    let f = fixture();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let hub = HubProcess::start(&HubSetup {
@@ -835,62 +841,41 @@ async fn each_devices_bank_search_is_reproduced_exactly() {
         database: None,
         client_id: "hub-search",
         group: "hubs",
-        site: "plant-s",
+        site: "plant-q",
     });
-    let mut dev = Device::connect(("127.0.0.1", port), "plant-s", "cam-s").await;
-    let mut model = PatchCore::open(&f.edge, &candle_core::Device::Cpu).unwrap();
-    assert_eq!(model.search(), Search::Probes(EDGE_PROBES));
-    // Frames whose score depends on the search: the bundle's default search would not
-    // reproduce these.
-    let mut cases = Vec::new();
-    for image in &f.images {
-        let bytes = std::fs::read(image).unwrap();
-        let decoded = insp_core::image::decode(&bytes, "test").unwrap();
-        let mut score = |search| {
-            model.set_search(search);
-            model
-                .score_image(&decoded, &mut Timings::default())
-                .unwrap()
-                .score
-        };
-        let default = score(Search::Probes(EDGE_PROBES));
-        for search in [Search::Probes(1), Search::Exact] {
-            let s = score(search);
-            if s.to_bits() != default.to_bits() && cases.len() < 3 {
-                cases.push((bytes.clone(), search, s, default));
-            }
-        }
-    }
-    assert!(
-        !cases.is_empty(),
-        "no test image scores differently with another search"
-    );
-    for (bytes, search, score, default) in cases {
+    let mut dev = Device::connect(("127.0.0.1", port), "plant-q", "cam-q").await;
+    // Frames whose score depends on the search: the default would not reproduce them.
+    let cases = search_sensitive(3);
+    for (image, search) in &cases {
         let id = uuid::Uuid::new_v4().to_string();
-        let e = insp_proto::v1::Escalation {
-            result: Some(dev.result(&id, score, Band::Uncertain, &model.manifest().version)),
-            frame: bytes,
-            frame_format: "png".into(),
-            edge_map: None,
-            search: Some(match search {
-                Search::Exact => insp_proto::v1::BankSearch::every_row(),
-                Search::Probes(n) => insp_proto::v1::BankSearch::lists(n),
-            }),
-        };
-        dev.publish(
-            TopicKind::Escalation,
-            insp_proto::Message::encode_to_vec(&e),
-        )
-        .await;
+        let score = dev.escalate_searching(image, &id, *search).await;
         let v = dev.verdict(60).await;
         assert_eq!(v.frame_id, id);
         assert_eq!(
             v.edge_score_reproduced.to_bits(),
             score.to_bits(),
-            "{search}: reproduced {} vs the edge's {score} (bundle default {default})",
+            "{search}: reproduced {} vs the edge's {score}",
             v.edge_score_reproduced,
         );
     }
+    // An agent that does not send its search: the hub's default (the bundle's own).
+    let (bytes, score, map, version) = edge_score(&cases[0].0);
+    let id = uuid::Uuid::new_v4().to_string();
+    let legacy = insp_proto::v1::Escalation {
+        result: Some(dev.result(&id, score, Band::Uncertain, &version)),
+        frame: bytes,
+        frame_format: "png".into(),
+        edge_map: Some(map),
+        search: None,
+    };
+    dev.publish(
+        TopicKind::Escalation,
+        insp_proto::Message::encode_to_vec(&legacy),
+    )
+    .await;
+    let v = dev.verdict(60).await;
+    assert_eq!(v.frame_id, id);
+    assert_eq!(v.edge_score_reproduced.to_bits(), score.to_bits());
     assert_eq!(hub.metric("hub_edge_score_mismatches_total"), 0.0);
     dev.close().await;
 }

@@ -23,6 +23,9 @@ fn unique(prefix: &str) -> String {
     )
 }
 
+/// Inverted lists the main pipeline test's agent probes (not the bundle's default).
+const PROBES: usize = 1;
+
 /// `run` arguments for an agent of the fixture's bundle: `device.site` and `device.id`,
 /// the spool under the fixture's folder, then `key=value` settings.
 fn run_args(f: &Fixture, site: &str, device: &str, settings: &[String]) -> Vec<String> {
@@ -88,9 +91,18 @@ fn result_ids(inbox: &Inbox) -> BTreeSet<String> {
         .collect()
 }
 
-/// Scores from `edge-agent score` for each file: the reference the pipeline must match.
+/// Scores from `edge-agent score` for each file, searching [`PROBES`] inverted lists: the
+/// reference the pipeline (set to the same search) must match.
 fn reference_scores(f: &Fixture, files: &[PathBuf]) -> BTreeMap<String, f32> {
-    let mut args = vec!["score", "--bundle", p(&f.bundle), "--out"];
+    let probes = PROBES.to_string();
+    let mut args = vec![
+        "score",
+        "--bundle",
+        p(&f.bundle),
+        "--probes",
+        &probes,
+        "--out",
+    ];
     let heat = f.root.join("ref-heat");
     args.push(p(&heat));
     let paths: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
@@ -163,6 +175,7 @@ fn watched_frames_flow_to_the_broker_in_their_bands_and_corrupt_files_are_skippe
             format!("routing.ng_above={ng_above}"),
             format!("mqtt.port={SHARED_BROKER}"),
             "mqtt.persistent_session=false".to_string(),
+            format!("model.probes={PROBES}"),
         ],
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -211,12 +224,11 @@ fn watched_frames_flow_to_the_broker_in_their_bands_and_corrupt_files_are_skippe
     )
     .unwrap();
     let version = manifest["version"].as_str().unwrap().to_string();
-    // Escalations say how the bank was searched (here the bundle's own setting).
-    let search = &manifest["model"]["search"];
-    let wanted_search = match search["lists"].as_u64().unwrap() {
-        0 => insp_proto::v1::BankSearch::every_row(),
-        _ => insp_proto::v1::BankSearch::lists(search["probes"].as_u64().unwrap() as usize),
-    };
+    // Escalations say how the bank was searched: the agent's override of the bundle's
+    // inverted-list search.
+    assert_eq!(manifest["model"]["search"]["lists"], 8);
+    assert_ne!(manifest["model"]["search"]["probes"], PROBES);
+    let wanted_search = insp_proto::v1::BankSearch::lists(PROBES);
     let mut bands = BTreeMap::new();
     for (name, bytes) in &frames {
         let r = &by_source[name];

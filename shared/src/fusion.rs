@@ -116,7 +116,6 @@ pub struct Fusion {
     /// Held-out good images the threshold was calibrated on.
     pub calibration_images: usize,
     /// Of those, how many fused above the threshold.
-    #[serde(default)]
     pub calibration_above: usize,
 }
 
@@ -255,10 +254,14 @@ impl Fusion {
         Ok(AnomalyMap::new(h, w, data))
     }
 
-    /// The share of good frames expected above the threshold: a new good frame is as
-    /// likely to rank anywhere among the `n` held-out ones, so with `k` of them above the
-    /// threshold it lands above with probability `(k + 1) / (n + 1)` (at most). With the
-    /// threshold at the largest of 10 held-out images that is 1 in 11: calibrate on more.
+    /// The expected share of good frames (of all of them, not only the escalated ones,
+    /// which are picked for high edge scores) that fuse above the threshold: a new good
+    /// frame is as likely to rank anywhere among the `n` held-out ones, so with `k` of
+    /// them above the threshold it lands above with probability about `(k + 1) / (n + 1)`,
+    /// on average over calibrations (one calibration on few images may do much worse).
+    /// With the threshold at the largest of 10 held-out images that is 1 in 11: calibrate
+    /// on more. Approximate when the members share no held-out images (rank-by-rank
+    /// fusion) or the edges search their banks unlike the bundle's default.
     pub fn expected_false_alarm_rate(&self) -> f64 {
         (self.calibration_above + 1) as f64 / (self.calibration_images + 1) as f64
     }

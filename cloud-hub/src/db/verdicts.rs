@@ -92,10 +92,25 @@ fn pending_from(r: &AnyRow) -> Result<PendingEscalation> {
         model_version: r.try_get("model_version")?,
         frame_key: r.try_get("frame_key")?,
         received_unix_ms: r.try_get("received_unix_ms")?,
-        edge_search: r
-            .try_get::<Option<String>, _>("edge_search")?
-            .and_then(|s| s.parse().ok()),
+        edge_search: parse_search(
+            r.try_get("edge_search")?,
+            &r.try_get::<String, _>("frame_id")?,
+        ),
     })
+}
+
+/// A stored bank search; an unreadable one (not written by this hub) is logged and the
+/// hub's default search used.
+pub fn parse_search(
+    stored: Option<String>,
+    frame_id: &str,
+) -> Option<insp_core::memory_bank::Search> {
+    let text = stored?;
+    text.parse()
+        .map_err(|e| {
+            tracing::warn!("escalation {frame_id}: stored {e}; reproducing with the hub's models.edge_* settings")
+        })
+        .ok()
 }
 
 /// Reads a verdict row (columns of the `verdicts` table).

@@ -5,6 +5,7 @@
 //! they are down; none is skipped.
 #![allow(dead_code)]
 
+use insp_core::memory_bank::Search;
 use insp_core::patchcore::{FitConfig, PatchCore, Timings};
 use insp_proto::v1::{
     device_state::Status, AnomalyMap as WireMap, Band, DeviceState, Escalation, FrameResult,
@@ -488,6 +489,54 @@ pub fn edge_score(image: &Path) -> (Vec<u8>, f32, WireMap, String) {
     (bytes, s.score, map, model.manifest().version.clone())
 }
 
+/// As [`edge_score`], for an edge searching its bank as `search` says.
+pub fn edge_score_searching(image: &Path, search: Search) -> (Vec<u8>, f32, WireMap, String) {
+    let mut model =
+        PatchCore::open(&fixture().edge, &candle_core::Device::Cpu).expect("edge bundle");
+    model.set_search(search);
+    let bytes = std::fs::read(image).unwrap();
+    let decoded = insp_core::image::decode(&bytes, "edge").unwrap();
+    let s = model
+        .score_image(&decoded, &mut Timings::default())
+        .unwrap();
+    let map = WireMap {
+        height: s.map.height as u32,
+        width: s.map.width as u32,
+        data: s.map.data,
+    };
+    (bytes, s.score, map, model.manifest().version.clone())
+}
+
+/// The wire form of a bank search.
+pub fn wire_search(search: Search) -> insp_proto::v1::BankSearch {
+    match search {
+        Search::Exact => insp_proto::v1::BankSearch::every_row(),
+        Search::Probes(n) => insp_proto::v1::BankSearch::lists(n),
+    }
+}
+
+/// Fixture images and searches (other than the bundle's default) that change the edge
+/// score: reproducing these needs the edge's search. At most `max`; fails if none.
+pub fn search_sensitive(max: usize) -> Vec<(PathBuf, Search)> {
+    let default = Search::Probes(EDGE_PROBES);
+    let mut found = Vec::new();
+    for image in &fixture().images {
+        let base = edge_score_searching(image, default).1;
+        for search in [Search::Exact, Search::Probes(1)] {
+            if found.len() < max
+                && edge_score_searching(image, search).1.to_bits() != base.to_bits()
+            {
+                found.push((image.clone(), search));
+            }
+        }
+    }
+    assert!(
+        !found.is_empty(),
+        "no fixture image scores differently with another bank search"
+    );
+    found
+}
+
 /// A simulated edge device on a real MQTT connection.
 pub struct Device {
     /// Site.
@@ -608,6 +657,21 @@ impl Device {
         };
         self.publish(TopicKind::Escalation, e.encode_to_vec()).await;
         (id, score)
+    }
+
+    /// Publishes an escalation of `image` scored by an edge searching as `search` says;
+    /// returns its score.
+    pub async fn escalate_searching(&self, image: &Path, id: &str, search: Search) -> f32 {
+        let (bytes, score, map, version) = edge_score_searching(image, search);
+        let e = Escalation {
+            result: Some(self.result(id, score, Band::Uncertain, &version)),
+            frame: bytes,
+            frame_format: "png".into(),
+            edge_map: Some(map),
+            search: Some(wire_search(search)),
+        };
+        self.publish(TopicKind::Escalation, e.encode_to_vec()).await;
+        score
     }
 
     /// Publishes the retained ONLINE state.

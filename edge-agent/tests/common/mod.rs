@@ -69,6 +69,10 @@ pub fn fixture() -> Fixture {
         p(&bundle),
         "--bank-rows",
         "1000",
+        "--ivf-lists",
+        "8",
+        "--ivf-probes",
+        "2",
     ]);
     assert!(fit.contains("bank 1000 x 152"), "{fit}");
     let root = dir.path().to_path_buf();
