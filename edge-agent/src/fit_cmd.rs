@@ -53,8 +53,9 @@ pub struct FitArgs {
     /// Gaussian blur of the map in input pixels.
     #[arg(long, default_value_t = FitConfig::default().blur_sigma)]
     blur_sigma: f32,
-    /// Image score: `max`, or `reweighted:K` (PatchCore's re-weighting over K bank neighbours).
-    #[arg(long, default_value = "max")]
+    /// Image score: `map-max` (largest value of the blurred map), `max` (largest patch
+    /// score), or `reweighted:K` (PatchCore's re-weighting over K bank neighbours).
+    #[arg(long, default_value = "map-max")]
     score: String,
     /// Bank file precision: f32 or f16.
     #[arg(long, default_value = "f32")]
@@ -89,14 +90,15 @@ pub struct FitArgs {
     weights_dir: Option<PathBuf>,
 }
 
-/// Parses `max` or `reweighted:K`.
+/// Parses `map-max`, `max` or `reweighted:K`.
 pub fn parse_score_rule(s: &str) -> Result<ScoreRule> {
     match s.split_once(':') {
         None if s == "max" => Ok(ScoreRule::Max),
+        None if s == "map-max" => Ok(ScoreRule::MapMax),
         Some(("reweighted", k)) => Ok(ScoreRule::Reweighted {
             neighbours: k.parse().context("reweighted:K needs a number")?,
         }),
-        _ => anyhow::bail!("score rule {s:?}: use `max` or `reweighted:K`"),
+        _ => anyhow::bail!("score rule {s:?}: use `map-max`, `max` or `reweighted:K`"),
     }
 }
 
@@ -200,4 +202,23 @@ pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_rules_parse() {
+        assert_eq!(parse_score_rule("map-max").unwrap(), ScoreRule::MapMax);
+        assert_eq!(parse_score_rule("max").unwrap(), ScoreRule::Max);
+        assert_eq!(
+            parse_score_rule("reweighted:3").unwrap(),
+            ScoreRule::Reweighted { neighbours: 3 }
+        );
+        for bad in ["", "mapmax", "reweighted:x", "reweighted"] {
+            let e = parse_score_rule(bad).unwrap_err().to_string();
+            assert!(e.contains("map-max") || e.contains("number"), "{bad}: {e}");
+        }
+    }
 }

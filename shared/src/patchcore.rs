@@ -29,6 +29,11 @@ pub enum ScoreRule {
     /// The largest patch score.
     #[default]
     Max,
+    /// The largest value of the anomaly map (patch scores upsampled and blurred, exactly
+    /// the map the frame gets): a lone odd patch counts for less than one among odd
+    /// neighbours. The fit default: image AUROC 0.983 against 0.976 for `Max` on
+    /// mtd-dev, same bundle (README, "Measured results").
+    MapMax,
     /// The largest patch score times PatchCore's weight, which lowers it when the matched
     /// bank row lies in a dense region of the bank (paper, eq. 7).
     Reweighted {
@@ -138,7 +143,7 @@ impl Default for FitConfig {
             holdout: 0.1,
             seed: 42,
             blur_sigma: 8.0,
-            score: ScoreRule::Max,
+            score: ScoreRule::MapMax,
             bank_dtype: BankDtype::F32,
             batch: 8,
             ivf_lists: None,
@@ -344,11 +349,11 @@ impl PatchCore {
             let q = patches.get(i)?;
             let distances = self.bank.nearest_distances(&q)?;
             let t4 = Instant::now();
-            let score = self.image_score(&q, &distances)?;
             let (_, _, in_h, in_w) = x.dims4()?;
-            let map = AnomalyMap::new(h, w, distances)
+            let map = AnomalyMap::new(h, w, distances.clone())
                 .resize(in_h, in_w)
                 .blur(self.manifest.model.blur_sigma);
+            let score = self.image_score(&q, &distances, &map)?;
             timings.knn += t4 - t3;
             timings.map += t4.elapsed();
             out.push(Scored { score, map });
@@ -361,7 +366,9 @@ impl PatchCore {
         Ok(self.score_images(&[image], timings)?.remove(0))
     }
 
-    fn image_score(&self, patches: &Tensor, distances: &[f32]) -> Result<f32> {
+    /// The image score from the patch scores (`distances`, one per row of `patches`) and
+    /// the frame's map, by the bundle's rule.
+    fn image_score(&self, patches: &Tensor, distances: &[f32], map: &AnomalyMap) -> Result<f32> {
         let (best, &max) = distances
             .iter()
             .enumerate()
@@ -369,6 +376,7 @@ impl PatchCore {
             .ok_or_else(|| Error::Config("no patches to score".into()))?;
         match self.manifest.model.score {
             ScoreRule::Max => Ok(max),
+            ScoreRule::MapMax => Ok(map.data.iter().copied().fold(f32::NEG_INFINITY, f32::max)),
             ScoreRule::Reweighted { neighbours } => {
                 let query = patches.get(best)?.to_vec1::<f32>()?;
                 let nearest = self.bank.nearest_k(&query, 1);

@@ -123,3 +123,40 @@ fn the_bank_never_exceeds_its_bound() {
     assert_eq!(model.bank().rows(), 123);
     assert_eq!(model.manifest().model.bank_rows, 123);
 }
+
+#[test]
+fn image_scores_follow_the_bundles_score_rule() {
+    use insp_core::patchcore::ScoreRule;
+    // The default scores a frame by its map's largest value; `Max` by the largest patch
+    // score, which upsampling and a normalised blur can only lower. Same data and seed:
+    // the same bank, so the same maps.
+    let small = FitConfig {
+        bank_rows: 400,
+        ..FitConfig::default()
+    };
+    assert_eq!(small.score, ScoreRule::MapMax);
+    let (_dir, data, map_max) = fitted(&small);
+    let (_dir2, _, patch_max) = fitted(&FitConfig {
+        score: ScoreRule::Max,
+        ..small
+    });
+    let a = PatchCore::open(&map_max, &Device::Cpu).unwrap();
+    let b = PatchCore::open(&patch_max, &Device::Cpu).unwrap();
+    let mut lowered = 0;
+    for item in insp_core::dataset::test_images(&data).unwrap() {
+        let image = insp_core::image::open(&item.path).unwrap();
+        let sa = a.score_image(&image, &mut Timings::default()).unwrap();
+        let sb = b.score_image(&image, &mut Timings::default()).unwrap();
+        assert_eq!(sa.map.data, sb.map.data, "{}", item.relative);
+        let top = sa
+            .map
+            .data
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(sa.score.to_bits(), top.to_bits(), "{}", item.relative);
+        assert!(sb.score >= top, "{}: {} < {top}", item.relative, sb.score);
+        lowered += usize::from(sb.score > top);
+    }
+    assert!(lowered > 0, "the two rules never differed");
+}
