@@ -99,6 +99,30 @@ fn training_a_tiny_configuration_reduces_the_loss() {
 }
 
 #[test]
+fn the_same_seed_trains_the_same_model() {
+    // Candle's own initialisation is unseeded; training redraws it from the seed.
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    for architecture in [tiny_flow(), tiny_recon()] {
+        let kind = architecture.kind();
+        let config = tiny(architecture, 2);
+        let a = train(&data, &dir.path().join(format!("{kind}-a")), &config);
+        let b = train(&data, &dir.path().join(format!("{kind}-b")), &config);
+        assert_eq!(a.files, b.files, "{kind}: the weight files differ");
+        assert_eq!(
+            a.calibration.good_scores, b.calibration.good_scores,
+            "{kind}"
+        );
+        let other = train(
+            &data,
+            &dir.path().join(format!("{kind}-c")),
+            &TrainConfig { seed: 7, ..config },
+        );
+        assert_ne!(a.files, other.files, "{kind}: another seed, the same model");
+    }
+}
+
+#[test]
 fn a_reloaded_bundle_scores_the_held_out_images_bit_for_bit() {
     // Training scores the held-out images in-process; the bundle read back from disk must
     // give the identical scores, one by one and batched, in any order.
