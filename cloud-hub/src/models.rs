@@ -10,7 +10,7 @@ use insp_core::anomaly_map::AnomalyMap;
 use insp_core::bundle::{Calibration, Manifest, MANIFEST};
 use insp_core::heavy::HeavyModel;
 use insp_core::memory_bank::Search;
-use insp_core::patchcore::{PatchCore, Timings};
+use insp_core::patchcore::{PatchCore, SearchParams, Timings};
 use insp_core::routing::Thresholds;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -213,7 +213,8 @@ pub struct EdgeBundles {
     exact_search: bool,
     probes: Option<usize>,
     device: candle_core::Device,
-    index: Mutex<HashMap<String, PathBuf>>,
+    /// Folder and search parameters of each version, from its manifest.
+    index: Mutex<HashMap<String, (PathBuf, SearchParams)>>,
     /// Loaded models by version and effective search, least recently used first.
     loaded: Mutex<Vec<(String, Search, Arc<PatchCore>)>>,
 }
@@ -255,7 +256,7 @@ impl EdgeBundles {
         }
         if let Ok(mut index) = self.index.lock() {
             for (m, dir) in &found {
-                index.insert(m.version.clone(), dir.clone());
+                index.insert(m.version.clone(), (dir.clone(), m.model.search));
             }
         }
         found
@@ -263,6 +264,11 @@ impl EdgeBundles {
 
     /// Where the bundle of `version` is, scanning again on a miss.
     pub fn path(&self, version: &str) -> Option<PathBuf> {
+        self.located(version).map(|(dir, _)| dir)
+    }
+
+    /// The folder and search parameters of `version`, scanning again on a miss.
+    fn located(&self, version: &str) -> Option<(PathBuf, SearchParams)> {
         let hit = self.index.lock().ok()?.get(version).cloned();
         hit.or_else(|| {
             self.scan();
@@ -275,14 +281,13 @@ impl EdgeBundles {
     /// on first use. Models are kept per version and effective search, the least
     /// recently used dropped first.
     pub fn model(&self, version: &str, search: Option<Search>) -> Result<Arc<PatchCore>> {
-        let dir = self.path(version).with_context(|| {
+        let (dir, own) = self.located(version).with_context(|| {
             format!(
                 "no bundle of version {version:?} in {}: copy the edge's bundle folder there",
                 self.dir.display()
             )
         })?;
-        let manifest = read_manifest(&dir)?;
-        let search = self.effective_search(&manifest, search);
+        let search = self.effective_search(own, search);
         if let Ok(mut loaded) = self.loaded.lock() {
             if let Some(i) = loaded
                 .iter()
@@ -314,8 +319,7 @@ impl EdgeBundles {
 
     /// The search a bundle ends up with: the one asked for (else the hub's defaults, else
     /// the bundle's own), exact without inverted lists, probes clamped to the lists.
-    fn effective_search(&self, manifest: &Manifest, search: Option<Search>) -> Search {
-        let own = manifest.model.search;
+    fn effective_search(&self, own: SearchParams, search: Option<Search>) -> Search {
         let wanted = search.unwrap_or(if self.exact_search {
             Search::Exact
         } else {

@@ -63,19 +63,9 @@ async fn escalation_flow(broker: (&str, u16), db_url: &str, site: &str) {
         dev.publish_result(&dev.result(id, 0.5, Band::Ok, &version))
             .await;
     }
-    let (bytes, score, map, _) = edge_score(defect);
-    let again = insp_proto::v1::Escalation {
-        result: Some(dev.result(&frame_id, score, Band::Uncertain, &version)),
-        frame: bytes,
-        frame_format: "png".into(),
-        edge_map: Some(map),
-        search: None,
-    };
-    dev.publish(
-        TopicKind::Escalation,
-        insp_proto::Message::encode_to_vec(&again),
-    )
-    .await;
+    let score = dev
+        .escalate_scored(&frame_id, edge_score(defect), None)
+        .await;
     let resent = dev.verdict(30).await;
     assert_eq!(
         (resent.frame_id.as_str(), resent.band),
@@ -859,20 +849,10 @@ async fn each_devices_bank_search_is_reproduced_exactly() {
         );
     }
     // An agent that does not send its search: the hub's default (the bundle's own).
-    let (bytes, score, map, version) = edge_score(&cases[0].0);
     let id = uuid::Uuid::new_v4().to_string();
-    let legacy = insp_proto::v1::Escalation {
-        result: Some(dev.result(&id, score, Band::Uncertain, &version)),
-        frame: bytes,
-        frame_format: "png".into(),
-        edge_map: Some(map),
-        search: None,
-    };
-    dev.publish(
-        TopicKind::Escalation,
-        insp_proto::Message::encode_to_vec(&legacy),
-    )
-    .await;
+    let score = dev
+        .escalate_scored(&id, edge_score(&cases[0].0), None)
+        .await;
     let v = dev.verdict(60).await;
     assert_eq!(v.frame_id, id);
     assert_eq!(v.edge_score_reproduced.to_bits(), score.to_bits());

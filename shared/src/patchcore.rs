@@ -350,10 +350,11 @@ impl PatchCore {
             let distances = self.bank.nearest_distances(&q)?;
             let t4 = Instant::now();
             let (_, _, in_h, in_w) = x.dims4()?;
-            let map = AnomalyMap::new(h, w, distances.clone())
+            let patch_scores = AnomalyMap::new(h, w, distances);
+            let map = patch_scores
                 .resize(in_h, in_w)
                 .blur(self.manifest.model.blur_sigma);
-            let score = self.image_score(&q, &distances, &map)?;
+            let score = self.image_score(&q, &patch_scores.data, &map)?;
             timings.knn += t4 - t3;
             timings.map += t4.elapsed();
             out.push(Scored { score, map });

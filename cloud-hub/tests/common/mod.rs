@@ -470,30 +470,27 @@ pub fn cli(args: &[&str]) -> String {
     text
 }
 
+/// An image file as an edge would escalate it: its bytes, score, map and bundle version.
+pub type EdgeScored = (Vec<u8>, f32, WireMap, String);
+
 /// The edge's score and map of an image file, computed as the edge agent does.
-pub fn edge_score(image: &Path) -> (Vec<u8>, f32, WireMap, String) {
+pub fn edge_score(image: &Path) -> EdgeScored {
     static MODEL: OnceLock<PatchCore> = OnceLock::new();
     let model = MODEL.get_or_init(|| {
         PatchCore::open(&fixture().edge, &candle_core::Device::Cpu).expect("edge bundle")
     });
-    let bytes = std::fs::read(image).unwrap();
-    let decoded = insp_core::image::decode(&bytes, "edge").unwrap();
-    let s = model
-        .score_image(&decoded, &mut Timings::default())
-        .unwrap();
-    let map = WireMap {
-        height: s.map.height as u32,
-        width: s.map.width as u32,
-        data: s.map.data,
-    };
-    (bytes, s.score, map, model.manifest().version.clone())
+    scored_by(model, image)
 }
 
 /// As [`edge_score`], for an edge searching its bank as `search` says.
-pub fn edge_score_searching(image: &Path, search: Search) -> (Vec<u8>, f32, WireMap, String) {
+pub fn edge_score_searching(image: &Path, search: Search) -> EdgeScored {
     let mut model =
         PatchCore::open(&fixture().edge, &candle_core::Device::Cpu).expect("edge bundle");
     model.set_search(search);
+    scored_by(&model, image)
+}
+
+fn scored_by(model: &PatchCore, image: &Path) -> EdgeScored {
     let bytes = std::fs::read(image).unwrap();
     let decoded = insp_core::image::decode(&bytes, "edge").unwrap();
     let s = model
@@ -646,29 +643,35 @@ impl Device {
 
     /// As [`Device::escalate`], with the frame id given.
     pub async fn escalate_as(&self, image: &Path, id: &str) -> (String, f32) {
-        let (bytes, score, map, version) = edge_score(image);
-        let id = id.to_string();
-        let e = Escalation {
-            result: Some(self.result(&id, score, Band::Uncertain, &version)),
-            frame: bytes,
-            frame_format: "png".into(),
-            edge_map: Some(map),
-            search: Some(insp_proto::v1::BankSearch::lists(EDGE_PROBES)),
-        };
-        self.publish(TopicKind::Escalation, e.encode_to_vec()).await;
-        (id, score)
+        let search = insp_proto::v1::BankSearch::lists(EDGE_PROBES);
+        let score = self
+            .escalate_scored(id, edge_score(image), Some(search))
+            .await;
+        (id.to_string(), score)
     }
 
     /// Publishes an escalation of `image` scored by an edge searching as `search` says;
     /// returns its score.
     pub async fn escalate_searching(&self, image: &Path, id: &str, search: Search) -> f32 {
-        let (bytes, score, map, version) = edge_score_searching(image, search);
+        let scored = edge_score_searching(image, search);
+        self.escalate_scored(id, scored, Some(wire_search(search)))
+            .await
+    }
+
+    /// Publishes an escalation of an already scored frame as `id`, saying how the bank was
+    /// searched (`None`: as an agent that does not say); returns its score.
+    pub async fn escalate_scored(
+        &self,
+        id: &str,
+        (bytes, score, map, version): EdgeScored,
+        search: Option<insp_proto::v1::BankSearch>,
+    ) -> f32 {
         let e = Escalation {
             result: Some(self.result(id, score, Band::Uncertain, &version)),
             frame: bytes,
             frame_format: "png".into(),
             edge_map: Some(map),
-            search: Some(wire_search(search)),
+            search,
         };
         self.publish(TopicKind::Escalation, e.encode_to_vec()).await;
         score
