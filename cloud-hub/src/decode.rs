@@ -75,8 +75,9 @@ pub fn decode(
             payload.len()
         ));
     }
-    let Some((site, device, kind)) = parse_topic(topic) else {
-        return dead("topic is not insp/v1/{site}/{device}/{kind}".into());
+    let (site, device, kind) = match parse_topic(topic) {
+        Ok(parsed) => parsed,
+        Err(e) => return dead(e.to_string()),
     };
     match kind {
         TopicKind::Result => match FrameResult::decode(payload) {

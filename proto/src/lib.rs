@@ -19,7 +19,7 @@ pub use prost::Message;
 pub const TOPIC_PREFIX: &str = "insp/v1";
 
 /// The kinds of topic under a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TopicKind {
     /// Retained [`v1::DeviceState`], set offline by the last will.
     State,
@@ -38,6 +38,17 @@ pub enum TopicKind {
 }
 
 impl TopicKind {
+    /// Every kind.
+    pub const ALL: [TopicKind; 7] = [
+        TopicKind::State,
+        TopicKind::Result,
+        TopicKind::Escalation,
+        TopicKind::Verdict,
+        TopicKind::Model,
+        TopicKind::ModelStatus,
+        TopicKind::Metrics,
+    ];
+
     /// The topic's last segment.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -52,39 +63,87 @@ impl TopicKind {
     }
 }
 
-/// `insp/v1/{site}/{device}/{kind}`. Site and device names must not contain `/`, `+` or
-/// `#` (MQTT separators and wildcards); such names are refused.
-pub fn topic(site: &str, device: &str, kind: TopicKind) -> Result<String, String> {
-    for (what, name) in [("site", site), ("device", device)] {
-        if name.is_empty() || name.contains(['/', '+', '#']) {
-            return Err(format!(
-                "{what} name {name:?} must be non-empty and free of '/', '+' and '#'"
-            ));
-        }
+impl std::str::FromStr for TopicKind {
+    type Err = TopicError;
+
+    fn from_str(s: &str) -> Result<Self, TopicError> {
+        TopicKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| TopicError::UnknownKind(s.to_string()))
     }
+}
+
+/// Longest site or device name, in bytes.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// Why a topic, or a site or device name, was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// A site or device name outside the naming rule ([`check_name`]).
+    #[error(
+        "{what} name {name:?} must be 1 to {MAX_NAME_BYTES} characters of A-Z, a-z, 0-9, '.', '_' \
+         and '-', and not '.' or '..'"
+    )]
+    BadName {
+        /// `site` or `device`.
+        what: &'static str,
+        /// The name as given (lossy for display).
+        name: String,
+    },
+    /// Not `insp/v1/{site}/{device}/{kind}`.
+    #[error("topic {0:?} is not insp/v1/{{site}}/{{device}}/{{kind}}")]
+    NotOurs(String),
+    /// The last level names no known kind.
+    #[error("unknown topic kind {0:?}")]
+    UnknownKind(String),
+}
+
+/// The one naming rule for sites and devices, applied by the edge to its own identity at
+/// start and by the hub to every topic it receives: 1 to [`MAX_NAME_BYTES`] characters of
+/// `[A-Za-z0-9._-]`, and neither `.` nor `..`. Such a name is a safe MQTT topic level
+/// (no separator, wildcard or control character), a safe file and object-key segment and
+/// a safe label value.
+pub fn check_name(what: &'static str, name: &str) -> Result<(), TopicError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = name.chars().take(MAX_NAME_BYTES + 16).collect();
+        Err(TopicError::BadName { what, name: shown })
+    }
+}
+
+/// `insp/v1/{site}/{device}/{kind}`; site and device must follow [`check_name`].
+pub fn topic(site: &str, device: &str, kind: TopicKind) -> Result<String, TopicError> {
+    check_name("site", site)?;
+    check_name("device", device)?;
     Ok(format!("{TOPIC_PREFIX}/{site}/{device}/{}", kind.as_str()))
 }
 
-/// Splits a topic into (site, device, kind); `None` if it is not one of ours.
-pub fn parse_topic(topic: &str) -> Option<(&str, &str, TopicKind)> {
-    let rest = topic.strip_prefix(TOPIC_PREFIX)?.strip_prefix('/')?;
+/// Splits a topic into (site, device, kind), checking site and device against
+/// [`check_name`].
+pub fn parse_topic(topic: &str) -> Result<(&str, &str, TopicKind), TopicError> {
+    let not_ours = || TopicError::NotOurs(topic.chars().take(200).collect());
+    let rest = topic
+        .strip_prefix(TOPIC_PREFIX)
+        .and_then(|r| r.strip_prefix('/'))
+        .ok_or_else(not_ours)?;
     let mut parts = rest.split('/');
-    let (site, device, kind) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || site.is_empty() || device.is_empty() {
-        return None;
-    }
-    let kind = [
-        TopicKind::State,
-        TopicKind::Result,
-        TopicKind::Escalation,
-        TopicKind::Verdict,
-        TopicKind::Model,
-        TopicKind::ModelStatus,
-        TopicKind::Metrics,
-    ]
-    .into_iter()
-    .find(|k| k.as_str() == kind)?;
-    Some((site, device, kind))
+    let (Some(site), Some(device), Some(kind), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(not_ours());
+    };
+    check_name("site", site)?;
+    check_name("device", device)?;
+    Ok((site, device, kind.parse()?))
 }
 
 impl v1::BankSearch {
@@ -162,12 +221,62 @@ mod tests {
         assert_eq!(t, "insp/v1/plant-1/cam-3/model-status");
         assert_eq!(
             parse_topic(&t),
-            Some(("plant-1", "cam-3", TopicKind::ModelStatus))
+            Ok(("plant-1", "cam-3", TopicKind::ModelStatus))
         );
         assert!(topic("plant/1", "cam", TopicKind::Result).is_err());
         assert!(topic("p", "cam+", TopicKind::Result).is_err());
-        assert_eq!(parse_topic("insp/v1/p/d/unknown"), None);
-        assert_eq!(parse_topic("other/v1/p/d/result"), None);
-        assert_eq!(parse_topic("insp/v1/p/d/result/extra"), None);
+        assert_eq!(
+            parse_topic("insp/v1/p/d/unknown"),
+            Err(TopicError::UnknownKind("unknown".into()))
+        );
+        assert!(matches!(
+            parse_topic("other/v1/p/d/result"),
+            Err(TopicError::NotOurs(_))
+        ));
+        assert!(matches!(
+            parse_topic("insp/v1/p/d/result/extra"),
+            Err(TopicError::NotOurs(_))
+        ));
+        for k in TopicKind::ALL {
+            assert_eq!(k.as_str().parse::<TopicKind>(), Ok(k));
+        }
+    }
+
+    #[test]
+    fn names_that_make_unsafe_keys_are_refused_on_both_sides() {
+        let long = "a".repeat(MAX_NAME_BYTES + 1);
+        for bad in [
+            ".",
+            "..",
+            "",
+            "cam\u{0}1",
+            "cam\n",
+            "caméra",
+            "a b",
+            "a\\b",
+            long.as_str(),
+        ] {
+            assert!(
+                matches!(check_name("device", bad), Err(TopicError::BadName { .. })),
+                "{bad:?} accepted"
+            );
+            assert!(topic("site", bad, TopicKind::Result).is_err(), "{bad:?}");
+            let t = format!("insp/v1/site/{bad}/escalation");
+            assert!(parse_topic(&t).is_err(), "{bad:?} parsed");
+            let t = format!("insp/v1/{bad}/cam/escalation");
+            assert!(parse_topic(&t).is_err(), "{bad:?} parsed as a site");
+        }
+        for good in [
+            "a",
+            "cam-3",
+            "line_2.left",
+            "...",
+            "A.B-c_9",
+            &"z".repeat(MAX_NAME_BYTES),
+        ] {
+            assert_eq!(check_name("device", good), Ok(()), "{good:?}");
+        }
+        let e = check_name("site", "..").unwrap_err().to_string();
+        assert!(e.contains("site name \"..\""), "{e}");
     }
 }
