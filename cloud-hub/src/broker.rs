@@ -4,13 +4,64 @@
 //! rumqttd keeps everything in memory and has no shutdown call: it runs on its own
 //! threads for the life of the process. A hub crash therefore loses what the broker had
 //! accepted from the edges but the hub had not yet committed (README, "Cloud hub").
+//!
+//! rumqttd keeps, per topic filter, a log of `embedded_broker.max_log_bytes`; a consumer
+//! that falls further behind (the hub while its database is away) has its cursor moved to
+//! the oldest message kept, silently dropping what it skipped, although the edges had it
+//! acknowledged. [`DropCounter`] turns rumqttd's warning about that into a count
+//! (`hub_broker_dropped_total`), and the delivery check ([`crate::delivery`]) asks the
+//! devices for the records again.
 
 use crate::config::EmbeddedBrokerConfig;
 use anyhow::{Context, Result};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Times rumqttd moved a lagging consumer past messages it dropped, since start.
+static DROPS: AtomicU64 = AtomicU64::new(0);
+
+/// Times the embedded broker dropped messages a consumer had not read, since start.
+pub fn drops() -> u64 {
+    DROPS.load(Ordering::Relaxed)
+}
+
+/// A tracing layer that counts rumqttd's "jumping" warnings: each is a consumer's cursor
+/// moved past messages its log no longer holds. Install it with a filter that lets
+/// through `rumqttd::segments` at WARN, whatever the log filter says.
+pub struct DropCounter;
+
+/// Whether a rumqttd log message reports a consumer jumping over dropped messages.
+fn is_drop(message: &str) -> bool {
+    message.contains("jumping")
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for DropCounter {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if !event.metadata().target().starts_with("rumqttd") {
+            return;
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        if is_drop(&m.0) {
+            DROPS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 /// Starts the broker and waits until it accepts connections.
 pub fn start(config: &EmbeddedBrokerConfig) -> Result<()> {
@@ -38,15 +89,17 @@ pub fn start(config: &EmbeddedBrokerConfig) -> Result<()> {
         next_connection_delay_ms: 1,
         connections,
     };
-    // Each topic's in-memory log: segments big enough for a few of the largest payloads.
-    let segment = (config.max_payload_bytes * 4).max(32 << 20);
+    // Each filter's in-memory log: max_log_bytes in four segments, each big enough for
+    // the largest payload (rumqttd drops whole segments).
+    let segment = (config.max_log_bytes / 4).max(config.max_payload_bytes + (64 << 10));
+    let segments = (config.max_log_bytes / segment).max(2);
     let broker_config = Config {
         id: 0,
         router: RouterConfig {
             max_connections: config.max_connections,
             max_outgoing_packet_count: 1000,
             max_segment_size: segment,
-            max_segment_count: 4,
+            max_segment_count: segments,
             ..Default::default()
         },
         v4: Some(HashMap::from([("1".to_string(), server)])),
@@ -80,5 +133,20 @@ fn wait_listening(addr: SocketAddr, within: Duration) -> Result<()> {
         }
         anyhow::ensure!(start.elapsed() < within, "timed out");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rumqttds_jump_warnings_are_drops() {
+        // The two warnings of rumqttd 0.20's segments/mod.rs `readv`.
+        assert!(is_drop("given index 3 less than head 5, jumping to head"));
+        assert!(is_drop(
+            "offset specified 10 if less than actual 200, jumping"
+        ));
+        assert!(!is_drop("Client connected"));
     }
 }

@@ -35,6 +35,8 @@ pub struct HubConfig {
     pub fusion: FusionConfig,
     /// gRPC and HTTP listeners.
     pub api: ApiConfig,
+    /// Finding records a broker lost and asking the devices for them again.
+    pub delivery: DeliveryConfig,
 }
 
 /// Connection to the MQTT broker.
@@ -103,6 +105,10 @@ pub struct EmbeddedBrokerConfig {
     pub max_connections: usize,
     /// QoS 1 messages in flight per connection.
     pub max_inflight: usize,
+    /// Bytes the broker keeps per topic filter for a consumer that falls behind (the hub
+    /// while its database is away); beyond, rumqttd drops the oldest, which the hub counts
+    /// (`hub_broker_dropped_total`) and asks the devices for again.
+    pub max_log_bytes: usize,
 }
 
 impl Default for EmbeddedBrokerConfig {
@@ -112,6 +118,7 @@ impl Default for EmbeddedBrokerConfig {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD,
             max_connections: 10_000,
             max_inflight: 200,
+            max_log_bytes: 256 << 20,
         }
     }
 }
@@ -257,6 +264,32 @@ impl Default for ApiConfig {
     }
 }
 
+/// End-to-end delivery checks ([`crate::delivery`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Seconds between checks of the devices' delivery streams.
+    pub check_every_s: f64,
+    /// Seconds a gap may stay open (records of a group of hubs crossing each other)
+    /// before the device is asked for it.
+    pub resend_after_s: f64,
+    /// Seconds between two requests for the same gap.
+    pub resend_every_s: f64,
+    /// Requests for one gap before its records are given up as lost.
+    pub max_resends: u32,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            check_every_s: 2.0,
+            resend_after_s: 10.0,
+            resend_every_s: 30.0,
+            max_resends: 10,
+        }
+    }
+}
+
 impl HubConfig {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<HubConfig> {
@@ -338,6 +371,17 @@ impl HubConfig {
         anyhow::ensure!(
             self.scoring.retry_after_s.is_finite() && self.scoring.retry_after_s >= 0.0,
             "scoring.retry_after_s must be a number of seconds, 0 or more"
+        );
+        let d = &self.delivery;
+        anyhow::ensure!(
+            [d.check_every_s, d.resend_after_s, d.resend_every_s]
+                .iter()
+                .all(|s| s.is_finite() && *s >= 0.0),
+            "delivery.check_every_s, resend_after_s and resend_every_s must be seconds, 0 or more"
+        );
+        anyhow::ensure!(
+            self.embedded_broker.max_log_bytes >= 2 * self.embedded_broker.max_payload_bytes,
+            "embedded_broker.max_log_bytes must hold at least two of the largest payloads"
         );
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.fusion.quantile),

@@ -5,6 +5,7 @@
 //! topic, a known band and a finite score. A message that fails any check becomes a
 //! dead letter with the reason and never stops ingestion.
 
+use crate::db::delivery::{Delivered, StreamPosition, StreamQueue};
 use crate::db::ingest::{DeadLetter, FrameRow, MetricsRow, StateRow};
 use insp_core::anomaly_map::AnomalyMap;
 use insp_core::memory_bank::Search;
@@ -26,7 +27,13 @@ pub struct EscalationIn {
     pub edge_map: Option<AnomalyMap>,
     /// How the edge searched its memory bank, if it said (older agents do not).
     pub search: Option<Search>,
+    /// Its place in the device's escalations stream, if numbered.
+    pub delivery: Option<Delivered>,
 }
+
+/// How far ahead of the hub's clock a device's clock may be before its states are
+/// refused (a state "from the future" would otherwise outrank every later one).
+const MAX_CLOCK_AHEAD_MS: i64 = 24 * 3600 * 1000;
 
 /// A decoded message.
 #[derive(Debug)]
@@ -81,10 +88,13 @@ pub fn decode(
     };
     match kind {
         TopicKind::Result => match FrameResult::decode(payload) {
-            Ok(r) => match frame_row(r, site, device, received_unix_ms) {
-                Ok(f) => Incoming::Result(f),
-                Err(e) => dead(e),
-            },
+            Ok(r) => {
+                let delivery = r.delivery.map(delivered);
+                match frame_row(r, site, device, received_unix_ms) {
+                    Ok(f) => Incoming::Result(FrameRow { delivery, ..f }),
+                    Err(e) => dead(e),
+                }
+            }
             Err(e) => dead(format!("malformed FrameResult: {e}")),
         },
         TopicKind::Escalation => match Escalation::decode(payload) {
@@ -123,6 +133,7 @@ pub fn decode(
                     format: e.frame_format,
                     edge_map,
                     search,
+                    delivery: e.delivery.map(delivered),
                 }))
             }
             Err(e) => dead(format!("malformed Escalation: {e}")),
@@ -140,13 +151,27 @@ pub fn decode(
                     Status::Offline => "offline",
                     Status::Unspecified => "unknown",
                 };
+                let ahead = received_unix_ms.saturating_add(MAX_CLOCK_AHEAD_MS);
+                if s.since_unix_ms > ahead || s.connected_unix_ms > ahead {
+                    return dead(format!(
+                        "state from the future: since {} / connected {} ms, the hub's clock says {received_unix_ms} (is the device's clock set?)",
+                        s.since_unix_ms, s.connected_unix_ms
+                    ));
+                }
+                // A last will says 0: it began when the broker published it.
+                let since = if s.since_unix_ms > 0 {
+                    s.since_unix_ms
+                } else {
+                    received_unix_ms
+                };
                 Incoming::State(StateRow {
                     site: site.to_string(),
                     device: device.to_string(),
                     status,
                     model_version: s.model_version,
                     agent_version: s.agent_version,
-                    since_unix_ms: s.since_unix_ms,
+                    since_unix_ms: since,
+                    order: StateRow::order(s.connected_unix_ms, since, status == "offline"),
                     received_unix_ms,
                 })
             }
@@ -157,10 +182,29 @@ pub fn decode(
                 "metrics of device {:?} on the topic of device {device:?}",
                 m.device
             )),
-            Ok(_) => Incoming::Metrics(MetricsRow {
+            Ok(m) => Incoming::Metrics(MetricsRow {
                 site: site.to_string(),
                 device: device.to_string(),
                 payload: payload.to_vec(),
+                positions: m
+                    .streams
+                    .iter()
+                    .filter_map(|p| {
+                        let queue = match p.queue() {
+                            insp_proto::v1::stream_position::Queue::Results => StreamQueue::Results,
+                            insp_proto::v1::stream_position::Queue::Escalations => {
+                                StreamQueue::Escalations
+                            }
+                            insp_proto::v1::stream_position::Queue::Unspecified => return None,
+                        };
+                        Some(StreamPosition {
+                            queue,
+                            stream: p.stream,
+                            acked_until: p.acked_until,
+                            kept_from: p.kept_from,
+                        })
+                    })
+                    .collect(),
                 received_unix_ms,
             }),
             Err(e) => dead(format!("malformed DeviceMetrics: {e}")),
@@ -209,7 +253,15 @@ fn frame_row(
         band,
         model_version: r.model_version,
         latency_ms: r.latency_ms,
+        delivery: None,
     })
+}
+
+fn delivered(d: insp_proto::v1::Delivery) -> Delivered {
+    Delivered {
+        stream: d.stream,
+        seq: d.seq,
+    }
 }
 
 #[cfg(test)]
@@ -276,11 +328,22 @@ mod tests {
                 data: vec![0.0; 4],
             }),
             search: Some(wire_search(Search::Probes(3))),
+            delivery: Some(insp_proto::v1::Delivery {
+                stream: u64::MAX,
+                seq: 4,
+            }),
         };
         let Incoming::Escalation(got) = decode(t, &e.encode_to_vec(), 0, 1000, 16) else {
             panic!()
         };
         assert_eq!(got.image, vec![1, 2, 3]);
+        assert_eq!(
+            got.delivery,
+            Some(Delivered {
+                stream: u64::MAX,
+                seq: 4
+            })
+        );
         assert_eq!(got.edge_map.unwrap().height, 2);
         assert_eq!(got.search, Some(Search::Probes(3)));
         // A search of zero lists is unusable: the frame is kept, the hub's setting used.
@@ -310,6 +373,18 @@ mod tests {
     }
 
     #[test]
+    fn numbered_results_carry_their_place_in_the_stream() {
+        let mut r = result("cam1");
+        r.delivery = Some(insp_proto::v1::Delivery { stream: 7, seq: 9 });
+        let Incoming::Result(row) =
+            decode("insp/v1/s1/cam1/result", &r.encode_to_vec(), 0, 1000, 16)
+        else {
+            panic!()
+        };
+        assert_eq!(row.delivery, Some(Delivered { stream: 7, seq: 9 }));
+    }
+
+    #[test]
     fn state_and_metrics() {
         let s = DeviceState {
             device: "cam1".into(),
@@ -317,15 +392,73 @@ mod tests {
             model_version: "m1".into(),
             since_unix_ms: 5,
             agent_version: "0.1".into(),
+            connected_unix_ms: 0,
         };
-        let Incoming::State(row) = decode("insp/v1/s1/cam1/state", &s.encode_to_vec(), 9, 1000, 8)
-        else {
-            panic!()
+        let state = |s: &DeviceState, at: i64| match decode(
+            "insp/v1/s1/cam1/state",
+            &s.encode_to_vec(),
+            at,
+            1000,
+            8,
+        ) {
+            Incoming::State(row) => row,
+            other => panic!("{other:?}"),
         };
+        let row = state(&s, 9);
         assert_eq!((row.status, row.since_unix_ms), ("offline", 5));
+        // A connection's ONLINE, then its last will (since 0: when the broker sent it).
+        let online = DeviceState {
+            status: Status::Online as i32,
+            since_unix_ms: 1_000,
+            connected_unix_ms: 1_000,
+            ..s.clone()
+        };
+        let will = DeviceState {
+            since_unix_ms: 0,
+            connected_unix_ms: 1_000,
+            ..s.clone()
+        };
+        let next = DeviceState {
+            connected_unix_ms: 2_000,
+            ..online.clone()
+        };
+        let (on, off, again) = (
+            state(&online, 1_500),
+            state(&will, 3_000),
+            state(&next, 2_500),
+        );
+        assert_eq!(off.since_unix_ms, 3_000, "a will is stamped when received");
+        assert!(
+            on.order < off.order,
+            "the will follows its connection's ONLINE"
+        );
+        assert!(
+            off.order < again.order,
+            "a later connection outranks an old will"
+        );
+        // A state from the future would outrank every later one: refused.
+        let future = DeviceState {
+            since_unix_ms: i64::MAX,
+            ..online.clone()
+        };
+        assert!(reason(decode(
+            "insp/v1/s1/cam1/state",
+            &future.encode_to_vec(),
+            9,
+            1000,
+            8
+        ))
+        .contains("future"));
         let m = DeviceMetrics {
             device: "cam1".into(),
             frames_ok: 3,
+            streams: vec![insp_proto::v1::StreamPosition {
+                queue: insp_proto::v1::stream_position::Queue::Escalations as i32,
+                stream: 11,
+                next_seq: 30,
+                acked_until: 20,
+                kept_from: 5,
+            }],
             ..Default::default()
         };
         let bytes = m.encode_to_vec();
@@ -333,6 +466,15 @@ mod tests {
             panic!()
         };
         assert_eq!(row.payload, bytes);
+        assert_eq!(
+            row.positions,
+            vec![StreamPosition {
+                queue: StreamQueue::Escalations,
+                stream: 11,
+                acked_until: 20,
+                kept_from: 5
+            }]
+        );
         assert!(reason(decode("insp/v1/s1/cam2/metrics", &bytes, 9, 1000, 8)).contains("cam1"));
     }
 }

@@ -284,6 +284,7 @@ impl Ingest {
                         frame_format: e.format.clone(),
                         edge_map_key,
                         edge_search: e.search.map(|s| s.to_string()),
+                        delivery: e.delivery,
                     });
                     images.push((e.frame.frame_id.clone(), e.image));
                 }

@@ -11,6 +11,7 @@ mod client;
 mod config;
 mod db;
 mod decode;
+mod delivery;
 mod device;
 mod eval_cmd;
 mod fusion;
@@ -76,12 +77,20 @@ fn main() {
     insp_core::tune_candle_threads();
     let cli = Cli::parse();
     let filter = format!("rumqttd=off,sqlx=error,{}", cli.log);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::prelude::*;
+        let log = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(
+                tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
+            );
+        // Counted whatever the log filter says (the embedded broker's silent drops).
+        let drops = broker::DropCounter.with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("rumqttd::segments", tracing::Level::WARN),
+        );
+        tracing_subscriber::registry().with(log).with(drops).init();
+    }
     // Training and evaluation are CPU work with nothing to wait on: no async runtime.
     let result = match cli.command {
         Command::Train(args) => {

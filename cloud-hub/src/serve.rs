@@ -134,6 +134,13 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     ));
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let deliveries = crate::delivery::Deliveries {
+        db: db.clone(),
+        client: client.clone(),
+        telemetry: telemetry.clone(),
+        config: config.delivery.clone(),
+    };
+    tokio::spawn(deliveries.run(shutdown_rx.clone()));
     let ingest = Ingest {
         db: db.clone(),
         objects,

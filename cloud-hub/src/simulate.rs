@@ -260,6 +260,7 @@ pub async fn run_fleet(
             model_version: mv.clone(),
             since_unix_ms: unix_ms(),
             agent_version: "simulator".into(),
+            connected_unix_ms: unix_ms(),
         };
         client
             .publish(state_topic, QoS::AtLeastOnce, true, state.encode_to_vec())
@@ -277,6 +278,11 @@ pub async fn run_fleet(
             let start = Instant::now();
             let mut n: u64 = 0;
             let (mut results, mut escalations) = (0u64, 0u64);
+            // Numbered like an agent's records, so the hub tracks them as it would.
+            let streams = (
+                uuid::Uuid::new_v4().as_u64_pair().0,
+                uuid::Uuid::new_v4().as_u64_pair().0,
+            );
             while start.elapsed() < duration {
                 tick.tick().await;
                 n += 1;
@@ -296,14 +302,25 @@ pub async fn run_fleet(
                     band: if escalate { Band::Uncertain } else { Band::Ok } as i32,
                     model_version: mv.clone(),
                     latency_ms: 40.0,
+                    delivery: Some(insp_proto::v1::Delivery {
+                        stream: streams.0,
+                        seq: n - 1,
+                    }),
                 };
                 if let Some(f) = frame {
                     let e = Escalation {
-                        result: Some(result.clone()),
+                        result: Some(insp_proto::v1::FrameResult {
+                            delivery: None,
+                            ..result.clone()
+                        }),
                         frame: f.bytes.clone(),
                         frame_format: f.format.clone(),
                         edge_map: Some(f.map.clone()),
                         search: Some(crate::decode::wire_search(f.search)),
+                        delivery: Some(insp_proto::v1::Delivery {
+                            stream: streams.1,
+                            seq: escalations,
+                        }),
                     };
                     if let Ok(mut s) = sent_at.lock() {
                         s.insert(id.clone(), (Instant::now(), f.score));

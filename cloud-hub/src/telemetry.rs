@@ -34,6 +34,11 @@ pub struct Telemetry {
     scoring_queue: Gauge,
     mqtt_connected: Gauge,
     connected: AtomicBool,
+    delivery_missing: Gauge,
+    delivery_resends: Family<Labels, Counter>,
+    delivery_gaps_closed: Family<Labels, Counter>,
+    delivery_lost: Family<Labels, Counter>,
+    broker_dropped: Counter,
 }
 
 impl Default for Telemetry {
@@ -62,6 +67,11 @@ impl Telemetry {
             scoring_queue: Gauge::default(),
             mqtt_connected: Gauge::default(),
             connected: AtomicBool::new(false),
+            delivery_missing: Gauge::default(),
+            delivery_resends: Family::default(),
+            delivery_gaps_closed: Family::default(),
+            delivery_lost: Family::default(),
+            broker_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -134,7 +144,65 @@ impl Telemetry {
             "1 while connected to the broker",
             t.mqtt_connected.clone(),
         );
+        registry.register(
+            "delivery_missing",
+            "Records the devices' brokers acknowledged that have not reached the hub (open gaps of the delivery streams)",
+            t.delivery_missing.clone(),
+        );
+        registry.register(
+            "delivery_resend_requests",
+            "Requests to a device to publish missing records again, by queue",
+            t.delivery_resends.clone(),
+        );
+        registry.register(
+            "delivery_gaps_closed",
+            "Gaps of the delivery streams that closed after they were seen, by queue",
+            t.delivery_gaps_closed.clone(),
+        );
+        registry.register(
+            "delivery_lost",
+            "Records given up: acknowledged by a broker, never received, no longer kept by the device, by queue",
+            t.delivery_lost.clone(),
+        );
+        registry.register(
+            "broker_dropped",
+            "Times the embedded broker dropped messages of a consumer that fell more than embedded_broker.max_log_bytes behind (the delivery check asks the devices for them again)",
+            t.broker_dropped.clone(),
+        );
         Telemetry { registry, ..t }
+    }
+
+    /// Records missing from the delivery streams now.
+    pub fn set_delivery_missing(&self, n: u64) {
+        self.delivery_missing.set(n.min(i64::MAX as u64) as i64);
+    }
+
+    /// A device was asked to resend records of `queue`.
+    pub fn delivery_resend_requested(&self, queue: &str) {
+        self.delivery_resends
+            .get_or_create(&vec![("queue".into(), queue.into())])
+            .inc();
+    }
+
+    /// A gap of a `queue` stream closed.
+    pub fn delivery_gap_closed(&self, queue: &str) {
+        self.delivery_gaps_closed
+            .get_or_create(&vec![("queue".into(), queue.into())])
+            .inc();
+    }
+
+    /// `n` records of `queue` were given up.
+    pub fn delivery_lost(&self, queue: &str, n: u64) {
+        self.delivery_lost
+            .get_or_create(&vec![("queue".into(), queue.into())])
+            .inc_by(n);
+    }
+
+    /// The embedded broker's drops since start are `total`; returns how many are new.
+    pub fn set_broker_drops(&self, total: u64) -> u64 {
+        let new = total.saturating_sub(self.broker_dropped.get());
+        self.broker_dropped.inc_by(new);
+        new
     }
 
     /// Prometheus text format.

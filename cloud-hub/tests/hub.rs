@@ -107,6 +107,7 @@ async fn escalation_flow(broker: (&str, u16), db_url: &str, site: &str) {
         frame_format: "png".into(),
         edge_map: None,
         search: None,
+        delivery: None,
     };
     dev.publish(
         TopicKind::Escalation,

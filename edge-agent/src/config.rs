@@ -313,6 +313,10 @@ pub struct SpoolConfig {
     pub results_bytes: u64,
     /// Byte budget of escalations (frames and maps); the oldest go first when full.
     pub escalations_bytes: u64,
+    /// Seconds delivered records stay on disk (within the budgets, which drop them
+    /// first) so that the hub can ask again for what a broker acknowledged and then lost
+    /// (a restart, a dropped queue); 0 deletes them once the broker acknowledges.
+    pub keep_delivered_s: u64,
 }
 
 impl Default for SpoolConfig {
@@ -321,6 +325,7 @@ impl Default for SpoolConfig {
             dir: PathBuf::from("spool"),
             results_bytes: 512 << 20,
             escalations_bytes: 2 << 30,
+            keep_delivered_s: 3600,
         }
     }
 }

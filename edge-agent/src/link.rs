@@ -11,14 +11,38 @@
 //! queue, queued events, a stuck packet-id collision) before reconnecting; the link
 //! resends from the spool's acknowledged cursor. Delivery is at-least-once and consumers
 //! de-duplicate by frame id.
+//!
+//! Every record goes out numbered (`Delivery`: its spool queue's stream id and sequence
+//! number), and the metrics say how far each stream goes and from where the spool still
+//! keeps it. A broker can acknowledge a record and still lose it (Mosquitto drops queued
+//! messages of shared subscriptions when it restarts; rumqttd drops the oldest of a slow
+//! consumer's log): the hub sees the gap and publishes a `Resend`, and the link sends
+//! those records again from the spool, which keeps delivered records for
+//! `spool.keep_delivered_s`.
+//!
+//! States are ordered by connection: each connection's ONLINE state and last will carry
+//! the time the connection began (the will is set anew before every connection attempt),
+//! so the hub never takes an old connection's OFFLINE over a newer ONLINE, nor the other
+//! way round.
+//!
+//! An escalation in flight when a connection fails is suspected of breaking it (too large
+//! for the broker or the uplink): on the next connections it is sent alone, after a
+//! backoff, and only a connection that fails while it is alone in flight and comes back at
+//! the first try (the broker was there all along) counts against it. Broker restarts and
+//! uplink outages therefore never set an escalation aside.
 
 use crate::config::AgentConfig;
 use crate::decisions::DecisionBook;
 use crate::outbox::{Envelope, Queue, Spools};
 use crate::telemetry::Telemetry;
-use insp_proto::v1::{device_state::Status, Band as WireBand, DeviceState, Verdict};
+use insp_proto::v1::{
+    device_state::Status, stream_position, Band as WireBand, Delivery, DeviceState, Resend,
+    StreamPosition, Verdict,
+};
 use insp_proto::{Message, TopicKind};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnAck, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,8 +54,20 @@ const FLUSH_EVERY: Duration = Duration::from_millis(200);
 const DRAIN_ON_SHUTDOWN: Duration = Duration::from_secs(3);
 /// Escalation bytes on the wire at most (at least one escalation is always allowed).
 const ESCALATION_BYTES_IN_FLIGHT: usize = 32 << 20;
-/// Connections an escalation may be in flight on before it is set aside as undeliverable.
+/// Connections an escalation may break, alone in flight, before it is set aside as
+/// undeliverable.
 const ESCALATION_ATTEMPTS: u32 = 3;
+/// Wait before an escalation suspected of breaking connections is sent alone again, by
+/// the number of connections it broke so far.
+const PROBE_BACKOFF: [Duration; ESCALATION_ATTEMPTS as usize] = [
+    Duration::ZERO,
+    Duration::from_secs(1),
+    Duration::from_secs(4),
+];
+/// Resend requests kept per queue at most (more are merged into the last one).
+const MAX_RESEND_RANGES: usize = 64;
+/// Records one resend request may ask for at most.
+const MAX_RESEND_RECORDS: u64 = 1 << 20;
 
 /// What a publish was, to act on its acknowledgement.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +78,8 @@ enum Tag {
         seq: u64,
         arrived_unix_us: i64,
         bytes: usize,
+        /// Sent again on the hub's request: its acknowledgement moves no cursor.
+        resent: bool,
     },
     /// Device state or metrics: nothing to acknowledge.
     Control,
@@ -72,10 +110,68 @@ impl Cursor {
     }
 }
 
+/// An escalation suspected of breaking connections (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Suspect {
+    seq: u64,
+    /// Connections it broke while alone in flight.
+    failures: u32,
+    /// Not sent alone again before this.
+    not_before: Instant,
+}
+
+/// What a failed connection says about the escalation `oldest` that was in flight (if
+/// any), given the current suspect. Returns the new suspect and whether the failure is
+/// to be counted against it once the next connection shows whether the broker was there.
+fn suspect_after_failure(
+    suspect: Option<Suspect>,
+    oldest_in_flight: Option<u64>,
+    probing: bool,
+    now: Instant,
+) -> (Option<Suspect>, bool) {
+    match (suspect, oldest_in_flight) {
+        (Some(s), Some(seq)) if s.seq == seq => (Some(s), probing),
+        (_, Some(seq)) => (
+            Some(Suspect {
+                seq,
+                failures: 0,
+                not_before: now,
+            }),
+            false,
+        ),
+        (s, None) => (s, false),
+    }
+}
+
+/// Counts a probe's failure once the next connection came back at the first try (the
+/// broker was there all along, so the escalation broke it). `Err(seq)`: set it aside.
+fn count_probe_failure(s: Suspect, first_try: bool, now: Instant) -> Result<Suspect, u64> {
+    if !first_try {
+        return Ok(s);
+    }
+    let failures = s.failures + 1;
+    if failures >= ESCALATION_ATTEMPTS {
+        return Err(s.seq);
+    }
+    Ok(Suspect {
+        failures,
+        not_before: now + PROBE_BACKOFF[failures as usize],
+        ..s
+    })
+}
+
 /// What the driver tells the link.
 enum LinkEvent {
-    /// An event of the MQTT client.
+    /// An event of the MQTT client (other than a connection acknowledgement).
     Mqtt(Event),
+    /// Connected: the connection began at `connected_unix_ms` (device clock; its last
+    /// will says so too); `first_try` when no attempt failed since the last connection
+    /// dropped.
+    Connected {
+        ack: ConnAck,
+        connected_unix_ms: i64,
+        first_try: bool,
+    },
     /// The connection failed; the driver reconnects once the link has reset.
     Down {
         error: String,
@@ -99,44 +195,98 @@ pub struct Link {
     /// Publishes on the wire awaiting acknowledgement.
     on_wire: HashMap<u16, Tag>,
     escalation_bytes: usize,
-    /// Connections each escalation was in flight on, by sequence number.
-    attempts: HashMap<u64, u32>,
+    /// The escalation suspected of breaking connections, if any.
+    suspect: Option<Suspect>,
+    /// The suspect was alone in flight when the last connection failed.
+    probe_failed: bool,
+    /// The suspect is on the wire, alone.
+    probing: bool,
     cursors: [Cursor; 2],
+    /// Record ranges `[from, until)` the hub asked for again, per queue.
+    resends: [VecDeque<(u64, u64)>; 2],
+    /// Each queue's stream id.
+    streams: [u64; 2],
+    /// When the current connection began (device clock), 0 while down.
+    connected_unix_ms: i64,
     metrics_every: Option<Duration>,
 }
 
 struct Topics {
     state: String,
     verdict: String,
+    resend: String,
     metrics: String,
 }
 
-fn state_payload(device: &str, status: Status, model_version: String) -> Vec<u8> {
+/// A `DeviceState` of the connection that began at `connected_unix_ms`; `since_unix_ms`
+/// 0 means "when the broker publishes it" (the last will).
+fn state_payload(
+    device: &str,
+    status: Status,
+    model_version: String,
+    since_unix_ms: i64,
+    connected_unix_ms: i64,
+) -> Vec<u8> {
     DeviceState {
         device: device.to_string(),
         status: status as i32,
         model_version,
-        since_unix_ms: crate::frame::unix_ms(),
+        since_unix_ms,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        connected_unix_ms,
     }
     .encode_to_vec()
 }
 
+/// Makes the last will of a connection that begins at the given time.
+type WillMaker = Box<dyn Fn(i64) -> LastWill + Send>;
+
 /// Polls the event loop forever, forwarding events; see the module doc for reconnects.
-async fn drive(mut eventloop: EventLoop, events: mpsc::Sender<LinkEvent>, reconnect_max: Duration) {
+async fn drive(
+    mut eventloop: EventLoop,
+    events: mpsc::Sender<LinkEvent>,
+    reconnect_max: Duration,
+    will: WillMaker,
+) {
     let floor = Duration::from_millis(100);
     let mut backoff = floor;
+    let mut connected = false;
+    // Attempts that failed since the last connection dropped.
+    let mut failed_attempts = 0u32;
+    let mut connected_unix_ms = 0;
     loop {
+        if !connected {
+            // The next poll connects: the will names this connection.
+            connected_unix_ms = crate::frame::unix_ms();
+            eventloop
+                .mqtt_options
+                .set_last_will(will(connected_unix_ms));
+        }
         match eventloop.poll().await {
-            Ok(event) => {
-                if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
-                    backoff = floor;
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = floor;
+                connected = true;
+                let event = LinkEvent::Connected {
+                    ack,
+                    connected_unix_ms,
+                    first_try: failed_attempts == 0,
+                };
+                failed_attempts = 0;
+                if events.send(event).await.is_err() {
+                    return;
                 }
+            }
+            Ok(event) => {
                 if events.send(LinkEvent::Mqtt(event)).await.is_err() {
                     return;
                 }
             }
             Err(e) => {
+                if connected {
+                    connected = false;
+                } else {
+                    failed_attempts += 1;
+                }
                 let (reset, done) = oneshot::channel();
                 let down = LinkEvent::Down {
                     error: e.to_string(),
@@ -171,6 +321,7 @@ impl Link {
         let topics = Topics {
             state: topic(TopicKind::State)?,
             verdict: topic(TopicKind::Verdict)?,
+            resend: topic(TopicKind::Resend)?,
             metrics: topic(TopicKind::Metrics)?,
         };
         let m = &config.mqtt;
@@ -179,13 +330,7 @@ impl Link {
             .set_keep_alive(Duration::from_secs(m.keep_alive_s.max(5)))
             .set_max_packet_size(m.max_payload_bytes + 4096, m.max_payload_bytes + 4096)
             .set_clean_session(!m.persistent_session)
-            .set_inflight(m.inflight)
-            .set_last_will(LastWill::new(
-                topics.state.clone(),
-                state_payload(device, Status::Offline, telemetry.model_version()),
-                QoS::AtLeastOnce,
-                true,
-            ));
+            .set_inflight(m.inflight);
         if let Some(user) = &m.username {
             options.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
         }
@@ -199,7 +344,9 @@ impl Link {
         let metrics_every =
             (m.metrics_interval_s > 0).then(|| Duration::from_secs(m.metrics_interval_s));
         let mut cursors: [Cursor; 2] = Default::default();
+        let mut streams = [0u64; 2];
         for q in Queue::ALL {
+            streams[q as usize] = spools.lock(q).stream();
             let acked = spools.lock(q).acked_until();
             cursors[q as usize] = Cursor {
                 next: acked,
@@ -221,8 +368,13 @@ impl Link {
             unassigned: VecDeque::new(),
             on_wire: HashMap::new(),
             escalation_bytes: 0,
-            attempts: HashMap::new(),
+            suspect: None,
+            probe_failed: false,
+            probing: false,
             cursors,
+            resends: Default::default(),
+            streams,
+            connected_unix_ms: 0,
             metrics_every,
         })
     }
@@ -234,7 +386,24 @@ impl Link {
             return;
         };
         let (events_tx, mut events) = mpsc::channel(1024);
-        let driver = tokio::spawn(drive(eventloop, events_tx, reconnect_max));
+        let will: WillMaker = {
+            let (topic, device, telemetry) = (
+                self.topics.state.clone(),
+                self.device.clone(),
+                self.telemetry.clone(),
+            );
+            Box::new(move |connected_unix_ms| {
+                let state = state_payload(
+                    &device,
+                    Status::Offline,
+                    telemetry.model_version(),
+                    0,
+                    connected_unix_ms,
+                );
+                LastWill::new(topic.clone(), state, QoS::AtLeastOnce, true)
+            })
+        };
+        let driver = tokio::spawn(drive(eventloop, events_tx, reconnect_max, will));
         let spools = self.spools.clone();
         let mut flush = tokio::time::interval(FLUSH_EVERY);
         let mut last_metrics = Instant::now();
@@ -247,6 +416,8 @@ impl Link {
                 _ = spools.appended.notified(), if self.connected => self.fill_window(),
                 _ = flush.tick() => {
                     self.save_acks();
+                    // A suspect's backoff may have passed.
+                    self.fill_window();
                     if let Some(every) = self.metrics_every {
                         if self.connected && last_metrics.elapsed() >= every {
                             last_metrics = Instant::now();
@@ -269,6 +440,11 @@ impl Link {
     fn on_link_event(&mut self, event: LinkEvent) {
         match event {
             LinkEvent::Mqtt(event) => self.on_event(event),
+            LinkEvent::Connected {
+                ack,
+                connected_unix_ms,
+                first_try,
+            } => self.on_connected(&ack, connected_unix_ms, first_try),
             LinkEvent::Down { error, reset } => {
                 self.on_disconnect(&error);
                 let _ = reset.send(());
@@ -276,27 +452,65 @@ impl Link {
         }
     }
 
+    fn on_connected(&mut self, ack: &ConnAck, connected_unix_ms: i64, first_try: bool) {
+        self.connected = true;
+        self.connected_unix_ms = connected_unix_ms;
+        self.telemetry.set_connected(true);
+        tracing::info!(
+            session_present = ack.session_present,
+            "connected to the MQTT broker"
+        );
+        if std::mem::take(&mut self.probe_failed) {
+            if let Some(s) = self.suspect {
+                match count_probe_failure(s, first_try, Instant::now()) {
+                    Ok(s) => {
+                        if s.failures > 0 {
+                            tracing::warn!(
+                                "escalation record {} broke {} connection(s) while alone in flight; trying it again in {:?}",
+                                s.seq,
+                                s.failures,
+                                s.not_before.saturating_duration_since(Instant::now())
+                            );
+                        }
+                        self.suspect = Some(s);
+                    }
+                    Err(seq) => self.set_aside(seq),
+                }
+            }
+        }
+        for topic in [&self.topics.verdict, &self.topics.resend] {
+            if self
+                .client
+                .try_subscribe(topic.clone(), QoS::AtLeastOnce)
+                .is_err()
+            {
+                tracing::error!("could not subscribe to {topic}");
+            }
+        }
+        let state = state_payload(
+            &self.device,
+            Status::Online,
+            self.telemetry.model_version(),
+            connected_unix_ms,
+            connected_unix_ms,
+        );
+        self.publish_control(self.topics.state.clone(), QoS::AtLeastOnce, true, state);
+        self.fill_window();
+    }
+
+    /// Gives up on an escalation that keeps breaking connections, so the ones behind it
+    /// move (its result was delivered on its own).
+    fn set_aside(&mut self, seq: u64) {
+        self.suspect = None;
+        self.cursors[Queue::Escalations as usize].ack(seq);
+        self.telemetry.undeliverable(Queue::Escalations.name());
+        tracing::error!(
+            "escalation record {seq} broke {ESCALATION_ATTEMPTS} connections while alone in flight, each time with the broker there; set aside as undeliverable (is the broker's packet size limit below mqtt.max_payload_bytes?)"
+        );
+    }
+
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Incoming(Packet::ConnAck(ack)) => {
-                self.connected = true;
-                self.telemetry.set_connected(true);
-                tracing::info!(
-                    session_present = ack.session_present,
-                    "connected to the MQTT broker"
-                );
-                if self
-                    .client
-                    .try_subscribe(self.topics.verdict.clone(), QoS::AtLeastOnce)
-                    .is_err()
-                {
-                    tracing::error!("could not subscribe to verdicts");
-                }
-                let state =
-                    state_payload(&self.device, Status::Online, self.telemetry.model_version());
-                self.publish_control(self.topics.state.clone(), QoS::AtLeastOnce, true, state);
-                self.fill_window();
-            }
             Event::Outgoing(Outgoing::Publish(pkid)) => match self.unassigned.pop_front() {
                 Some(tag) if pkid != 0 => {
                     self.on_wire.insert(pkid, tag);
@@ -310,13 +524,22 @@ impl Link {
                     seq,
                     arrived_unix_us,
                     bytes,
+                    resent,
                 }) = self.on_wire.remove(&ack.pkid)
                 {
-                    self.cursors[queue as usize].ack(seq);
                     if queue == Queue::Escalations {
                         self.escalation_bytes = self.escalation_bytes.saturating_sub(bytes);
-                        self.attempts.remove(&seq);
+                    }
+                    if resent {
+                        // A resend: the cursor passed it long ago.
+                    } else if queue == Queue::Escalations {
+                        self.cursors[queue as usize].ack(seq);
+                        if self.suspect.is_some_and(|s| s.seq == seq) {
+                            self.suspect = None;
+                            self.probing = false;
+                        }
                     } else {
+                        self.cursors[queue as usize].ack(seq);
                         let us = (crate::frame::unix_us() - arrived_unix_us).max(0);
                         self.telemetry.observe_publish_latency(us as f64 / 1e6);
                     }
@@ -328,7 +551,11 @@ impl Link {
         }
     }
 
-    fn on_message(&self, topic: &str, payload: &[u8]) {
+    fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        if topic == self.topics.resend {
+            self.on_resend(payload);
+            return;
+        }
         if topic != self.topics.verdict {
             tracing::debug!("ignoring a message on {topic}");
             return;
@@ -358,6 +585,55 @@ impl Link {
         self.book.verdict(frame_id, band, verdict.cloud_score);
     }
 
+    /// Queues the records a resend request asks for (those the spool still keeps go out
+    /// again; the metrics tell the hub from where it keeps them).
+    fn on_resend(&mut self, payload: &[u8]) {
+        let r = match Resend::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("malformed resend request ignored: {e}");
+                return;
+            }
+        };
+        let Some(q) = Queue::ALL
+            .into_iter()
+            .find(|q| self.streams[*q as usize] == r.stream)
+        else {
+            tracing::warn!(
+                "resend request for stream {:016x}, which is not one of this spool's: ignored",
+                r.stream
+            );
+            return;
+        };
+        let next = self.spools.lock(q).next_seq();
+        let (from, until) = (r.from_seq, r.until_seq.min(next));
+        if from >= until || until - from > MAX_RESEND_RECORDS {
+            tracing::warn!(
+                "resend request for {} records [{}, {}) ignored (this spool has {next})",
+                q.name(),
+                r.from_seq,
+                r.until_seq
+            );
+            return;
+        }
+        tracing::info!(
+            "the hub asks for {} {} records again [{from}, {until})",
+            until - from,
+            q.name()
+        );
+        self.telemetry.resend_requested(q.name(), until - from);
+        let ranges = &mut self.resends[q as usize];
+        let full = ranges.len() >= MAX_RESEND_RANGES;
+        match ranges.back_mut() {
+            Some(last) if full => {
+                last.0 = last.0.min(from);
+                last.1 = last.1.max(until);
+            }
+            _ => ranges.push_back((from, until)),
+        }
+        self.fill_window();
+    }
+
     fn on_disconnect(&mut self, error: &str) {
         if self.connected {
             tracing::warn!("MQTT connection lost: {error}; spooling until it is back");
@@ -367,34 +643,22 @@ impl Link {
         self.connected = false;
         self.telemetry.set_connected(false);
         // An escalation that keeps breaking connections (too large for the broker, or for
-        // the uplink within the write timeout) is set aside after a few tries, so the
-        // ones behind it move; results are always retried.
-        let in_flight: Vec<u64> = self
-            .on_wire
-            .values()
-            .chain(&self.unassigned)
-            .filter_map(|t| match t {
-                Tag::Record {
-                    queue: Queue::Escalations,
-                    seq,
-                    ..
-                } => Some(*seq),
-                _ => None,
-            })
-            .collect();
+        // the uplink within the write timeout) is set aside after a few tries alone, so
+        // the ones behind it move; results are always retried (module doc).
         let oldest = self.cursors[Queue::Escalations as usize].acked;
-        if in_flight.contains(&oldest) {
-            let tries = self.attempts.entry(oldest).or_insert(0);
-            *tries += 1;
-            if *tries >= ESCALATION_ATTEMPTS {
-                self.attempts.remove(&oldest);
-                self.cursors[Queue::Escalations as usize].ack(oldest);
-                self.telemetry.undeliverable(Queue::Escalations.name());
-                tracing::error!(
-                    "escalation record {oldest} was in flight on {ESCALATION_ATTEMPTS} failed connections; set aside as undeliverable (is the broker's packet size limit below mqtt.max_payload_bytes?)"
-                );
-            }
-        }
+        let in_flight = self.on_wire.values().chain(&self.unassigned).any(|t| {
+            matches!(t, Tag::Record { queue: Queue::Escalations, seq, resent: false, .. } if *seq == oldest)
+        });
+        let (suspect, failed) = suspect_after_failure(
+            self.suspect,
+            in_flight.then_some(oldest),
+            self.probing,
+            Instant::now(),
+        );
+        self.suspect = suspect;
+        self.probe_failed = failed;
+        self.probing = false;
+        self.connected_unix_ms = 0;
         self.unassigned.clear();
         self.on_wire.clear();
         self.escalation_bytes = 0;
@@ -411,7 +675,23 @@ impl Link {
     }
 
     fn publish_metrics(&mut self) {
-        let m = self.telemetry.device_metrics(&self.device);
+        let mut m = self.telemetry.device_metrics(&self.device);
+        m.streams = Queue::ALL
+            .into_iter()
+            .map(|q| {
+                let spool = self.spools.lock(q);
+                StreamPosition {
+                    queue: match q {
+                        Queue::Results => stream_position::Queue::Results,
+                        Queue::Escalations => stream_position::Queue::Escalations,
+                    } as i32,
+                    stream: spool.stream(),
+                    next_seq: spool.next_seq(),
+                    acked_until: self.cursors[q as usize].acked,
+                    kept_from: spool.kept_from(),
+                }
+            })
+            .collect();
         self.publish_control(
             self.topics.metrics.clone(),
             QoS::AtMostOnce,
@@ -421,10 +701,28 @@ impl Link {
     }
 
     /// Sends spool records until `inflight` await acknowledgement, sharing the window
-    /// between results and escalations.
+    /// between results and escalations (and records the hub asked for again). While an
+    /// escalation is suspected of breaking connections, it is sent alone once its backoff
+    /// has passed and the wire is empty; meanwhile nothing else goes out.
     fn fill_window(&mut self) {
-        if !self.connected {
+        if !self.connected || self.probing {
             return;
+        }
+        if let Some(s) = self.suspect {
+            let oldest = self.cursors[Queue::Escalations as usize].acked;
+            if s.seq != oldest {
+                // Dropped by the budget meanwhile.
+                self.suspect = None;
+            } else {
+                if Instant::now() < s.not_before || !self.wire_empty() {
+                    return;
+                }
+                self.cursors[Queue::Escalations as usize].next = s.seq;
+                if self.send_from(Queue::Escalations, 1) == 1 {
+                    self.probing = true;
+                }
+                return;
+            }
         }
         loop {
             let room = self
@@ -433,13 +731,115 @@ impl Link {
             if room == 0 {
                 return;
             }
-            let mut sent = self.send_from(Queue::Results, room.div_ceil(2));
+            let mut sent = self.send_resent(room.div_ceil(4));
+            sent += self.send_from(Queue::Results, (room - sent).div_ceil(2));
             sent += self.send_from(Queue::Escalations, room - sent);
             sent += self.send_from(Queue::Results, room - sent);
             if sent == 0 {
                 return;
             }
         }
+    }
+
+    fn wire_empty(&self) -> bool {
+        self.on_wire.is_empty() && self.unassigned.is_empty()
+    }
+
+    /// Sends up to `max` records the hub asked for again.
+    fn send_resent(&mut self, max: usize) -> usize {
+        let mut sent = 0;
+        for q in Queue::ALL {
+            while sent < max {
+                if q == Queue::Escalations && self.escalation_bytes >= ESCALATION_BYTES_IN_FLIGHT {
+                    break;
+                }
+                let Some(&(from, until)) = self.resends[q as usize].front() else {
+                    break;
+                };
+                let want = ((until - from) as usize).min(max - sent).min(64);
+                let records =
+                    tokio::task::block_in_place(|| self.spools.lock(q).read_from(from, want));
+                let records = match records {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!("cannot read the {} spool for a resend: {e:#}", q.name());
+                        self.resends[q as usize].pop_front();
+                        continue;
+                    }
+                };
+                let mut reached = from;
+                for (seq, bytes) in records {
+                    if seq >= until {
+                        break;
+                    }
+                    reached = seq + 1;
+                    if self.publish_record(q, seq, &bytes, true) {
+                        sent += 1;
+                    } else {
+                        // The client's queue is full: go on later from here.
+                        reached = seq;
+                        break;
+                    }
+                }
+                if reached == from {
+                    // Nothing kept in the range any more (or the client is full).
+                    if self.spools.lock(q).kept_from() >= until {
+                        self.resends[q as usize].pop_front();
+                        continue;
+                    }
+                    return sent;
+                }
+                if let Some(front) = self.resends[q as usize].front_mut() {
+                    front.0 = reached;
+                    if reached >= until {
+                        self.resends[q as usize].pop_front();
+                    }
+                }
+            }
+        }
+        sent
+    }
+
+    /// Publishes one spool record with its delivery number; false if the client is full.
+    fn publish_record(&mut self, q: Queue, seq: u64, bytes: &[u8], resent: bool) -> bool {
+        let size = bytes.len();
+        let mut env = match Envelope::decode(bytes) {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::error!("skipping unreadable {} spool record {seq}: {e:#}", q.name());
+                if !resent {
+                    self.cursors[q as usize].ack(seq);
+                }
+                return true;
+            }
+        };
+        let kind = match q {
+            Queue::Results => TopicKind::Result,
+            Queue::Escalations => TopicKind::Escalation,
+        };
+        let delivery = Delivery {
+            stream: self.streams[q as usize],
+            seq,
+        };
+        insp_proto::append_delivery(kind, &mut env.payload, &delivery);
+        if self
+            .client
+            .try_publish(env.topic, QoS::AtLeastOnce, false, env.payload)
+            .is_err()
+        {
+            return false;
+        }
+        self.unassigned.push_back(Tag::Record {
+            queue: q,
+            seq,
+            arrived_unix_us: env.arrived_unix_us,
+            bytes: size,
+            resent,
+        });
+        if q == Queue::Escalations {
+            self.escalation_bytes += size;
+        }
+        true
     }
 
     fn send_from(&mut self, q: Queue, mut max: usize) -> usize {
@@ -470,35 +870,13 @@ impl Link {
                 c.ack(s);
             }
             c.next = seq + 1;
-            let size = bytes.len();
-            match Envelope::decode(&bytes) {
-                Ok(env) => {
-                    if self
-                        .client
-                        .try_publish(env.topic, QoS::AtLeastOnce, false, env.payload)
-                        .is_err()
-                    {
-                        self.cursors[q as usize].next = seq;
-                        return sent;
-                    }
-                    self.unassigned.push_back(Tag::Record {
-                        queue: q,
-                        seq,
-                        arrived_unix_us: env.arrived_unix_us,
-                        bytes: size,
-                    });
-                    sent += 1;
-                    if q == Queue::Escalations {
-                        self.escalation_bytes += size;
-                        if self.escalation_bytes >= ESCALATION_BYTES_IN_FLIGHT {
-                            return sent;
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("skipping unreadable {} spool record {seq}: {e:#}", q.name());
-                    self.cursors[q as usize].ack(seq);
-                }
+            if !self.publish_record(q, seq, &bytes, false) {
+                self.cursors[q as usize].next = seq;
+                return sent;
+            }
+            sent += 1;
+            if q == Queue::Escalations && self.escalation_bytes >= ESCALATION_BYTES_IN_FLIGHT {
+                return sent;
             }
         }
         sent
@@ -525,6 +903,8 @@ impl Link {
                 &self.device,
                 Status::Offline,
                 self.telemetry.model_version(),
+                crate::frame::unix_ms(),
+                self.connected_unix_ms,
             );
             self.publish_control(self.topics.state.clone(), QoS::AtLeastOnce, true, state);
             let deadline = tokio::time::Instant::now() + DRAIN_ON_SHUTDOWN;
@@ -538,5 +918,55 @@ impl Link {
         }
         self.save_acks();
         self.telemetry.set_connected(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledgements_advance_the_cursor_over_contiguous_records_only() {
+        let mut c = Cursor::default();
+        c.ack(1);
+        assert_eq!(c.acked, 0);
+        c.ack(0);
+        assert_eq!(c.acked, 2);
+        c.ack(0);
+        c.ack(3);
+        assert_eq!((c.acked, c.acked_ahead.len()), (2, 1));
+    }
+
+    #[test]
+    fn only_failures_alone_in_flight_with_the_broker_there_count_against_an_escalation() {
+        let now = Instant::now();
+        // A connection fails with escalation 7 in flight among others: suspected, not
+        // counted.
+        let (s, counted) = suspect_after_failure(None, Some(7), false, now);
+        let s = s.unwrap();
+        assert_eq!((s.seq, s.failures, counted), (7, 0, false));
+        // Sent alone, the connection fails again.
+        let (s2, counted) = suspect_after_failure(Some(s), Some(7), true, now);
+        assert_eq!((s2, counted), (Some(s), true));
+        // ... but the broker was away (the next connection needed several tries): a
+        // restart, not the escalation.
+        assert_eq!(count_probe_failure(s, false, now), Ok(s));
+        // With the broker there, it counts, with a backoff before the next try alone.
+        let once = count_probe_failure(s, true, now).unwrap();
+        assert_eq!(once.failures, 1);
+        assert_eq!(once.not_before, now + PROBE_BACKOFF[1]);
+        let twice = count_probe_failure(once, true, now).unwrap();
+        assert_eq!(count_probe_failure(twice, true, now), Err(7));
+        // A failure with another escalation oldest in flight suspects that one afresh.
+        let (s3, counted) = suspect_after_failure(Some(twice), Some(8), true, now);
+        assert_eq!(
+            (s3.unwrap().seq, s3.unwrap().failures, counted),
+            (8, 0, false)
+        );
+        // Nothing in flight: the suspect stays as it was, nothing counted.
+        assert_eq!(
+            suspect_after_failure(Some(twice), None, true, now),
+            (Some(twice), false)
+        );
     }
 }

@@ -100,11 +100,19 @@ pub struct Spools {
 }
 
 impl Spools {
-    /// Opens `dir/results` and `dir/escalations` with their byte budgets.
-    pub fn open(dir: &Path, results_bytes: u64, escalations_bytes: u64) -> Result<Arc<Spools>> {
+    /// Opens `dir/results` and `dir/escalations` with their byte budgets, keeping
+    /// delivered records for `keep_delivered` (within the budgets) for resends.
+    pub fn open(
+        dir: &Path,
+        results_bytes: u64,
+        escalations_bytes: u64,
+        keep_delivered: Duration,
+    ) -> Result<Arc<Spools>> {
         let open = |q: Queue, budget| {
-            Spool::open(&dir.join(q.name()), budget)
-                .with_context(|| format!("cannot open the {} spool", q.name()))
+            let mut spool = Spool::open(&dir.join(q.name()), budget)
+                .with_context(|| format!("cannot open the {} spool", q.name()))?;
+            spool.set_keep_delivered(keep_delivered)?;
+            anyhow::Ok(spool)
         };
         Ok(Arc::new(Spools {
             queues: [
@@ -302,7 +310,7 @@ mod tests {
     #[test]
     fn the_writer_spools_and_reports_durability() {
         let dir = tempfile::tempdir().unwrap();
-        let spools = Spools::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let spools = Spools::open(dir.path(), 1 << 20, 1 << 20, Duration::ZERO).unwrap();
         let t = Arc::new(Telemetry::new());
         let (outbox, handle) = Outbox::start(spools.clone(), t.clone()).unwrap();
         let (tx, rx) = oneshot::channel();

@@ -96,6 +96,7 @@ pub async fn run_pipeline(
         &config.spool.dir,
         config.spool.results_bytes,
         config.spool.escalations_bytes,
+        Duration::from_secs(config.spool.keep_delivered_s),
     )?;
     spools.report(&telemetry);
     for q in Queue::ALL {

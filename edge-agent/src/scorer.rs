@@ -256,6 +256,8 @@ impl Scorer {
             band: wire_band(band) as i32,
             model_version: model_version.clone(),
             latency_ms: latency.as_secs_f32() * 1e3,
+            // Numbered by the link as it publishes.
+            delivery: None,
         };
         let arrived_unix_us = unix_us() - latency.as_micros() as i64;
         let decision = Decision {
@@ -283,6 +285,7 @@ impl Scorer {
                 frame: std::mem::take(&mut frame.bytes),
                 edge_map: Some(map),
                 search: Some(wire_search(self.active.model.search())),
+                delivery: None,
             };
             let mut payload = escalation.encode_to_vec();
             if payload.len() > self.max_payload {

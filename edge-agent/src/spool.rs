@@ -9,6 +9,12 @@
 //! byte budget the oldest segments are dropped, and every dropped undelivered record is
 //! counted: the caller makes that loud.
 //!
+//! Each queue is one delivery stream: a random `stream` id (file `stream`, made with the
+//! folder) and gapless sequence numbers, which the link puts on every record it publishes.
+//! Delivered records are kept for a while ([`Spool::set_keep_delivered`], within the
+//! budget), so that what a broker acknowledged and then lost (a restart, a dropped queue)
+//! can be published again when the hub asks for it.
+//!
 //! The agent keeps two of these: results (small, every frame) and escalations (frames),
 //! so escalation images can be dropped under pressure while every result is kept.
 
@@ -54,10 +60,40 @@ pub struct Spool {
     dropped: u64,
     writer: Option<File>,
     unsynced: bool,
+    /// Random id of this queue's delivery stream.
+    stream: u64,
+    /// How long delivered segments are kept (within the budget) for resends.
+    keep_delivered: std::time::Duration,
 }
 
 fn seg_path(dir: &Path, start: u64) -> PathBuf {
     dir.join(format!("{start:020}.seg"))
+}
+
+/// The stream id of the queue in `dir`, made (random, synced) if it has none yet.
+fn stream_id(dir: &Path) -> Result<u64> {
+    let path = dir.join("stream");
+    if let Ok(text) = fs::read_to_string(&path) {
+        if let Ok(id) = u64::from_str_radix(text.trim(), 16) {
+            return Ok(id);
+        }
+        tracing::warn!(
+            "spool {}: unreadable stream id {:?}; starting a new stream",
+            dir.display(),
+            text.trim()
+        );
+    }
+    let id = uuid::Uuid::new_v4().as_u64_pair().0;
+    let tmp = dir.join("stream.partial");
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(format!("{id:016x}\n").as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
 }
 
 /// Reads the records of a segment: offsets of intact records and where they end.
@@ -137,6 +173,7 @@ impl Spool {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
+        let stream = stream_id(dir)?;
         let mut spool = Spool {
             dir: dir.to_path_buf(),
             budget,
@@ -146,14 +183,39 @@ impl Spool {
             dropped: 0,
             writer: None,
             unsynced: false,
+            stream,
+            keep_delivered: std::time::Duration::ZERO,
         };
         spool.acked_until = acked_until.clamp(spool.first_seq(), spool.next_seq);
-        spool.collect_acked()?;
         Ok(spool)
     }
 
     fn first_seq(&self) -> u64 {
         self.segments.first().map_or(self.next_seq, |s| s.start)
+    }
+
+    /// The queue's delivery stream id.
+    pub fn stream(&self) -> u64 {
+        self.stream
+    }
+
+    /// The sequence number the next record gets: every record below it was appended.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The oldest sequence number still on disk, delivered or not (what a resend can
+    /// still bring back).
+    pub fn kept_from(&self) -> u64 {
+        self.first_seq()
+    }
+
+    /// Keeps delivered segments for `keep` after they were last written (the budget still
+    /// drops them first), so that records a broker lost can be sent again; deletes those
+    /// older. Call once after [`Spool::open`] (which deletes nothing).
+    pub fn set_keep_delivered(&mut self, keep: std::time::Duration) -> Result<()> {
+        self.keep_delivered = keep;
+        self.collect_acked()
     }
 
     /// Records waiting for delivery.
@@ -361,9 +423,20 @@ impl Spool {
         self.collect_acked()
     }
 
-    /// Deletes segments whose records are all delivered (never the one being written).
+    /// Deletes segments whose records are all delivered and that are older than the
+    /// keep time (never the one being written).
     fn collect_acked(&mut self) -> Result<()> {
         while self.segments.len() > 1 && self.segments[0].end() <= self.acked_until {
+            if !self.keep_delivered.is_zero() {
+                let path = seg_path(&self.dir, self.segments[0].start);
+                let age = fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
+                if age.is_some_and(|a| a < self.keep_delivered) {
+                    break;
+                }
+            }
             let segment = self.segments.remove(0);
             let path = seg_path(&self.dir, segment.start);
             fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
@@ -467,6 +540,40 @@ mod tests {
         assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 1, 2]);
         assert!(got[1].1.is_empty(), "the damaged record comes back empty");
         assert_eq!(values(&[got[0].clone(), got[2].clone()]), vec![0, 2]);
+    }
+
+    #[test]
+    fn a_stream_id_is_made_once_and_delivered_records_are_kept_for_resends() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 30).unwrap();
+        let stream = s.stream();
+        s.set_keep_delivered(std::time::Duration::from_secs(3600))
+            .unwrap();
+        let big = vec![1u8; 100 << 10];
+        for _ in 0..100 {
+            s.append(&big).unwrap();
+        }
+        s.sync().unwrap();
+        s.ack_until(100).unwrap();
+        assert_eq!(s.len(), 0);
+        assert_eq!(s.kept_from(), 0, "delivered segments are kept");
+        assert_eq!(
+            s.read_from(10, 1).unwrap()[0].0,
+            10,
+            "and can be read again"
+        );
+        drop(s);
+        let mut s = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(s.stream(), stream, "the stream id survives a restart");
+        assert_eq!(s.next_seq(), 100);
+        assert_eq!(s.kept_from(), 0, "opening deletes nothing");
+        s.set_keep_delivered(std::time::Duration::ZERO).unwrap();
+        assert!(
+            s.kept_from() > 0,
+            "without a keep time delivered segments go"
+        );
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(Spool::open(other.path(), 1 << 20).unwrap().stream(), stream);
     }
 
     #[test]

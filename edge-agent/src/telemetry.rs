@@ -53,6 +53,7 @@ pub struct Telemetry {
     spool_write_errors: Counter,
     spool_shed: Family<Label, Counter>,
     undeliverable: Family<Label, Counter>,
+    resend_requested: Family<Label, Counter>,
     connected: Gauge,
     model: Family<Label, Gauge<f64, AtomicU64>>,
     model_version: std::sync::Mutex<String>,
@@ -91,6 +92,7 @@ impl Telemetry {
             spool_write_errors: Counter::default(),
             spool_shed: Family::default(),
             undeliverable: Family::default(),
+            resend_requested: Family::default(),
             connected: Gauge::default(),
             model: Family::default(),
             model_version: Default::default(),
@@ -179,8 +181,13 @@ impl Telemetry {
         );
         r.register(
             "undeliverable",
-            "Records set aside after failing to cross several connections, by queue",
+            "Escalations set aside after breaking several connections while alone in flight, by queue",
             t.undeliverable.clone(),
+        );
+        r.register(
+            "resend_requested",
+            "Records the hub asked for again (a broker lost them after acknowledging), by queue",
+            t.resend_requested.clone(),
         );
         r.register(
             "broker_connected",
@@ -375,6 +382,13 @@ impl Telemetry {
             .inc();
     }
 
+    /// The hub asked for `records` records of `queue` again.
+    pub fn resend_requested(&self, queue: &str, records: u64) {
+        self.resend_requested
+            .get_or_create(&label("queue", queue))
+            .inc_by(records);
+    }
+
     /// The broker connection went up or down.
     pub fn set_connected(&self, up: bool) {
         self.connected.set(i64::from(up));
@@ -425,6 +439,7 @@ impl Telemetry {
             verdict_fallbacks: self.fallbacks(),
             late_verdicts: self.late_verdicts(),
             score_latency_ms_mean: mean_ms as f32,
+            streams: Vec::new(),
         }
     }
 }

@@ -29,6 +29,8 @@ pub enum TopicKind {
     Escalation,
     /// [`v1::Verdict`] from the hub.
     Verdict,
+    /// [`v1::Resend`] from the hub: records a broker lost, asked for again.
+    Resend,
     /// Model assignment (retained).
     Model,
     /// Model installation status from the device.
@@ -39,11 +41,12 @@ pub enum TopicKind {
 
 impl TopicKind {
     /// Every kind.
-    pub const ALL: [TopicKind; 7] = [
+    pub const ALL: [TopicKind; 8] = [
         TopicKind::State,
         TopicKind::Result,
         TopicKind::Escalation,
         TopicKind::Verdict,
+        TopicKind::Resend,
         TopicKind::Model,
         TopicKind::ModelStatus,
         TopicKind::Metrics,
@@ -56,6 +59,7 @@ impl TopicKind {
             TopicKind::Result => "result",
             TopicKind::Escalation => "escalation",
             TopicKind::Verdict => "verdict",
+            TopicKind::Resend => "resend",
             TopicKind::Model => "model",
             TopicKind::ModelStatus => "model-status",
             TopicKind::Metrics => "metrics",
@@ -146,6 +150,19 @@ pub fn parse_topic(topic: &str) -> Result<(&str, &str, TopicKind), TopicError> {
     Ok((site, device, kind.parse()?))
 }
 
+/// Appends `delivery` to an encoded [`v1::FrameResult`] (`kind` Result) or
+/// [`v1::Escalation`] (`kind` Escalation). Protobuf merges a field appended to an encoded
+/// message, so a record spooled before it was numbered goes out with its number without
+/// being decoded again. Other kinds carry no delivery: the payload is left as it is.
+pub fn append_delivery(kind: TopicKind, payload: &mut Vec<u8>, delivery: &v1::Delivery) {
+    let field = match kind {
+        TopicKind::Result => 11,
+        TopicKind::Escalation => 6,
+        _ => return,
+    };
+    prost::encoding::message::encode(field, delivery, payload);
+}
+
 impl v1::BankSearch {
     /// A search of every bank row.
     pub fn every_row() -> Self {
@@ -199,6 +216,7 @@ mod tests {
                 data: vec![0.5, 1.0, 1.5, 2.0],
             }),
             search: Some(BankSearch::lists(8)),
+            delivery: None,
         };
         let bytes = e.encode_to_vec();
         let back = Escalation::decode(bytes.as_slice()).unwrap();
@@ -207,6 +225,48 @@ mod tests {
         assert_eq!(back.search.unwrap().probed_lists(), Ok(Some(8)));
         assert_eq!(BankSearch::every_row().probed_lists(), Ok(None));
         assert!(BankSearch::lists(0).probed_lists().is_err());
+    }
+
+    #[test]
+    fn a_delivery_appended_to_an_encoded_message_decodes_as_its_field() {
+        let r = FrameResult {
+            frame_id: "f".into(),
+            score: 1.5,
+            ..Default::default()
+        };
+        let mut bytes = r.encode_to_vec();
+        let d = Delivery {
+            stream: u64::MAX - 3,
+            seq: 41,
+        };
+        append_delivery(TopicKind::Result, &mut bytes, &d);
+        let back = FrameResult::decode(bytes.as_slice()).unwrap();
+        assert_eq!(back.delivery, Some(d));
+        assert_eq!((back.frame_id.as_str(), back.score), ("f", 1.5));
+        // Appending again (a resend) replaces the number.
+        append_delivery(
+            TopicKind::Result,
+            &mut bytes,
+            &Delivery { stream: 7, seq: 42 },
+        );
+        let again = FrameResult::decode(bytes.as_slice())
+            .unwrap()
+            .delivery
+            .unwrap();
+        assert_eq!((again.stream, again.seq), (7, 42));
+        let e = Escalation {
+            result: Some(r),
+            frame: vec![1, 2, 3],
+            ..Default::default()
+        };
+        let mut bytes = e.encode_to_vec();
+        append_delivery(TopicKind::Escalation, &mut bytes, &d);
+        let back = Escalation::decode(bytes.as_slice()).unwrap();
+        assert_eq!(back.delivery, Some(d));
+        assert_eq!(back.result.unwrap().delivery, None);
+        let mut other = vec![1, 2, 3];
+        append_delivery(TopicKind::Metrics, &mut other, &d);
+        assert_eq!(other, vec![1, 2, 3]);
     }
 
     #[test]

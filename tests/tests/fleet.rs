@@ -3,49 +3,12 @@
 //! data set through it; then `cloud-hub report`. Real pretrained weights (fetched by the
 //! test script), real binaries, real MQTT.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{bin, free_port, run, s};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A binary of the workspace, built next to this test by `cargo test --workspace`.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run the tests with `cargo test --workspace` (scripts/test.sh)",
-        path.display()
-    );
-    path
-}
-
-fn run(program: &Path, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{} {args:?} failed:\n{text}",
-        program.display()
-    );
-    text
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Kills the process when dropped.
 struct Running(Child);

@@ -6,6 +6,7 @@
 //! Rows are sorted by key before writing so that two hubs writing overlapping batches
 //! take row locks in the same order (no deadlocks on PostgreSQL).
 
+use super::delivery::{Delivered, DeliveryRow, PositionRow, StreamPosition, StreamQueue};
 use super::{sql, values_sql, Db};
 use anyhow::Result;
 use sqlx::any::AnyArguments;
@@ -41,6 +42,8 @@ pub struct FrameRow {
     pub model_version: String,
     /// Edge latency.
     pub latency_ms: f32,
+    /// Its place in the device's results stream, when it came as a numbered result.
+    pub delivery: Option<Delivered>,
 }
 
 /// An escalated frame: its result and where its objects were put.
@@ -56,6 +59,8 @@ pub struct EscalationRow {
     pub edge_map_key: Option<String>,
     /// How the edge searched its bank (`exact`, `probes=N`), if it said.
     pub edge_search: Option<String>,
+    /// Its place in the device's escalations stream, if numbered.
+    pub delivery: Option<Delivered>,
 }
 
 /// A device's retained state.
@@ -71,10 +76,27 @@ pub struct StateRow {
     pub model_version: String,
     /// Agent version.
     pub agent_version: String,
-    /// When the state began, device clock.
+    /// When the state began, device clock (the hub's receipt time for a last will).
     pub since_unix_ms: i64,
+    /// Orders the device's states: the connection it belongs to (device clock), OFFLINE
+    /// after ONLINE within one; see [`StateRow::order`].
+    pub order: i64,
     /// When the hub got it.
     pub received_unix_ms: i64,
+}
+
+impl StateRow {
+    /// The order of a state of the connection that began at `connected_unix_ms`: later
+    /// connections sort after earlier ones, and within one connection OFFLINE after
+    /// ONLINE. States of agents that do not say (0) sort by `since_unix_ms`.
+    pub fn order(connected_unix_ms: i64, since_unix_ms: i64, offline: bool) -> i64 {
+        let base = if connected_unix_ms > 0 {
+            connected_unix_ms
+        } else {
+            since_unix_ms
+        };
+        base.clamp(0, i64::MAX / 2 - 1) * 2 + i64::from(offline)
+    }
 }
 
 /// A device's periodic metrics, stored as received (protobuf).
@@ -86,6 +108,8 @@ pub struct MetricsRow {
     pub device: String,
     /// The encoded `DeviceMetrics`.
     pub payload: Vec<u8>,
+    /// Where the device says its delivery streams stand.
+    pub positions: Vec<StreamPosition>,
     /// When the hub got it.
     pub received_unix_ms: i64,
 }
@@ -286,17 +310,19 @@ impl Db {
         }
 
         let mut states: Vec<&StateRow> = batch.states.iter().collect();
-        states.sort_by(|a, b| (&a.site, &a.device).cmp(&(&b.site, &b.device)));
+        // By device, then in the devices' own order.
+        states.sort_by(|a, b| (&a.site, &a.device, a.order).cmp(&(&b.site, &b.device, b.order)));
         for s in states {
             sqlx::query(
                 "INSERT INTO devices (site, device, status, model_version, agent_version, state_since_unix_ms, \
-                 first_seen_unix_ms, last_seen_unix_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
+                 first_seen_unix_ms, last_seen_unix_ms, state_order) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) \
                  ON CONFLICT (site, device) DO UPDATE SET status = excluded.status, \
                  model_version = CASE WHEN excluded.model_version = '' THEN devices.model_version ELSE excluded.model_version END, \
                  agent_version = excluded.agent_version, state_since_unix_ms = excluded.state_since_unix_ms, \
+                 state_order = excluded.state_order, \
                  last_seen_unix_ms = CASE WHEN excluded.last_seen_unix_ms > devices.last_seen_unix_ms \
                      THEN excluded.last_seen_unix_ms ELSE devices.last_seen_unix_ms END \
-                 WHERE excluded.state_since_unix_ms >= devices.state_since_unix_ms",
+                 WHERE excluded.state_order >= devices.state_order",
             )
             .bind(s.site.clone())
             .bind(s.device.clone())
@@ -305,6 +331,7 @@ impl Db {
             .bind(s.agent_version.clone())
             .bind(s.since_unix_ms)
             .bind(s.received_unix_ms)
+            .bind(s.order)
             .execute(&mut *tx)
             .await?;
             if !s.model_version.is_empty() {
@@ -339,6 +366,40 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
+
+        let mut deliveries = Vec::new();
+        for f in &batch.frames {
+            if let Some(at) = f.delivery {
+                deliveries.push(DeliveryRow {
+                    site: f.site.clone(),
+                    device: f.device.clone(),
+                    queue: StreamQueue::Results,
+                    delivered: at,
+                });
+            }
+        }
+        for e in &batch.escalations {
+            if let Some(at) = e.delivery {
+                deliveries.push(DeliveryRow {
+                    site: e.frame.site.clone(),
+                    device: e.frame.device.clone(),
+                    queue: StreamQueue::Escalations,
+                    delivered: at,
+                });
+            }
+        }
+        let positions: Vec<PositionRow> = batch
+            .metrics
+            .iter()
+            .flat_map(|m| {
+                m.positions.iter().map(|p| PositionRow {
+                    site: m.site.clone(),
+                    device: m.device.clone(),
+                    position: *p,
+                })
+            })
+            .collect();
+        Db::store_deliveries(&mut tx, &deliveries, &positions, stored_unix_ms).await?;
 
         for d in &batch.dead_letters {
             sqlx::query(

@@ -7,6 +7,7 @@
 //! integers, doubles, text, bytes), with times as Unix milliseconds and UUIDs as text.
 
 pub mod api;
+pub mod delivery;
 pub mod ingest;
 pub mod verdicts;
 
@@ -51,6 +52,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         "edge search",
         include_str!("../../../migrations/postgres/0002_edge_search.sql"),
     ),
+    (
+        10,
+        "delivery streams",
+        include_str!("../../../migrations/postgres/0010_delivery.sql"),
+    ),
 ];
 const SQLITE: &[(i64, &str, &str)] = &[
     (
@@ -62,6 +68,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         2,
         "edge search",
         include_str!("../../../migrations/sqlite/0002_edge_search.sql"),
+    ),
+    (
+        10,
+        "delivery streams",
+        include_str!("../../../migrations/sqlite/0010_delivery.sql"),
     ),
 ];
 
@@ -214,7 +225,9 @@ mod tests {
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
         assert_eq!(DbKind::of("postgresql://h/d").unwrap(), DbKind::Postgres);
         assert!(DbKind::of("mysql://h/d").is_err());
-        assert_eq!(migrator(DbKind::Sqlite).iter().count(), 2);
-        assert_eq!(migrator(DbKind::Postgres).iter().count(), 2);
+        // The same migrations for both databases.
+        let versions = |k| migrator(k).iter().map(|m| m.version).collect::<Vec<_>>();
+        assert_eq!(versions(DbKind::Sqlite), versions(DbKind::Postgres));
+        assert!(versions(DbKind::Sqlite).len() >= 3);
     }
 }

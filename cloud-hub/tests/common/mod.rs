@@ -626,6 +626,7 @@ impl Device {
             band: band as i32,
             model_version: model_version.into(),
             latency_ms: 12.5,
+            delivery: None,
         }
     }
 
@@ -672,6 +673,7 @@ impl Device {
             frame_format: "png".into(),
             edge_map: Some(map),
             search,
+            delivery: None,
         };
         self.publish(TopicKind::Escalation, e.encode_to_vec()).await;
         score
@@ -685,6 +687,7 @@ impl Device {
             model_version: model_version.into(),
             since_unix_ms: now_ms(),
             agent_version: "test".into(),
+            connected_unix_ms: now_ms(),
         };
         self.client
             .publish(
