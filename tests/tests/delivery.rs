@@ -309,6 +309,11 @@ fn the_embedded_broker_drops_what_a_stalled_hub_had_not_read_and_the_hub_gets_it
     {
         std::thread::sleep(Duration::from_millis(250));
     }
+    // The hub's next check sees the gaps close.
+    wait_until(10, || {
+        metric(&hub.metrics(), "hub_delivery_gaps_closed_total") >= 1.0
+            && metric(&hub.metrics(), "hub_delivery_missing") == 0.0
+    });
     let m = hub.metrics();
     let summary = format!(
         "scored {}, stored {} results and {} escalations; broker drops {}, resend requests {}, gaps closed {}, lost {}",
@@ -334,5 +339,98 @@ fn the_embedded_broker_drops_what_a_stalled_hub_had_not_read_and_the_hub_gets_it
     );
     assert_eq!(escalations(&hub, "cam-1"), total as i64, "{summary}");
     assert_eq!(metric(&m, "hub_delivery_lost_total"), 0.0, "{summary}");
+    // What the broker dropped came back because the hub asked for it.
+    assert!(
+        metric(&m, "hub_delivery_resend_requests_total") >= 1.0,
+        "{summary}"
+    );
+    assert!(
+        metric(&m, "hub_delivery_gaps_closed_total") >= 1.0,
+        "{summary}"
+    );
+    agent.kill();
+}
+
+#[test]
+fn an_escalation_the_broker_refuses_is_set_aside_and_everything_else_arrives() {
+    let dir = Scratch::new("refused");
+    // Small escalations (a 128-pixel frame and its 256 x 256 map, ~280 KB) pass; a
+    // 512-pixel frame (~450 KB with its map) is over the broker's limit, which closes the
+    // connection.
+    let mut broker = Mosquitto::start(&dir.0.join("mosquitto"), "max_packet_size 350000");
+    let hub = Hub::start(&dir.0.join("hub"), Some(broker.port), &[]);
+    let frames_dir = frames_with_big_ones(&dir.0, 1);
+    let site = unique("rf");
+    let round = std::fs::read_dir(&frames_dir).unwrap().count() as u64;
+    let total = 2 * round;
+    let mut settings = agent_settings(total, 20);
+    settings.push(format!("source.path={:?}", s(&frames_dir)));
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let mut agent = Agent::start(&dir.0.join("cam"), &site, "cam-1", broker.port, &settings);
+    let undeliverable = |a: &Agent| metric(&a.metrics(), "insp_edge_undeliverable_total");
+    let done = |hub: &Hub, a: &Agent| {
+        frames(hub, "cam-1") == total as i64
+            && escalations(hub, "cam-1") == total as i64 - 2
+            && undeliverable(a) == 2.0
+    };
+    assert!(
+        wait_until(90, || done(&hub, &agent)),
+        "results {}, escalations {} of {total}, undeliverable {}\n{}",
+        frames(&hub, "cam-1"),
+        escalations(&hub, "cam-1"),
+        undeliverable(&agent),
+        agent.log()
+    );
+    agent.kill();
+    broker.stop();
+}
+
+#[test]
+fn broker_restarts_never_set_aside_an_escalation_in_flight() {
+    let dir = Scratch::new("inflight");
+    let mut broker = Mosquitto::start(&dir.0.join("mosquitto"), "");
+    let hub = Hub::start(&dir.0.join("hub"), Some(broker.port), &FAST_DELIVERY);
+    // A slow uplink: a 450 KB escalation takes more than a second to cross.
+    let uplink = Uplink::start(broker.port, 400_000);
+    let frames_dir = frames_with_big_ones(&dir.0, 3);
+    for e in std::fs::read_dir(&frames_dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with('a') {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let site = unique("if");
+    let total = 6u64;
+    let mut settings = agent_settings(total, 4);
+    settings.push(format!("source.path={:?}", s(&frames_dir)));
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let mut agent = Agent::start(&dir.0.join("cam"), &site, "cam-1", uplink.port, &settings);
+    // Three times: an escalation is on its way when the broker dies; the agent's
+    // reconnects fail until it is back.
+    let mut seen = 0;
+    for _ in 0..3 {
+        assert!(
+            wait_until(30, || uplink.connections() > seen
+                && uplink.sent() > 120_000),
+            "no escalation in flight:\n{}",
+            agent.log()
+        );
+        seen = uplink.connections();
+        broker.stop();
+        std::thread::sleep(Duration::from_millis(1500));
+        broker.resume();
+    }
+    let undeliverable = |a: &Agent| metric(&a.metrics(), "insp_edge_undeliverable_total");
+    let complete = |hub: &Hub| {
+        frames(hub, "cam-1") == total as i64 && escalations(hub, "cam-1") == total as i64
+    };
+    assert!(
+        wait_until(90, || complete(&hub)),
+        "results {}, escalations {} of {total}, undeliverable {}\n{}",
+        frames(&hub, "cam-1"),
+        escalations(&hub, "cam-1"),
+        undeliverable(&agent),
+        agent.log()
+    );
+    assert_eq!(undeliverable(&agent), 0.0, "{}", agent.log());
     agent.kill();
 }

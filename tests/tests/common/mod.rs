@@ -265,8 +265,17 @@ pub struct Fixture {
 pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("e2e-fixture-{}", std::process::id()));
+        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        // Fixtures of earlier test runs whose process is gone.
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(pid) = name.strip_prefix("e2e-fixture-") {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let root = tmp.join(format!("e2e-fixture-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let data = root.join("data");
         let agent = bin("edge-agent");
@@ -563,4 +572,129 @@ pub fn replay(frames: u64, fps: u32) -> Vec<String> {
         "source.repeat=true".to_string(),
         format!("source.limit={frames}"),
     ]
+}
+
+/// A TCP proxy in front of a broker: the uplink of a device, slowed to `bytes_per_s`
+/// towards the broker, so that a large publish stays in flight long enough to be cut.
+pub struct Uplink {
+    /// The port devices connect to.
+    pub port: u16,
+    /// Bytes sent towards the broker on the newest connection.
+    pub sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections that reached the broker.
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Uplink {
+    /// Starts one forwarding to `127.0.0.1:upstream`.
+    pub fn start(upstream: u16, bytes_per_s: u64) -> Uplink {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let connections = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (counter, accepted) = (sent.clone(), connections.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    // The broker is down: the device's connection attempt fails.
+                    continue;
+                };
+                counter.store(0, Ordering::SeqCst);
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let up = counter.clone();
+                // Device -> broker, slowed.
+                std::thread::spawn(move || pump(client, server, Some((bytes_per_s, up))));
+                // Broker -> device.
+                std::thread::spawn(move || pump(s2, c2, None));
+            }
+        });
+        Uplink {
+            port,
+            sent,
+            connections,
+        }
+    }
+
+    /// Connections that reached the broker so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Bytes sent towards the broker on the newest connection.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Copies `from` into `to` until either closes, at most `rate` bytes per second.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    rate: Option<(u64, std::sync::Arc<std::sync::atomic::AtomicU64>)>,
+) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if let Some((bytes_per_s, counter)) = &rate {
+            counter.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_secs_f64(n as f64 / *bytes_per_s as f64));
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// A folder of frames to replay: the fixture's small test images and `big` large ones
+/// (512 pixels, about 180 KB each), made once per call in `dir`.
+pub fn frames_with_big_ones(dir: &Path, big: usize) -> PathBuf {
+    let out = dir.join("frames");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut small: Vec<PathBuf> = std::fs::read_dir(fixture().data.join("test/good"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    small.sort();
+    for (i, p) in small.iter().enumerate() {
+        std::fs::copy(p, out.join(format!("a{i:02}.png"))).unwrap();
+    }
+    if big > 0 {
+        let synth = dir.join("big");
+        run(
+            &bin("edge-agent"),
+            &[
+                "synth",
+                "--out",
+                s(&synth),
+                "--seed",
+                "9",
+                "--size",
+                "512",
+                "--train",
+                "1",
+                "--test-good",
+                &big.to_string(),
+                "--test-defect",
+                "0",
+            ],
+        );
+        for (i, e) in std::fs::read_dir(synth.join("test/good"))
+            .unwrap()
+            .flatten()
+            .enumerate()
+        {
+            std::fs::copy(e.path(), out.join(format!("b{i:02}.png"))).unwrap();
+        }
+    }
+    out
 }
