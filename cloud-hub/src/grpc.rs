@@ -125,7 +125,8 @@ fn summary_msg(e: &EscalationSummaryRow) -> EscalationSummary {
         verdict: e.verdict.as_ref().map(|v| VerdictRecord {
             band: if v.band == "NG" { Band::Ng } else { Band::Ok } as i32,
             fused: v.fused,
-            cloud_score: v.cloud_score,
+            // hub.proto's record has no absent value: NaN without a cloud score.
+            cloud_score: v.cloud_score.unwrap_or(f32::NAN),
             edge_score_reported: v.edge_score_reported,
             edge_score_reproduced: v.edge_score_reproduced,
             edge_reproduced_exactly: v.edge_exact,

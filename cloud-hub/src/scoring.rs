@@ -288,14 +288,15 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         .read()
         .map(|c| c.clone())
         .map_err(|_| anyhow::anyhow!("the cloud model set is poisoned"))?;
-    let mut cloud_score = f32::NAN;
-    for m in cloud.iter() {
+    // The first cloud model's score, when it gave a finite one.
+    let mut cloud_score = None;
+    for (i, m) in cloud.iter().enumerate() {
         let t0 = Instant::now();
         let s = m.score(&image)?;
         let seconds = t0.elapsed().as_secs_f64();
         ctx.telemetry.model_latency(m.name(), seconds);
-        if cloud_score.is_nan() {
-            cloud_score = s.score;
+        if i == 0 && s.score.is_finite() {
+            cloud_score = Some(s.score);
         }
         let t = m.thresholds();
         inferences.push(InferenceRow {

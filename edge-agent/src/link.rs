@@ -355,7 +355,8 @@ impl Link {
                 return;
             }
         };
-        self.book.verdict(frame_id, band, verdict.cloud_score);
+        self.book
+            .verdict(frame_id, band, verdict.cloud_score.unwrap_or(f32::NAN));
     }
 
     fn on_disconnect(&mut self, error: &str) {

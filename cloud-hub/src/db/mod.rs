@@ -51,6 +51,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         "edge search",
         include_str!("../../../migrations/postgres/0002_edge_search.sql"),
     ),
+    (
+        3,
+        "absent scores",
+        include_str!("../../../migrations/postgres/0003_absent_scores.sql"),
+    ),
 ];
 const SQLITE: &[(i64, &str, &str)] = &[
     (
@@ -63,14 +68,23 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "edge search",
         include_str!("../../../migrations/sqlite/0002_edge_search.sql"),
     ),
+    (
+        3,
+        "absent scores",
+        include_str!("../../../migrations/sqlite/0003_absent_scores.sql"),
+    ),
 ];
 
 /// The embedded migrations of a database kind.
 fn migrator(kind: DbKind) -> Migrator {
-    let files = match kind {
+    migrations(match kind {
         DbKind::Postgres => POSTGRES,
         DbKind::Sqlite => SQLITE,
-    };
+    })
+}
+
+/// A migrator of these files.
+fn migrations(files: &[(i64, &'static str, &'static str)]) -> Migrator {
     Migrator::with_migrations(
         files
             .iter()
@@ -214,7 +228,39 @@ mod tests {
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
         assert_eq!(DbKind::of("postgresql://h/d").unwrap(), DbKind::Postgres);
         assert!(DbKind::of("mysql://h/d").is_err());
-        assert_eq!(migrator(DbKind::Sqlite).iter().count(), 2);
-        assert_eq!(migrator(DbKind::Postgres).iter().count(), 2);
+        assert_eq!(migrator(DbKind::Sqlite).iter().count(), 3);
+        assert_eq!(migrator(DbKind::Postgres).iter().count(), 3);
+    }
+
+    /// Migration 3 turns the -1 that stood for an absent score into NULL and keeps the
+    /// other scores.
+    #[tokio::test]
+    async fn migration_3_makes_the_old_absent_scores_null() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        migrations(&SQLITE[..2]).run(&pool).await.unwrap();
+        pool.execute(
+            "INSERT INTO verdicts VALUES ('f1', 's', 'd', 'OK', 0.5, -1, 0.25, -1, 0, 'm', 'mean', 1, 2); \
+             INSERT INTO inferences VALUES ('f1', 'edge-reproduced', 'm', -1, 0.1, 0.9, NULL, 1, 3); \
+             INSERT INTO inferences VALUES ('f1', 'cloud-flow', 'm', -2.5, 0.1, 0.9, 'k', 1, 3);",
+        )
+        .await
+        .unwrap();
+        pool.close().await;
+        let db = Db::open(&url, 1).await.unwrap();
+        let v = db.verdict("f1").await.unwrap().unwrap();
+        assert_eq!(v.cloud_score, None);
+        assert!(v.edge_score_reproduced.is_nan());
+        assert_eq!(v.fused, 0.5);
+        let i = db.inferences("f1").await.unwrap();
+        assert_eq!(i[0].score, -2.5, "{i:?}");
+        assert!(i[1].score.is_nan(), "{i:?}");
+        assert_eq!(i[0].map_key.as_deref(), Some("k"));
     }
 }
