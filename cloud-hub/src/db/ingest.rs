@@ -5,8 +5,11 @@
 //!
 //! Rows are sorted by key before writing so that two hubs writing overlapping batches
 //! take row locks in the same order (no deadlocks on PostgreSQL).
+//!
+//! Text from devices is stored through [`super::escape_text`] (NUL, which PostgreSQL
+//! refuses, is escaped reversibly).
 
-use super::{sql, values_sql, Db};
+use super::{escape_text, sql, values_sql, Db};
 use anyhow::Result;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
@@ -150,14 +153,14 @@ fn bind_frame<'q>(q: AnyQuery<'q>, f: &FrameRow, stored_unix_ms: i64) -> AnyQuer
     q.bind(f.frame_id.clone())
         .bind(f.site.clone())
         .bind(f.device.clone())
-        .bind(f.source.clone())
+        .bind(escape_text(&f.source).into_owned())
         .bind(f.captured_unix_ms)
         .bind(f.scored_unix_ms)
         .bind(f.received_unix_ms)
         .bind(stored_unix_ms)
         .bind(f.edge_score as f64)
         .bind(f.band)
-        .bind(f.model_version.clone())
+        .bind(escape_text(&f.model_version).into_owned())
         .bind(f.latency_ms as f64)
 }
 
@@ -214,12 +217,12 @@ impl Db {
                     .bind(f.frame_id.clone())
                     .bind(f.site.clone())
                     .bind(f.device.clone())
-                    .bind(f.source.clone())
+                    .bind(escape_text(&f.source).into_owned())
                     .bind(f.captured_unix_ms)
                     .bind(f.edge_score as f64)
-                    .bind(f.model_version.clone())
+                    .bind(escape_text(&f.model_version).into_owned())
                     .bind(e.frame_key.clone())
-                    .bind(e.frame_format.clone())
+                    .bind(escape_text(&e.frame_format).into_owned())
                     .bind(e.edge_map_key.clone())
                     .bind(f.received_unix_ms)
                     .bind("pending")
@@ -280,7 +283,7 @@ impl Db {
                     .bind(s.last)
                     .bind(s.frames)
                     .bind(s.escalations)
-                    .bind(s.model_version.clone());
+                    .bind(escape_text(&s.model_version).into_owned());
             }
             q.execute(&mut *tx).await?;
         }
@@ -345,8 +348,8 @@ impl Db {
                 "INSERT INTO dead_letters (topic, reason, payload_bytes, payload, received_unix_ms) \
                  VALUES ($1, $2, $3, $4, $5)",
             )
-            .bind(d.topic.clone())
-            .bind(d.reason.clone())
+            .bind(escape_text(&d.topic).into_owned())
+            .bind(escape_text(&d.reason).into_owned())
             .bind(d.payload_bytes as i64)
             .bind(d.payload.clone())
             .bind(d.received_unix_ms)

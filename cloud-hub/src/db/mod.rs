@@ -170,6 +170,63 @@ impl Db {
     }
 }
 
+/// The escape character of [`escape_text`]: SYMBOL FOR NULL, which no device or
+/// database has a reason to write.
+const ESCAPE: char = '\u{2400}';
+
+/// Text as stored: PostgreSQL refuses the NUL byte in text (SQLite takes it), so NUL is
+/// written as `\u{2400}0` and the escape character itself doubled, on both databases
+/// alike; [`unescape_text`] gives the original back. Text without either is unchanged.
+pub fn escape_text(text: &str) -> Cow<'_, str> {
+    if !text.contains(['\0', ESCAPE]) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\0' => {
+                out.push(ESCAPE);
+                out.push('0');
+            }
+            ESCAPE => {
+                out.push(ESCAPE);
+                out.push(ESCAPE);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The inverse of [`escape_text`]; an escape character followed by anything else (text
+/// stored before escaping) is kept as it is.
+pub fn unescape_text(text: String) -> String {
+    if !text.contains(ESCAPE) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ESCAPE {
+            match chars.peek() {
+                Some('0') => {
+                    chars.next();
+                    out.push('\0');
+                    continue;
+                }
+                Some(&ESCAPE) => {
+                    chars.next();
+                    out.push(ESCAPE);
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -262,5 +319,27 @@ mod tests {
         assert_eq!(i[0].score, -2.5, "{i:?}");
         assert!(i[1].score.is_nan(), "{i:?}");
         assert_eq!(i[0].map_key.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn text_escaping_round_trips() {
+        for text in [
+            "",
+            "plain",
+            "cam\0dir/frame.png",
+            "\0",
+            "\u{2400}",
+            "\u{2400}0",
+            "a\u{2400}\u{2400}\0\0b",
+            "C:\\frames\\0001.png",
+        ] {
+            let stored = escape_text(text);
+            assert!(!stored.contains('\0'), "{stored:?}");
+            assert_eq!(unescape_text(stored.into_owned()), text);
+        }
+        assert!(matches!(escape_text("no nul"), Cow::Borrowed(_)));
+        assert_eq!(escape_text("a\0b"), "a\u{2400}0b");
+        // Text stored before escaping, with a lone escape character, is read as it is.
+        assert_eq!(unescape_text("x\u{2400}y".into()), "x\u{2400}y");
     }
 }

@@ -3,7 +3,7 @@
 //! escalation state), idempotently, so scoring the same frame twice (a redelivery, or
 //! two hubs recovering the same backlog) leaves one verdict.
 
-use super::Db;
+use super::{unescape_text, Db};
 use anyhow::Result;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -88,9 +88,9 @@ fn pending_from(r: &AnyRow) -> Result<PendingEscalation> {
         frame_id: r.try_get("frame_id")?,
         site: r.try_get("site")?,
         device: r.try_get("device")?,
-        source: r.try_get("source")?,
+        source: unescape_text(r.try_get("source")?),
         edge_score: r.try_get::<f64, _>("edge_score")? as f32,
-        model_version: r.try_get("model_version")?,
+        model_version: unescape_text(r.try_get("model_version")?),
         frame_key: r.try_get("frame_key")?,
         received_unix_ms: r.try_get("received_unix_ms")?,
         edge_search: parse_search(
