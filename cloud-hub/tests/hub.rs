@@ -639,9 +639,9 @@ async fn a_storage_failure_leaves_the_escalation_pending_until_the_store_is_back
     // A folder where the frame's reproduced edge map goes: ingest stores the frame and
     // the edge's map, but the scoring worker cannot store its map (even as root).
     let frame_id = uuid::Uuid::new_v4().to_string();
-    let blocker = dir
-        .path()
-        .join(format!("data/objects/maps/{frame_id}/edge-reproduced.npy"));
+    let blocker = dir.path().join(format!(
+        "data/objects/maps/plant-s/cam-1/{frame_id}/edge-reproduced.npy"
+    ));
     std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
     let port = free_port();
     let hub = HubProcess::start_with_models(

@@ -14,7 +14,7 @@ use anyhow::Result;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, Row};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Rows per multi-row INSERT (well below both databases' bind limits).
 const CHUNK: usize = 400;
@@ -371,5 +371,33 @@ impl Db {
             }
         }
         Ok(out)
+    }
+
+    /// The site and device each of `frame_ids` is stored for (ids not stored are absent).
+    pub async fn frame_owners(
+        &self,
+        frame_ids: &[String],
+    ) -> Result<HashMap<String, (String, String)>> {
+        let mut owners = HashMap::new();
+        for chunk in frame_ids.chunks(CHUNK) {
+            let mut marks = String::new();
+            for i in 1..=chunk.len() {
+                if i > 1 {
+                    marks.push_str(", ");
+                }
+                marks.push('$');
+                marks.push_str(&i.to_string());
+            }
+            let text =
+                format!("SELECT frame_id, site, device FROM frames WHERE frame_id IN ({marks})");
+            let mut q = sqlx::query(sql(text));
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            for row in q.fetch_all(self.pool()).await? {
+                owners.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));
+            }
+        }
+        Ok(owners)
     }
 }

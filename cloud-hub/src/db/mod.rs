@@ -105,6 +105,7 @@ fn migrations(files: &[(i64, &'static str, &'static str)]) -> Migrator {
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
+    kind: DbKind,
 }
 
 impl Db {
@@ -155,7 +156,7 @@ impl Db {
             .run(&pool)
             .await
             .with_context(|| format!("cannot apply the migrations to {}", redact(&url)))?;
-        Ok(Db { pool })
+        Ok(Db { pool, kind })
     }
 
     /// The pool.
@@ -167,6 +168,34 @@ impl Db {
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// Whether an error (anywhere in its chain) means the database refused the data, so
+    /// that retrying the same data cannot help: see [`refusal`]. Every other error
+    /// (connection lost, pool timeout, statement timeout, serialization failure, lock
+    /// timeout, SQLite busy or locked, disk full) is transient.
+    pub fn refused(&self, e: &anyhow::Error) -> bool {
+        e.chain()
+            .filter_map(|c| c.downcast_ref::<sqlx::Error>())
+            .any(|e| match e {
+                sqlx::Error::Database(d) => d.code().is_some_and(|c| refusal(self.kind, &c)),
+                // A value the driver cannot encode is the data's fault too.
+                sqlx::Error::Encode(_) => true,
+                _ => false,
+            })
+    }
+}
+
+/// Whether a database error code is a refusal of the data: on PostgreSQL the SQLSTATE
+/// classes 22 (data exception: a NUL byte in text, a value out of range) and 23 (integrity
+/// constraint violation); on SQLite the extended result codes of SQLITE_CONSTRAINT (19),
+/// SQLITE_MISMATCH (20) and SQLITE_TOOBIG (18).
+pub fn refusal(kind: DbKind, code: &str) -> bool {
+    match kind {
+        DbKind::Postgres => code.len() == 5 && (code.starts_with("22") || code.starts_with("23")),
+        DbKind::Sqlite => code
+            .parse::<i32>()
+            .is_ok_and(|c| matches!(c & 0xff, 18..=20)),
     }
 }
 
@@ -341,5 +370,75 @@ mod tests {
         assert_eq!(escape_text("a\0b"), "a\u{2400}0b");
         // Text stored before escaping, with a lone escape character, is read as it is.
         assert_eq!(unescape_text("x\u{2400}y".into()), "x\u{2400}y");
+    }
+
+    #[test]
+    fn only_data_exceptions_and_constraint_violations_are_refusals() {
+        let pg = |c| refusal(DbKind::Postgres, c);
+        // Data exceptions and integrity constraint violations.
+        for c in [
+            "22021", "22001", "22003", "22P02", "23505", "23502", "23514",
+        ] {
+            assert!(pg(c), "{c}");
+        }
+        // Transient: statement timeout (query_canceled), serialization failure, deadlock,
+        // admin shutdown, connection failure, too many connections, disk full, lock
+        // timeout, read-only transaction during failover.
+        for c in [
+            "57014", "40001", "40P01", "57P01", "08006", "53300", "53100", "55P03", "25006",
+        ] {
+            assert!(!pg(c), "{c}");
+        }
+        let lite = |c| refusal(DbKind::Sqlite, c);
+        // SQLITE_CONSTRAINT_NOTNULL, _UNIQUE, _PRIMARYKEY, _CHECK; MISMATCH; TOOBIG.
+        for c in ["1299", "2067", "1555", "275", "19", "20", "18"] {
+            assert!(lite(c), "{c}");
+        }
+        // SQLITE_BUSY, BUSY_SNAPSHOT, LOCKED, IOERR, FULL, CANTOPEN.
+        for c in ["5", "517", "6", "10", "13", "14"] {
+            assert!(!lite(c), "{c}");
+        }
+    }
+
+    /// Real SQLite errors through the Any driver: a held write lock is transient, a NOT
+    /// NULL violation a refusal.
+    #[tokio::test]
+    async fn real_sqlite_errors_are_classified() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let db = Db::open(&url, 2).await.unwrap();
+        let mut holder = db.pool().acquire().await.unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let mut other = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        other.execute("PRAGMA busy_timeout = 0").await.unwrap();
+        let busy: anyhow::Error = sqlx::query(
+            "INSERT INTO dead_letters (topic, reason, payload_bytes, payload, received_unix_ms) \
+             VALUES ('t', 'r', 0, x'', 0)",
+        )
+        .execute(&mut other)
+        .await
+        .unwrap_err()
+        .into();
+        assert!(!db.refused(&busy), "busy is transient: {busy:#}");
+        sqlx::query("ROLLBACK").execute(&mut *holder).await.unwrap();
+        let null: anyhow::Error = sqlx::query(
+            "INSERT INTO dead_letters (topic, reason, payload_bytes, payload, received_unix_ms) \
+             VALUES ('t', NULL, 0, x'', 0)",
+        )
+        .execute(db.pool())
+        .await
+        .unwrap_err()
+        .into();
+        assert!(
+            db.refused(&null.context("storing a batch")),
+            "NOT NULL is a refusal"
+        );
+        let timeout: anyhow::Error = sqlx::Error::PoolTimedOut.into();
+        assert!(!db.refused(&timeout));
     }
 }
