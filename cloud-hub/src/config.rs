@@ -185,8 +185,8 @@ pub struct IngestConfig {
     /// and stored). When they are reached the hub stops reading from the broker until a
     /// batch is stored: a backlog of large escalations (or QoS 0 messages, which no
     /// receive window bounds) cannot exhaust memory. A single larger message still passes
-    /// alone. Peak memory is about twice this above the models' (a payload and its decoded
-    /// frame), so the default fits a 1 GiB hub.
+    /// alone. Peak memory is this, one decoded frame and the allocator's slack above the
+    /// models': the default fits a 1 GiB hub.
     pub max_inflight_bytes: usize,
     /// Messages held between receipt and acknowledgement (at most 2,000, which keeps the
     /// MQTT client's request queue from filling with acknowledgements).

@@ -424,23 +424,23 @@ impl Ingest {
     /// escalations to scoring and re-sends verdicts of redelivered ones to their device.
     async fn store(&self, received: &[Received]) -> Result<(), Failure> {
         let t0 = Instant::now();
-        let mut decoded = Vec::with_capacity(received.len());
-        for r in received {
+        let decode_one = |r: &Received| {
             let p = &r.message;
-            let incoming = decode(
+            decode(
                 &p.topic,
                 &p.payload,
                 r.received_unix_ms,
                 self.max_payload,
                 self.keep_bytes,
-            );
-            decoded.push((r, incoming));
-        }
-        // Escalations of frames already stored change nothing, their objects included.
-        let ids: Vec<String> = decoded
+            )
+        };
+        // Escalations of frames already stored change nothing, their objects included. The
+        // messages are decoded again below, one at a time: only one decoded frame is in
+        // memory at once, beside the payloads (which the budget bounds).
+        let ids: Vec<String> = received
             .iter()
-            .filter_map(|(_, i)| match i {
-                Incoming::Escalation(e) => Some(e.frame.frame_id.clone()),
+            .filter_map(|r| match decode_one(r) {
+                Incoming::Escalation(e) => Some(e.frame.frame_id),
                 _ => None,
             })
             .collect();
@@ -453,8 +453,8 @@ impl Ingest {
                 .map_err(|e| self.db_failure(e))?
         };
         let mut batch = Batch::default();
-        for (r, incoming) in decoded {
-            match incoming {
+        for r in received {
+            match decode_one(r) {
                 Incoming::Result(f) => batch.frames.push(f),
                 Incoming::Escalation(e) => {
                     let e = *e;
