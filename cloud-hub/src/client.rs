@@ -183,7 +183,8 @@ pub async fn reviews(cmd: ReviewsCommand) -> Result<()> {
                     e.state,
                     v.map_or("-".into(), |v| band(v.band).to_string()),
                     v.map_or("-".into(), |v| format!("{:.3}", v.fused)),
-                    v.map_or("-".into(), |v| format!("{:.4}", v.cloud_score)),
+                    v.filter(|v| v.cloud_score.is_finite())
+                        .map_or("-".into(), |v| format!("{:.4}", v.cloud_score)),
                 ]);
             }
             print!("{}", t.render());

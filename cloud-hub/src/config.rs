@@ -12,11 +12,17 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_MAX_PAYLOAD: usize = 16 << 20;
 
 /// Everything `cloud-hub serve` reads.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HubConfig {
     /// Folder for the embedded defaults (SQLite file, objects, models).
     pub data_dir: PathBuf,
+    /// Seconds a stop (SIGTERM, Ctrl-C) may take: ingest stops taking messages and stores
+    /// what it holds, scoring finishes the frames in progress (queued escalations stay
+    /// pending in the database for the next start), verdicts are flushed, the listeners
+    /// close; whatever is left at the end is handed back (unacknowledged messages stay
+    /// with the broker) and the process exits 0.
+    pub shutdown_grace_s: f64,
     /// An external MQTT broker; absent: the embedded one.
     pub mqtt: MqttConfig,
     /// The in-process broker used when `mqtt.host` is not set.
@@ -39,6 +45,25 @@ pub struct HubConfig {
     pub delivery: DeliveryConfig,
 }
 
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::new(),
+            shutdown_grace_s: 10.0,
+            mqtt: MqttConfig::default(),
+            embedded_broker: EmbeddedBrokerConfig::default(),
+            database: DatabaseConfig::default(),
+            storage: StorageConfig::default(),
+            ingest: IngestConfig::default(),
+            models: ModelsConfig::default(),
+            scoring: ScoringConfig::default(),
+            fusion: FusionConfig::default(),
+            api: ApiConfig::default(),
+            delivery: DeliveryConfig::default(),
+        }
+    }
+}
+
 /// Connection to the MQTT broker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -58,7 +83,9 @@ pub struct MqttConfig {
     /// Protocol with an external broker: `5` (the hub sets its own receive window) or
     /// `3.1.1`. The embedded broker is always spoken to in 3.1.1.
     pub protocol: String,
-    /// MQTT 5: QoS 1 messages the broker may have in flight to the hub at once.
+    /// MQTT 5: QoS 1 messages the broker may have in flight to the hub at once (at most
+    /// 2,000: their acknowledgements, queued in the client with the verdicts, must fit its
+    /// 4,096-entry request queue).
     pub receive_maximum: u16,
     /// MQTT 5: seconds the broker keeps the hub's session (and queues its messages)
     /// after a disconnect.
@@ -162,6 +189,20 @@ pub struct IngestConfig {
     pub max_batch: usize,
     /// Bytes of a dead-lettered payload kept for inspection.
     pub dead_letter_keep_bytes: usize,
+    /// Payload bytes held between receipt and acknowledgement (received, being decoded
+    /// and stored). When they are reached the hub stops reading from the broker until a
+    /// batch is stored: a backlog of large escalations (or QoS 0 messages, which no
+    /// receive window bounds) cannot exhaust memory. A single larger message still passes
+    /// alone. Peak memory is this, one decoded frame and the allocator's slack above the
+    /// models': the default fits a 1 GiB hub.
+    pub max_inflight_bytes: usize,
+    /// Messages held between receipt and acknowledgement (at most 2,000, which keeps the
+    /// MQTT client's request queue from filling with acknowledgements).
+    pub max_inflight_messages: usize,
+    /// Seconds without a stored batch, while messages wait, after which `/readyz` reports
+    /// ingest as stalled (503): the database or object store refuses to come back, or a
+    /// message keeps failing.
+    pub stall_after_s: f64,
 }
 
 impl Default for IngestConfig {
@@ -170,9 +211,16 @@ impl Default for IngestConfig {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD,
             max_batch: 500,
             dead_letter_keep_bytes: 64 << 10,
+            max_inflight_bytes: 256 << 20,
+            max_inflight_messages: 2000,
+            stall_after_s: 60.0,
         }
     }
 }
+
+/// Most [`IngestConfig::max_inflight_messages`]: the MQTT client's request queue holds
+/// 4,096 entries, acknowledgements and verdicts together.
+pub const MAX_INFLIGHT_MESSAGES: usize = 2000;
 
 /// Model bundles.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -367,6 +415,26 @@ impl HubConfig {
             self.ingest.max_batch > 0,
             "ingest.max_batch must be above 0"
         );
+        anyhow::ensure!(
+            (1..=MAX_INFLIGHT_MESSAGES).contains(&(self.mqtt.receive_maximum as usize)),
+            "mqtt.receive_maximum must be within 1 and {MAX_INFLIGHT_MESSAGES}"
+        );
+        anyhow::ensure!(
+            self.ingest.max_inflight_bytes > 0,
+            "ingest.max_inflight_bytes must be above 0"
+        );
+        anyhow::ensure!(
+            (1..=MAX_INFLIGHT_MESSAGES).contains(&self.ingest.max_inflight_messages),
+            "ingest.max_inflight_messages must be within 1 and {MAX_INFLIGHT_MESSAGES}"
+        );
+        anyhow::ensure!(
+            self.ingest.stall_after_s.is_finite() && self.ingest.stall_after_s > 0.0,
+            "ingest.stall_after_s must be a number of seconds above 0"
+        );
+        anyhow::ensure!(
+            self.shutdown_grace_s.is_finite() && self.shutdown_grace_s >= 0.0,
+            "shutdown_grace_s must be a number of seconds, 0 or more"
+        );
         anyhow::ensure!(self.scoring.workers > 0, "scoring.workers must be above 0");
         anyhow::ensure!(
             self.scoring.retry_after_s.is_finite() && self.scoring.retry_after_s >= 0.0,
@@ -512,7 +580,12 @@ mod tests {
         assert_eq!(c.broker_address(), ("127.0.0.1".to_string(), 1884));
         assert!(c.database_url().starts_with("sqlite://hub-data/"));
         assert_eq!(c.ingest.max_payload_bytes, 16 << 20);
+        assert_eq!(c.ingest.max_inflight_bytes, 256 << 20);
+        assert_eq!(c.shutdown_grace_s, 10.0);
         c.validate().unwrap();
+        let mut bad = c.clone();
+        bad.ingest.max_inflight_messages = 5000;
+        assert!(bad.validate().is_err());
     }
 
     #[test]

@@ -26,7 +26,6 @@ use insp_proto::v1::Resend;
 use insp_proto::{Message, TopicKind};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// Received sequence numbers read per check of a stream.
 const READ_AHEAD: i64 = 20_000;
@@ -145,21 +144,15 @@ pub struct Deliveries {
 }
 
 impl Deliveries {
-    /// Checks the streams every `delivery.check_every_s` until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Checks the streams every `delivery.check_every_s`, until the task is aborted (a
+    /// check holds no state between rounds, so stopping anywhere loses nothing).
+    pub async fn run(self) {
         let every = Duration::from_secs_f64(self.config.check_every_s.max(0.1));
         loop {
             if let Err(e) = self.round().await {
                 tracing::warn!("delivery check failed (trying again): {e:#}");
             }
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                changed = shutdown.changed() => {
-                    if changed.is_err() || *shutdown.borrow() {
-                        return;
-                    }
-                }
-            }
+            tokio::time::sleep(every).await;
         }
     }
 

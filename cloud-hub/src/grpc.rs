@@ -64,13 +64,14 @@ fn bundle_files(dir: &std::path::Path) -> anyhow::Result<(String, Vec<String>)> 
     Ok((version, files))
 }
 
-/// Serves the API on `listener` until the process ends.
+/// Serves the API on `listener` until `stop` completes (then in-flight calls finish).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     db: Db,
     objects: Objects,
     edge: Arc<EdgeBundles>,
     config: HubConfig,
+    stop: impl std::future::Future<Output = ()> + Send,
 ) {
     let api = Api {
         db,
@@ -88,7 +89,7 @@ pub async fn serve(
         .add_service(DevicesServer::new(api.clone()))
         .add_service(ReviewsServer::new(api.clone()).max_encoding_message_size(MAX_MESSAGE))
         .add_service(ModelsServer::new(api))
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop)
         .await;
     if let Err(e) = result {
         tracing::error!("gRPC server stopped: {e}");
@@ -125,7 +126,8 @@ fn summary_msg(e: &EscalationSummaryRow) -> EscalationSummary {
         verdict: e.verdict.as_ref().map(|v| VerdictRecord {
             band: if v.band == "NG" { Band::Ng } else { Band::Ok } as i32,
             fused: v.fused,
-            cloud_score: v.cloud_score,
+            // hub.proto's record has no absent value: NaN without a cloud score.
+            cloud_score: v.cloud_score.unwrap_or(f32::NAN),
             edge_score_reported: v.edge_score_reported,
             edge_score_reproduced: v.edge_score_reproduced,
             edge_reproduced_exactly: v.edge_exact,

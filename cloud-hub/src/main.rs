@@ -113,7 +113,7 @@ fn run_async(command: Command) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         match command {
             Command::Serve(args) => serve::run(args).await,
             Command::Devices(args) => client::devices(args).await,
@@ -126,5 +126,9 @@ fn run_async(command: Command) -> anyhow::Result<()> {
                 anyhow::bail!("train and eval run without the async runtime")
             }
         }
-    })
+    });
+    // Whatever still runs (a blocking call on a database or store that does not answer,
+    // a scoring thread) does not hold up the exit: `serve` has stopped within its grace.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    result
 }

@@ -3,15 +3,25 @@
 //! database holds only the keys.
 //!
 //! Keys: `frames/<site>/<device>/<frame-id>.<format>` for escalated frames as the edge
-//! sent them, `maps/<frame-id>/<model>.npy` for anomaly maps (float32 `.npy`, the
-//! evaluation contract's format).
+//! sent them, `maps/<site>/<device>/<frame-id>/<model>.npy` for anomaly maps (float32
+//! `.npy`, the evaluation contract's format); every key names its site and device, so two
+//! devices sending the same frame id never share an object. (Rows stored before keys named
+//! the device keep their `maps/<frame-id>/...` keys; readers use the stored key.)
+//!
+//! Ingest writes with [`Objects::put_new`], which never replaces an object: the evidence
+//! of a stored frame cannot be overwritten by a replay. Its errors are classified:
+//! [`PutError::Refused`] when this object cannot be stored while the store answers (an
+//! invalid or too long key, a file where a folder should be, a permission on one folder),
+//! [`PutError::Unavailable`] when the store itself does not answer or is full.
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use insp_core::anomaly_map::AnomalyMap;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutPayload};
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The store and a description of it for logs.
 #[derive(Clone)]
@@ -19,6 +29,81 @@ pub struct Objects {
     store: Arc<dyn ObjectStore>,
     /// Where objects go, for people.
     pub describe: String,
+    /// The key this process writes (and deletes) to check that the store answers.
+    probe: String,
+}
+
+/// What [`Objects::put_new`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// The object was written.
+    New,
+    /// An identical object was there already (a redelivery, or a retry of a batch).
+    Same,
+}
+
+/// Why [`Objects::put_new`] did not store an object.
+#[derive(Debug)]
+pub enum PutError {
+    /// An object with other content is stored under the key; it is kept.
+    Conflict(String),
+    /// The store answers but refuses this object: retrying cannot help.
+    Refused(anyhow::Error),
+    /// The store does not answer, or is full: worth retrying later.
+    Unavailable(anyhow::Error),
+}
+
+impl std::fmt::Display for PutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PutError::Conflict(why) => f.write_str(why),
+            PutError::Refused(e) => write!(f, "refused by the object store: {e:#}"),
+            PutError::Unavailable(e) => write!(f, "object store unavailable: {e:#}"),
+        }
+    }
+}
+
+/// What an object store error says about the object and the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The key is not storable (invalid, or a name too long): the object's fault.
+    Key,
+    /// The store is out of space or quota: everyone's problem, temporary.
+    Full,
+    /// Anything else: the object's fault only if the store answers otherwise.
+    Other,
+}
+
+/// Linux errno of a file name too long (ENAMETOOLONG) and a disk quota exceeded (EDQUOT).
+const ENAMETOOLONG: i32 = 36;
+const EDQUOT: i32 = 122;
+
+/// Classifies an error of the store (the chain's I/O error, if any, for a folder store).
+pub fn fault(e: &(dyn std::error::Error + 'static)) -> Fault {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = next {
+        if let Some(o) = c.downcast_ref::<object_store::Error>() {
+            if matches!(o, object_store::Error::InvalidPath { .. }) {
+                return Fault::Key;
+            }
+        }
+        if c.downcast_ref::<object_store::path::Error>().is_some() {
+            return Fault::Key;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            let linux = cfg!(target_os = "linux");
+            return match (io.kind(), io.raw_os_error()) {
+                (_, Some(ENAMETOOLONG)) if linux => Fault::Key,
+                (K::InvalidInput | K::FileTooLarge, _) => Fault::Key,
+                (_, Some(EDQUOT)) if linux => Fault::Full,
+                (K::StorageFull, _) => Fault::Full,
+                _ => Fault::Other,
+            };
+        }
+        next = c.source();
+    }
+    Fault::Other
 }
 
 impl Objects {
@@ -39,10 +124,18 @@ impl Objects {
             .with_context(|| format!("cannot create the object folder {}", dir.display()))?;
         let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
             .with_context(|| format!("cannot open the object folder {}", dir.display()))?;
-        Ok(Objects {
-            store: Arc::new(store),
-            describe: format!("folder {}", dir.display()),
-        })
+        Ok(Objects::new(
+            Arc::new(store),
+            format!("folder {}", dir.display()),
+        ))
+    }
+
+    fn new(store: Arc<dyn ObjectStore>, describe: String) -> Objects {
+        Objects {
+            store,
+            describe,
+            probe: format!("health/probe-{}", uuid::Uuid::new_v4().simple()),
+        }
     }
 
     #[cfg(feature = "s3")]
@@ -58,10 +151,7 @@ impl Objects {
         } else {
             Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
         };
-        Ok(Objects {
-            store,
-            describe: url.to_string(),
-        })
+        Ok(Objects::new(store, url.to_string()))
     }
 
     #[cfg(not(feature = "s3"))]
@@ -78,6 +168,99 @@ impl Objects {
             .put(&path, PutPayload::from(bytes))
             .await
             .with_context(|| format!("cannot store object {key} in {}", self.describe))?;
+        Ok(())
+    }
+
+    /// Writes an object unless one is stored under `key`: an identical one is fine
+    /// ([`Put::Same`]), another one is kept ([`PutError::Conflict`]). A failure is
+    /// retried once; one that persists is [`PutError::Refused`] if the store answers a
+    /// probe write (and is not full), else [`PutError::Unavailable`].
+    pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<Put, PutError> {
+        let path = object_path(key).map_err(PutError::Refused)?;
+        let mut attempt = 0;
+        loop {
+            let err = match self.create(&path, bytes.clone()).await {
+                Ok(()) => return Ok(Put::New),
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => {
+                    return self.compare(key, &bytes).await;
+                }
+                Err(e) => e,
+            };
+            let e = anyhow::Error::new(err)
+                .context(format!("cannot store object {key} in {}", self.describe));
+            match fault(e.as_ref()) {
+                Fault::Key => return Err(PutError::Refused(e)),
+                Fault::Full => return Err(PutError::Unavailable(e)),
+                Fault::Other if attempt == 0 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Fault::Other => {
+                    return Err(match self.answers().await {
+                        Ok(()) => PutError::Refused(e),
+                        Err(probe) => PutError::Unavailable(
+                            e.context(format!("and the store does not answer: {probe:#}")),
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Writes `path` only if nothing is there (a store without conditional writes: checks
+    /// first, which leaves a window between the check and the write).
+    async fn create(&self, path: &ObjectPath, bytes: Bytes) -> object_store::Result<()> {
+        let opts = PutOptions::from(PutMode::Create);
+        match self
+            .store
+            .put_opts(path, PutPayload::from(bytes.clone()), opts)
+            .await
+        {
+            Err(object_store::Error::NotImplemented) => match self.store.head(path).await {
+                Ok(_) => Err(object_store::Error::AlreadyExists {
+                    path: path.to_string(),
+                    source: "stored before".into(),
+                }),
+                Err(object_store::Error::NotFound { .. }) => self
+                    .store
+                    .put(path, PutPayload::from(bytes))
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            },
+            other => other.map(|_| ()),
+        }
+    }
+
+    async fn compare(&self, key: &str, bytes: &[u8]) -> Result<Put, PutError> {
+        match self.get(key).await {
+            Ok(stored) if stored == bytes => Ok(Put::Same),
+            Ok(stored) => Err(PutError::Conflict(format!(
+                "an object with other content ({} bytes, not {}) is stored at {key}; it is kept",
+                stored.len(),
+                bytes.len()
+            ))),
+            Err(e) => Err(PutError::Unavailable(e)),
+        }
+    }
+
+    /// Whether the store answers: writes, reads and deletes a small object of this
+    /// process.
+    pub async fn answers(&self) -> Result<()> {
+        let path = object_path(&self.probe)?;
+        self.store
+            .put(&path, PutPayload::from_static(b"ok"))
+            .await
+            .with_context(|| format!("cannot write {}", self.probe))?;
+        self.store
+            .get(&path)
+            .await
+            .with_context(|| format!("cannot read {}", self.probe))?;
+        self.store
+            .delete(&path)
+            .await
+            .with_context(|| format!("cannot delete {}", self.probe))?;
         Ok(())
     }
 
@@ -108,8 +291,8 @@ pub fn frame_key(site: &str, device: &str, frame_id: &str, format: &str) -> Stri
 }
 
 /// Key of a frame's map from `model`.
-pub fn map_key(frame_id: &str, model: &str) -> String {
-    format!("maps/{frame_id}/{model}.npy")
+pub fn map_key(site: &str, device: &str, frame_id: &str, model: &str) -> String {
+    format!("maps/{site}/{device}/{frame_id}/{model}.npy")
 }
 
 /// A map as a little-endian float32 `.npy` file (NumPy format 1.0), in memory.
@@ -199,5 +382,57 @@ mod tests {
         assert!(o.get("frames/none").await.is_err());
         assert_eq!(frame_key("s", "d", "f", "../x"), "frames/s/d/f.bin");
         assert!(Objects::open(Some("ftp://x"), dir.path()).is_err());
+        assert_eq!(map_key("s", "d", "f", "edge"), "maps/s/d/f/edge.npy");
+    }
+
+    #[tokio::test]
+    async fn put_new_never_replaces_and_classifies_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Objects::open(None, dir.path()).unwrap();
+        let key = frame_key("s", "d", "f1", "png");
+        let put = |k: String, b: &'static [u8]| {
+            let o = o.clone();
+            async move { o.put_new(&k, Bytes::from_static(b)).await }
+        };
+        assert_eq!(put(key.clone(), b"abc").await.unwrap(), Put::New);
+        assert_eq!(put(key.clone(), b"abc").await.unwrap(), Put::Same);
+        assert!(matches!(
+            put(key.clone(), b"other").await,
+            Err(PutError::Conflict(_))
+        ));
+        assert_eq!(
+            o.get(&key).await.unwrap(),
+            b"abc",
+            "the first object is kept"
+        );
+        // A name longer than a file name may be.
+        let long = frame_key("s", "d", "f2", &"p".repeat(300));
+        let e = put(long, b"abc").await.unwrap_err();
+        assert!(matches!(e, PutError::Refused(_)), "{e}");
+        assert!(format!("{e}").contains("name too long"), "{e}");
+        // An invalid key.
+        assert!(matches!(
+            put("frames/../x".into(), b"abc").await,
+            Err(PutError::Refused(_))
+        ));
+        // A file where a folder should be, the store answering.
+        std::fs::write(dir.path().join("objects/frames/s/blocked"), b"x").unwrap();
+        let e = put(frame_key("s", "blocked", "f3", "png"), b"abc")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PutError::Refused(_)), "{e}");
+        // The whole store gone: unavailable.
+        let root = dir.path().join("objects");
+        std::fs::rename(&root, dir.path().join("away")).unwrap();
+        std::fs::write(&root, b"not a folder").unwrap();
+        let e = put(frame_key("s", "d", "f4", "png"), b"abc")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PutError::Unavailable(_)), "{e}");
+        assert!(o.answers().await.is_err());
+        let full = std::io::Error::from_raw_os_error(28);
+        assert_eq!(fault(&full), Fault::Full);
+        let long = std::io::Error::from_raw_os_error(36);
+        assert_eq!(fault(&long), Fault::Key);
     }
 }

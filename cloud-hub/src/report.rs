@@ -117,10 +117,10 @@ async fn load(db: &Db) -> Result<Vec<Frame>> {
         out.push(Frame {
             frame_id: r.try_get("frame_id")?,
             device: r.try_get("device")?,
-            source: r.try_get("source")?,
+            source: crate::db::unescape_text(r.try_get("source")?),
             edge_score: r.try_get::<f64, _>("edge_score")? as f32,
             band: r.try_get("band")?,
-            model_version: r.try_get("model_version")?,
+            model_version: crate::db::unescape_text(r.try_get("model_version")?),
             latency_ms: r.try_get("latency_ms")?,
             scored_unix_ms: r.try_get("scored_unix_ms")?,
             verdict,
@@ -342,7 +342,10 @@ pub async fn run(args: ReportArgs) -> Result<()> {
                 let name = format!(
                     "{}-{}.png",
                     verdict,
-                    f.source.replace('/', "_").trim_end_matches(".png")
+                    // A source may hold any character (a NUL included): keep the name a name.
+                    f.source
+                        .replace(|c: char| c == '/' || c == '\\' || c.is_control(), "_")
+                        .trim_end_matches(".png")
                 );
                 let path = overlays.join(&f.device).join(name);
                 if let Some(parent) = path.parent() {

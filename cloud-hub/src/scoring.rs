@@ -6,7 +6,11 @@
 //!
 //! Ingest never waits for scoring: an escalation is committed as `pending` before it is
 //! acknowledged to the broker, then offered to the workers; when their queue is full the
-//! row simply waits, and a sweeper re-offers pending rows (also after a restart).
+//! row simply waits, and a sweeper re-offers pending rows (also after a restart). The
+//! queue holds no images: a worker reads the frame back from the object store.
+//!
+//! At a stop ([`Scoring::stop`]) the workers finish the frame in hand and take no other:
+//! queued escalations stay pending in the database for the next start.
 
 use crate::db::verdicts::{InferenceRow, PendingEscalation, VerdictRow};
 use crate::db::{unix_ms, Db};
@@ -20,6 +24,7 @@ use insp_core::patchcore::Timings;
 use insp_proto::v1::{Band, Verdict};
 use insp_proto::{Message, TopicKind};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -61,12 +66,17 @@ pub struct ScoringContext {
     pub runtime: tokio::runtime::Handle,
 }
 
-/// One escalation to score; `image` saves reading the frame back when ingest has it.
+/// One escalation to score (its frame is read from the object store).
 pub struct Job {
     /// The stored escalation.
     pub escalation: PendingEscalation,
-    /// The frame bytes, if at hand.
-    pub image: Option<Vec<u8>>,
+}
+
+/// Whether the workers are stopping, and how many frames they are scoring now.
+#[derive(Default)]
+struct Workers {
+    stopping: AtomicBool,
+    busy: AtomicUsize,
 }
 
 /// The workers' queue.
@@ -74,6 +84,7 @@ pub struct Job {
 pub struct Scoring {
     tx: SyncSender<Job>,
     in_flight: Arc<Mutex<HashSet<String>>>,
+    workers: Arc<Workers>,
     telemetry: Arc<Telemetry>,
     /// How old a pending escalation must be before the periodic sweep re-offers it (a
     /// younger one is probably still queued here or at another hub).
@@ -92,24 +103,49 @@ impl Scoring {
         let (tx, rx) = sync_channel::<Job>(queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let in_flight = Arc::new(Mutex::new(HashSet::new()));
+        let state = Arc::new(Workers::default());
         for i in 0..workers.max(1) {
-            let (ctx, rx, in_flight) = (ctx.clone(), rx.clone(), in_flight.clone());
+            let (ctx, rx, in_flight, state) =
+                (ctx.clone(), rx.clone(), in_flight.clone(), state.clone());
             std::thread::Builder::new()
                 .name(format!("scoring-{i}"))
-                .spawn(move || work(ctx, rx, in_flight))
+                .spawn(move || work(ctx, rx, in_flight, state))
                 .context("cannot start a scoring thread")?;
         }
         Ok(Scoring {
             tx,
             in_flight,
+            workers: state,
             telemetry: ctx.telemetry.clone(),
             retry_after,
         })
     }
 
-    /// Offers a job; false if it is already queued or the queue is full (the row stays
-    /// pending and the sweeper offers it again).
+    /// Stops scoring: no job is taken from now on (queued ones stay pending in the
+    /// database), and waits until `deadline` for the frames in hand to be finished.
+    /// Returns how many were still being scored at the deadline.
+    pub async fn stop(&self, deadline: tokio::time::Instant) -> usize {
+        self.workers.stopping.store(true, Ordering::SeqCst);
+        loop {
+            let busy = self.workers.busy.load(Ordering::SeqCst);
+            if busy == 0 || tokio::time::Instant::now() >= deadline {
+                return busy;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Escalations queued or being scored by this hub.
+    pub fn queued(&self) -> usize {
+        self.in_flight.lock().map_or(0, |f| f.len())
+    }
+
+    /// Offers a job; false if it is already queued, the queue is full (the row stays
+    /// pending and the sweeper offers it again) or scoring is stopping.
     pub fn submit(&self, job: Job) -> bool {
+        if self.workers.stopping.load(Ordering::SeqCst) {
+            return false;
+        }
         let id = job.escalation.frame_id.clone();
         {
             let Ok(mut f) = self.in_flight.lock() else {
@@ -139,10 +175,7 @@ impl Scoring {
             if !all && now - e.received_unix_ms < self.retry_after.as_millis() as i64 {
                 continue;
             }
-            if self.submit(Job {
-                escalation: e,
-                image: None,
-            }) {
+            if self.submit(Job { escalation: e }) {
                 offered += 1;
             }
         }
@@ -183,6 +216,7 @@ fn work(
     ctx: Arc<ScoringContext>,
     rx: Arc<Mutex<Receiver<Job>>>,
     in_flight: Arc<Mutex<HashSet<String>>>,
+    state: Arc<Workers>,
 ) {
     loop {
         let job = {
@@ -193,7 +227,26 @@ fn work(
             }
         };
         let id = job.escalation.frame_id.clone();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| score(&ctx, job)));
+        state.busy.fetch_add(1, Ordering::SeqCst);
+        let outcome = if state.stopping.load(Ordering::SeqCst) {
+            // Left pending for the next start.
+            None
+        } else {
+            Some(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                || score(&ctx, job),
+            )))
+        };
+        let Some(outcome) = outcome else {
+            finish(&ctx, &in_flight, &state, &id);
+            continue;
+        };
+        // A failure while the hub stops (the runtime going away under a worker) says
+        // nothing about the frame: it stays pending.
+        if state.stopping.load(Ordering::SeqCst) && outcome_kind(&outcome).is_some() {
+            tracing::info!("escalation {id}: not judged before the stop; it stays pending");
+            finish(&ctx, &in_flight, &state, &id);
+            continue;
+        }
         let temporary = matches!(outcome_kind(&outcome), Some(true));
         let error = match outcome {
             Ok(Ok(())) => None,
@@ -213,36 +266,49 @@ fn work(
                 tracing::error!("escalation {id}: cannot record the failure: {e:#}");
             }
         }
-        if let Ok(mut f) = in_flight.lock() {
-            f.remove(&id);
-            ctx.telemetry.set_scoring_queue(f.len());
-        }
+        finish(&ctx, &in_flight, &state, &id);
     }
+}
+
+/// A job is done (or left pending): off the queue, not busy.
+fn finish(ctx: &ScoringContext, in_flight: &Mutex<HashSet<String>>, state: &Workers, id: &str) {
+    if let Ok(mut f) = in_flight.lock() {
+        f.remove(id);
+        ctx.telemetry.set_scoring_queue(f.len());
+    }
+    state.busy.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Scores one escalation end to end.
 fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
     let e = &job.escalation;
-    let bytes = match job.image {
-        Some(b) => b,
-        None => ctx
-            .runtime
-            .block_on(ctx.objects.get(&e.frame_key))
-            .map_err(|err| {
-                // A frame that is gone stays gone; a store that does not answer may come back.
-                let missing = err.chain().any(|c| {
-                    matches!(
-                        c.downcast_ref::<object_store::Error>(),
-                        Some(object_store::Error::NotFound { .. })
-                    )
-                });
-                if missing {
-                    err
-                } else {
-                    err.context(Temporary)
-                }
-            })?,
-    };
+    // Judged already (by another hub of the group, or an earlier attempt whose state was
+    // not updated): its maps and verdict stay as they are; the device gets the verdict.
+    if let Some(v) = ctx
+        .runtime
+        .block_on(ctx.db.verdict(&e.frame_id))
+        .context(Temporary)?
+    {
+        send_verdict(ctx, &v);
+        return Ok(());
+    }
+    let bytes = ctx
+        .runtime
+        .block_on(ctx.objects.get(&e.frame_key))
+        .map_err(|err| {
+            // A frame that is gone stays gone; a store that does not answer may come back.
+            let missing = err.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<object_store::Error>(),
+                    Some(object_store::Error::NotFound { .. })
+                )
+            });
+            if missing {
+                err
+            } else {
+                err.context(Temporary)
+            }
+        })?;
     let origin = format!("frame {} ({})", e.frame_id, e.source);
     let image = insp_core::image::decode(&bytes, &origin)?;
     let mut inferences = Vec::new();
@@ -276,7 +342,12 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
             score: s.score,
             ok_below: t.map_or(-1.0, |t| t.ok_below),
             ng_above: t.map_or(-1.0, |t| t.ng_above),
-            map_key: Some(objects::map_key(&e.frame_id, EDGE_MODEL)),
+            map_key: Some(objects::map_key(
+                &e.site,
+                &e.device,
+                &e.frame_id,
+                EDGE_MODEL,
+            )),
             latency_ms: (seconds * 1e3) as f32,
         });
         maps.push((EDGE_MODEL.into(), s.map));
@@ -288,14 +359,15 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         .read()
         .map(|c| c.clone())
         .map_err(|_| anyhow::anyhow!("the cloud model set is poisoned"))?;
-    let mut cloud_score = f32::NAN;
-    for m in cloud.iter() {
+    // The first cloud model's score, when it gave a finite one.
+    let mut cloud_score = None;
+    for (i, m) in cloud.iter().enumerate() {
         let t0 = Instant::now();
         let s = m.score(&image)?;
         let seconds = t0.elapsed().as_secs_f64();
         ctx.telemetry.model_latency(m.name(), seconds);
-        if cloud_score.is_nan() {
-            cloud_score = s.score;
+        if i == 0 && s.score.is_finite() {
+            cloud_score = Some(s.score);
         }
         let t = m.thresholds();
         inferences.push(InferenceRow {
@@ -304,7 +376,7 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
             score: s.score,
             ok_below: t.map_or(-1.0, |t| t.ok_below),
             ng_above: t.map_or(-1.0, |t| t.ng_above),
-            map_key: Some(objects::map_key(&e.frame_id, m.name())),
+            map_key: Some(objects::map_key(&e.site, &e.device, &e.frame_id, m.name())),
             latency_ms: (seconds * 1e3) as f32,
         });
         maps.push((m.name().to_string(), s.map));
@@ -382,7 +454,7 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
             for (model, map) in &maps {
                 ctx.objects
                     .put(
-                        &objects::map_key(&e.frame_id, model),
+                        &objects::map_key(&e.site, &e.device, &e.frame_id, model),
                         objects::npy_bytes(map),
                     )
                     .await?;
@@ -404,7 +476,16 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
             e.edge_search.map_or_else(|| "not sent: the hub's models.edge_* settings".to_string(), |s| s.to_string())
         );
     }
-    ctx.runtime.block_on(publish_verdict(&ctx.mqtt, &stored))
+    send_verdict(ctx, &stored);
+    Ok(())
+}
+
+/// Publishes a stored verdict; a failure (the client gone at a stop) leaves the decision
+/// as it is (decided, not failed): a redelivered escalation gets it again.
+fn send_verdict(ctx: &ScoringContext, v: &VerdictRow) {
+    if let Err(e) = ctx.runtime.block_on(publish_verdict(&ctx.mqtt, v)) {
+        tracing::warn!("escalation {}: verdict stored, not sent: {e:#}", v.frame_id);
+    }
 }
 
 /// The MQTT topic and payload of a verdict.

@@ -6,13 +6,14 @@ use crate::config::{HubConfig, ServeOverrides};
 use crate::db::api::ModelRow;
 use crate::db::Db;
 use crate::fusion::Fusions;
-use crate::ingest::Ingest;
+use crate::ingest::{Budget, Ingest, IngestHandle};
 use crate::models::{model_row, CloudModel, EdgeBundles, HeavyCloud, PatchCoreCloud};
 use crate::objects::Objects;
 use crate::scoring::{Scoring, ScoringContext};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -24,16 +25,70 @@ pub struct Hub {
     pub telemetry: Arc<Telemetry>,
     /// The configuration in effect.
     pub config: HubConfig,
-    shutdown: watch::Sender<bool>,
-    ingest: JoinHandle<()>,
+    ingest: IngestHandle,
+    scoring: Scoring,
+    /// The pending sweep and the SIGHUP reloader: ended at a stop.
+    background: Vec<JoinHandle<()>>,
+    /// Closes the HTTP and gRPC listeners.
+    listeners_stop: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
 }
 
 impl Hub {
-    /// Stops ingest (unacknowledged messages stay with the broker) and waits for it.
-    pub async fn stop(self) {
-        let _ = self.shutdown.send(true);
-        let _ = self.ingest.await;
+    /// Stops within `shutdown_grace_s`, whatever is down: takes no more messages and
+    /// stores (and acknowledges) those received; lets the scoring workers finish the
+    /// frames in hand (queued escalations stay pending in the database for the next
+    /// start); sends the verdicts and acknowledgements queued, disconnects, and closes the
+    /// HTTP and gRPC listeners. What is not done by then is handed back: unacknowledged
+    /// messages stay with the broker, pending escalations in the database.
+    pub async fn stop(mut self) {
+        let grace = Duration::from_secs_f64(self.config.shutdown_grace_s);
+        let t0 = tokio::time::Instant::now();
+        // Shares of the grace: storing what was received, then scoring, then the rest.
+        let drained_by = t0 + grace.mul_f64(0.5);
+        let scored_by = t0 + grace.mul_f64(0.8);
+        let deadline = t0 + grace;
+        self.telemetry.set_stopping();
+        for task in &self.background {
+            task.abort();
+        }
+        if !self.ingest.drain(drained_by).await {
+            tracing::warn!(
+                "stopping: messages not stored within the grace period stay with the broker (unacknowledged)"
+            );
+        }
+        let queued = self.scoring.queued();
+        let busy = self.scoring.stop(scored_by).await;
+        if busy > 0 {
+            tracing::warn!(
+                "stopping: {busy} escalations still being scored; they stay pending for the next start"
+            );
+        }
+        if queued > busy {
+            tracing::info!(
+                "stopping: {} queued escalations stay pending for the next start",
+                queued - busy
+            );
+        }
+        self.ingest.disconnect(deadline).await;
+        let _ = self.listeners_stop.send(true);
+        for task in self.listeners {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        tracing::info!(
+            "stopped in {:.1} s (shutdown_grace_s {})",
+            t0.elapsed().as_secs_f64(),
+            self.config.shutdown_grace_s
+        );
     }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Starts every part of the hub.
@@ -82,16 +137,17 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         mqtt: client.clone(),
         runtime: tokio::runtime::Handle::current(),
     });
+    let mut background = Vec::new();
     // Registered before the hub reports ready, so an early SIGHUP never kills it.
     #[cfg(unix)]
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(hangup) => {
-            tokio::spawn(reload_on_hangup(
+            background.push(tokio::spawn(reload_on_hangup(
                 config.clone(),
                 device.clone(),
                 context.clone(),
                 hangup,
-            ));
+            )));
         }
         Err(e) => tracing::warn!("cannot listen for SIGHUP (no model reload): {e}"),
     }
@@ -101,8 +157,9 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         config.scoring.queue,
         std::time::Duration::from_secs_f64(config.scoring.retry_after_s),
     )?;
-    tokio::spawn(scoring.clone().sweep_forever(db.clone()));
+    background.push(tokio::spawn(scoring.clone().sweep_forever(db.clone())));
 
+    let (listeners_stop, stop_rx) = watch::channel(false);
     let http = tokio::net::TcpListener::bind(config.api.http_listen)
         .await
         .with_context(|| {
@@ -111,9 +168,17 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
                 config.api.http_listen
             )
         })?;
-    let router = crate::http::router(db.clone(), telemetry.clone());
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(http, router).await {
+    let router = crate::http::router(
+        db.clone(),
+        telemetry.clone(),
+        Duration::from_secs_f64(config.ingest.stall_after_s),
+    );
+    let http_stop = stopped(stop_rx.clone());
+    let http = tokio::spawn(async move {
+        if let Err(e) = axum::serve(http, router)
+            .with_graceful_shutdown(http_stop)
+            .await
+        {
             tracing::error!("HTTP server stopped: {e}");
         }
     });
@@ -125,26 +190,28 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
                 config.api.grpc_listen
             )
         })?;
-    tokio::spawn(crate::grpc::serve(
+    let grpc = tokio::spawn(crate::grpc::serve(
         grpc,
         db.clone(),
         objects.clone(),
         edge.clone(),
         config.clone(),
+        stopped(stop_rx),
     ));
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let deliveries = crate::delivery::Deliveries {
-        db: db.clone(),
-        client: client.clone(),
-        telemetry: telemetry.clone(),
-        config: config.delivery.clone(),
-    };
-    tokio::spawn(deliveries.run(shutdown_rx.clone()));
+    background.push(tokio::spawn(
+        crate::delivery::Deliveries {
+            db: db.clone(),
+            client: client.clone(),
+            telemetry: telemetry.clone(),
+            config: config.delivery.clone(),
+        }
+        .run(),
+    ));
     let ingest = Ingest {
         db: db.clone(),
         objects,
-        scoring,
+        scoring: scoring.clone(),
         telemetry: telemetry.clone(),
         client,
         max_payload: config.ingest.max_payload_bytes,
@@ -152,8 +219,13 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         keep_bytes: config.ingest.dead_letter_keep_bytes,
         group: config.mqtt.group.clone(),
         site: config.mqtt.site.clone(),
-    };
-    let ingest = tokio::spawn(ingest.run(eventloop, shutdown_rx));
+        budget: Budget::new(
+            config.ingest.max_inflight_bytes,
+            config.ingest.max_inflight_messages,
+            telemetry.clone(),
+        ),
+    }
+    .start(eventloop);
     let (host, port) = config.broker_address();
     tracing::info!(
         "hub up: MQTT {host}:{port} ({}), gRPC {}, HTTP {}",
@@ -169,8 +241,11 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         db,
         telemetry,
         config,
-        shutdown,
         ingest,
+        scoring,
+        background,
+        listeners_stop,
+        listeners: vec![http, grpc],
     })
 }
 
@@ -183,7 +258,10 @@ pub async fn run(args: ServeOverrides) -> Result<()> {
         hub.config.api.grpc_listen, hub.config.api.http_listen
     );
     wait_for_signal().await;
-    tracing::info!("stopping");
+    tracing::info!(
+        "stopping (within shutdown_grace_s = {} s)",
+        hub.config.shutdown_grace_s
+    );
     hub.stop().await;
     Ok(())
 }

@@ -7,7 +7,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 type Labels = Vec<(String, String)>;
 
@@ -39,6 +40,34 @@ pub struct Telemetry {
     delivery_gaps_closed: Family<Labels, Counter>,
     delivery_lost: Family<Labels, Counter>,
     broker_dropped: Counter,
+    duplicates: Family<Labels, Counter>,
+    ingest_retries: Counter,
+    inflight_messages: Gauge,
+    inflight_bytes: Gauge,
+    /// Messages received and not yet stored (or dead-lettered) and released.
+    waiting: AtomicU64,
+    /// When ingest last stored a batch, or began to wait with nothing waiting before
+    /// (Unix ms).
+    progress_unix_ms: AtomicI64,
+    /// Whether ingest's writer stopped (it only does at shutdown).
+    writer_stopped: AtomicBool,
+    stopping: AtomicBool,
+}
+
+/// Why ingest is not making progress, for `/readyz`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IngestHealth {
+    /// Nothing waits, or batches are being stored.
+    Ok,
+    /// Messages have waited without a stored batch for this long.
+    Stalled {
+        /// Messages waiting.
+        waiting: u64,
+        /// Since the last progress.
+        for_s: f64,
+    },
+    /// The writer is gone.
+    Stopped,
 }
 
 impl Default for Telemetry {
@@ -72,6 +101,14 @@ impl Telemetry {
             delivery_gaps_closed: Family::default(),
             delivery_lost: Family::default(),
             broker_dropped: Counter::default(),
+            duplicates: Family::default(),
+            ingest_retries: Counter::default(),
+            inflight_messages: Gauge::default(),
+            inflight_bytes: Gauge::default(),
+            waiting: AtomicU64::new(0),
+            progress_unix_ms: AtomicI64::new(crate::db::unix_ms()),
+            writer_stopped: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             registry: Registry::default(),
         };
         registry.register(
@@ -168,6 +205,26 @@ impl Telemetry {
             "broker_dropped",
             "Times the embedded broker dropped messages of a consumer that fell more than embedded_broker.max_log_bytes behind (the delivery check asks the devices for them again)",
             t.broker_dropped.clone(),
+        );
+        registry.register(
+            "duplicates",
+            "Messages of a frame id already stored, by sending device; of=\"own\": the device that stored it (a redelivery or replay), of=\"other\": another device (a reused or forged id); neither changes what is stored",
+            t.duplicates.clone(),
+        );
+        registry.register(
+            "ingest_retries",
+            "Attempts to store a batch that failed for a transient reason (database or object store not answering, timeouts, locks); retried, nothing acknowledged meanwhile",
+            t.ingest_retries.clone(),
+        );
+        registry.register(
+            "ingest_inflight_messages",
+            "Messages received and not yet acknowledged (ingest.max_inflight_messages bounds them)",
+            t.inflight_messages.clone(),
+        );
+        registry.register(
+            "ingest_inflight_bytes",
+            "Payload bytes received and not yet acknowledged (ingest.max_inflight_bytes bounds them)",
+            t.inflight_bytes.clone(),
         );
         Telemetry { registry, ..t }
     }
@@ -275,6 +332,82 @@ impl Telemetry {
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
+
+    /// A message of a frame id already stored came from `site`/`device`; `own`: from the
+    /// device that stored it.
+    pub fn duplicate(&self, site: &str, device: &str, own: bool) {
+        self.duplicates
+            .get_or_create(&vec![
+                ("site".to_string(), site.to_string()),
+                ("device".to_string(), device.to_string()),
+                (
+                    "of".to_string(),
+                    if own { "own" } else { "other" }.to_string(),
+                ),
+            ])
+            .inc();
+    }
+
+    /// A batch failed for a transient reason and will be retried.
+    pub fn ingest_retry(&self) {
+        self.ingest_retries.inc();
+    }
+
+    /// Ingest took a message of `bytes` from the broker.
+    pub fn ingest_taken(&self, bytes: usize) {
+        if self.waiting.fetch_add(1, Ordering::SeqCst) == 0 {
+            // Waiting starts now, not at the last batch stored long ago.
+            self.ingest_progress();
+        }
+        self.inflight_messages.inc();
+        self.inflight_bytes.inc_by(bytes as i64);
+    }
+
+    /// A message of `bytes` was acknowledged (or handed back) and its memory released.
+    pub fn ingest_released(&self, bytes: usize) {
+        let _ = self
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1));
+        self.inflight_messages.dec();
+        self.inflight_bytes.dec_by(bytes as i64);
+    }
+
+    /// Ingest stored (or dead-lettered) a batch.
+    pub fn ingest_progress(&self) {
+        self.progress_unix_ms
+            .store(crate::db::unix_ms(), Ordering::SeqCst);
+    }
+
+    /// Ingest's writer stopped.
+    pub fn writer_stopped(&self) {
+        self.writer_stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether ingest progresses: stalled once messages wait and no batch was stored for
+    /// `after`.
+    pub fn ingest_health(&self, after: Duration) -> IngestHealth {
+        if self.writer_stopped.load(Ordering::SeqCst) {
+            return IngestHealth::Stopped;
+        }
+        let waiting = self.waiting.load(Ordering::SeqCst);
+        let since = crate::db::unix_ms() - self.progress_unix_ms.load(Ordering::SeqCst);
+        let for_s = since.max(0) as f64 / 1e3;
+        if waiting > 0 && for_s >= after.as_secs_f64() {
+            IngestHealth::Stalled { waiting, for_s }
+        } else {
+            IngestHealth::Ok
+        }
+    }
+
+    /// The hub is stopping (`/readyz` answers 503 from now on).
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the hub is stopping.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]
@@ -295,5 +428,39 @@ mod tests {
         assert!(text.contains("hub_frames_stored_total 3"), "{text}");
         assert!(text.contains("hub_dead_letters_total 2"), "{text}");
         assert!(text.contains("model=\"edge-reproduced\""), "{text}");
+        t.duplicate("s1", "cam-2", false);
+        assert!(
+            t.render()
+                .contains("hub_duplicates_total{site=\"s1\",device=\"cam-2\",of=\"other\"} 1"),
+            "{}",
+            t.render()
+        );
+    }
+
+    #[test]
+    fn ingest_stalls_only_while_messages_wait_without_progress() {
+        let t = Telemetry::new();
+        let after = Duration::from_millis(50);
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(t.ingest_health(after), IngestHealth::Ok, "nothing waits");
+        t.ingest_taken(10);
+        assert_eq!(
+            t.ingest_health(after),
+            IngestHealth::Ok,
+            "just began to wait"
+        );
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(matches!(
+            t.ingest_health(after),
+            IngestHealth::Stalled { waiting: 1, .. }
+        ));
+        t.ingest_progress();
+        assert_eq!(t.ingest_health(after), IngestHealth::Ok);
+        t.ingest_released(10);
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(t.ingest_health(after), IngestHealth::Ok);
+        assert!(t.render().contains("hub_ingest_inflight_bytes 0"));
+        t.writer_stopped();
+        assert_eq!(t.ingest_health(after), IngestHealth::Stopped);
     }
 }

@@ -34,7 +34,10 @@ async fn escalation_flow(broker: (&str, u16), db_url: &str, site: &str) {
         v.edge_score_reproduced,
         edge
     );
-    assert!(v.cloud_score.is_finite() && v.cloud_score > 0.0, "{v:?}");
+    assert!(
+        v.cloud_score.is_some_and(|s| s.is_finite() && s > 0.0),
+        "{v:?}"
+    );
     assert!(matches!(v.band(), Band::Ok | Band::Ng), "{v:?}");
     assert!(v.model_versions.starts_with(&version), "{v:?}");
 
@@ -637,9 +640,9 @@ async fn a_storage_failure_leaves_the_escalation_pending_until_the_store_is_back
     // A folder where the frame's reproduced edge map goes: ingest stores the frame and
     // the edge's map, but the scoring worker cannot store its map (even as root).
     let frame_id = uuid::Uuid::new_v4().to_string();
-    let blocker = dir
-        .path()
-        .join(format!("data/objects/maps/{frame_id}/edge-reproduced.npy"));
+    let blocker = dir.path().join(format!(
+        "data/objects/maps/plant-s/cam-1/{frame_id}/edge-reproduced.npy"
+    ));
     std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
     let port = free_port();
     let hub = HubProcess::start_with_models(
@@ -702,8 +705,10 @@ async fn a_storage_failure_leaves_the_escalation_pending_until_the_store_is_back
     dev.close().await;
 }
 
+/// Text with a NUL byte (PostgreSQL refuses NUL in text) is stored losslessly: the result
+/// among ten others, and an escalation whose source the API gives back byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_postgres_refuses_is_dead_lettered_and_ingest_goes_on() {
+async fn text_with_a_nul_byte_is_stored_losslessly_on_postgres() {
     require_mosquitto();
     let pg = PgDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();
@@ -714,21 +719,99 @@ async fn a_message_postgres_refuses_is_dead_lettered_and_ingest_goes_on() {
         broker: Some(MOSQUITTO),
         embedded_port: 0,
         database: Some(&pg.url),
-        client_id: &format!("hub-poison-{tag}"),
+        client_id: &format!("hub-nul-{tag}"),
         group: &format!("g{tag}"),
         site: &site,
     });
-    let dev = Device::connect(MOSQUITTO, &site, "cam-1").await;
-    // Ten good results around one whose source holds a NUL byte: it decodes, but
-    // PostgreSQL refuses NUL in text, which used to fail (and retry) its whole batch.
+    let mut dev = Device::connect(MOSQUITTO, &site, "cam-1").await;
+    let nul = uuid::Uuid::new_v4().to_string();
     for i in 0..11 {
-        let mut r = dev.result(&uuid::Uuid::new_v4().to_string(), 0.5, Band::Ok, "v1");
+        let id = if i == 5 {
+            nul.clone()
+        } else {
+            uuid::Uuid::new_v4().to_string()
+        };
+        let mut r = dev.result(&id, 0.5, Band::Ok, "v1");
         if i == 5 {
             r.source = "cam\0dir/frame.png".into();
         }
         dev.publish_result(&r).await;
     }
     let pool = pool(&pg.url).await;
+    eventually(30, "11 frames (or a dead letter)", || async {
+        count(&pool, "frames").await == 11 || count(&pool, "dead_letters").await > 0
+    })
+    .await;
+    assert_eq!(count(&pool, "dead_letters").await, 0);
+    assert_eq!(count(&pool, "frames").await, 11);
+    let stored: String = sqlx::query("SELECT source FROM frames WHERE frame_id = $1")
+        .bind(nul.clone())
+        .fetch_one(&pool)
+        .await
+        .map(|r| sqlx::Row::get(&r, 0))
+        .unwrap();
+    assert_eq!(
+        stored, "cam\u{2400}0dir/frame.png",
+        "NUL escaped reversibly"
+    );
+    // An escalation from a source with a NUL: judged, and its source given back as sent.
+    let (bytes, score, map, version) = edge_score(defect_image());
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut r = dev.result(&id, score, Band::Uncertain, &version);
+    r.source = "line\01/cam \u{2400} 2".into();
+    let e = insp_proto::v1::Escalation {
+        result: Some(r),
+        frame: bytes,
+        frame_format: "png".into(),
+        edge_map: Some(map),
+        search: Some(insp_proto::v1::BankSearch::lists(EDGE_PROBES)),
+        delivery: None,
+    };
+    dev.publish(
+        TopicKind::Escalation,
+        insp_proto::Message::encode_to_vec(&e),
+    )
+    .await;
+    let v = dev.verdict(60).await;
+    assert_eq!(v.frame_id, id);
+    let shown = cli(&["reviews", "show", &id, "--api", &hub.api()]);
+    assert!(shown.contains("(line\01/cam \u{2400} 2)"), "{shown:?}");
+    assert_eq!(hub.metric("hub_dead_letters_total"), 0.0);
+    pool.close().await;
+    dev.close().await;
+    drop(hub);
+    forget_session(&format!("hub-nul-{tag}")).await;
+}
+
+/// A message that decodes but that the database refuses (SQLite stores a NaN latency as
+/// NULL, which the NOT NULL column refuses) becomes a dead letter with the database's
+/// reason while the ten around it, one with a NUL in its source, are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_database_refuses_is_dead_lettered_and_ingest_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let hub = HubProcess::start(&HubSetup {
+        dir: dir.path(),
+        broker: None,
+        embedded_port: port,
+        database: None,
+        client_id: "hub-poison",
+        group: "hubs",
+        site: "plant-p",
+    });
+    let dev = Device::connect(("127.0.0.1", port), "plant-p", "cam-1").await;
+    for i in 0..11 {
+        let mut r = dev.result(&uuid::Uuid::new_v4().to_string(), 0.5, Band::Ok, "v1");
+        if i == 5 {
+            r.latency_ms = f32::NAN;
+        }
+        if i == 7 {
+            r.source = "cam\0dir/frame.png".into();
+        }
+        dev.publish_result(&r).await;
+    }
+    let db = format!("sqlite://{}", dir.path().join("data/hub.db").display());
+    let pool = pool(&db).await;
     eventually(30, "10 frames and 1 dead letter stored", || async {
         count(&pool, "frames").await == 10 && count(&pool, "dead_letters").await == 1
     })
@@ -738,7 +821,10 @@ async fn a_message_postgres_refuses_is_dead_lettered_and_ingest_goes_on() {
         .await
         .map(|r| sqlx::Row::get(&r, 0))
         .unwrap();
-    assert!(reason.contains("refused by the database"), "{reason}");
+    assert!(
+        reason.contains("refused by the database") && reason.contains("NOT NULL"),
+        "{reason}"
+    );
     // Ingest goes on after it.
     dev.publish_result(&dev.result(&uuid::Uuid::new_v4().to_string(), 0.5, Band::Ok, "v1"))
         .await;
@@ -749,8 +835,6 @@ async fn a_message_postgres_refuses_is_dead_lettered_and_ingest_goes_on() {
     assert_eq!(hub.metric("hub_dead_letters_total"), 1.0);
     pool.close().await;
     dev.close().await;
-    drop(hub);
-    forget_session(&format!("hub-poison-{tag}")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

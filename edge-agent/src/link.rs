@@ -582,7 +582,8 @@ impl Link {
                 return;
             }
         };
-        self.book.verdict(frame_id, band, verdict.cloud_score);
+        self.book
+            .verdict(frame_id, band, verdict.cloud_score.unwrap_or(f32::NAN));
     }
 
     /// Queues the records a resend request asks for (those the spool still keeps go out

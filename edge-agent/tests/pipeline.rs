@@ -578,7 +578,7 @@ fn pushed_frames_get_cloud_verdicts_fallbacks_hooks_and_back_pressure() {
                         frame_id: r.frame_id.clone(),
                         device: r.device.clone(),
                         band: band as i32,
-                        cloud_score: 0.5,
+                        cloud_score: Some(0.5),
                         ..Default::default()
                     };
                     hub.publish(

@@ -1,7 +1,7 @@
 //! Reads and writes behind the gRPC API: devices, the review queue, labels, models.
 
 use super::verdicts::VerdictRow;
-use super::Db;
+use super::{escape_text, unescape_text, Db};
 use anyhow::Result;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -36,8 +36,8 @@ fn device_from(r: &AnyRow) -> Result<DeviceRow> {
         site: r.try_get("site")?,
         device: r.try_get("device")?,
         status: r.try_get("status")?,
-        model_version: r.try_get("model_version")?,
-        agent_version: r.try_get("agent_version")?,
+        model_version: unescape_text(r.try_get("model_version")?),
+        agent_version: unescape_text(r.try_get("agent_version")?),
         first_seen_unix_ms: r.try_get("first_seen_unix_ms")?,
         last_seen_unix_ms: r.try_get("last_seen_unix_ms")?,
         frames: r.try_get("frames")?,
@@ -170,14 +170,14 @@ impl Db {
                 frame_id,
                 site: r.try_get("site")?,
                 device: r.try_get("device")?,
-                source: r.try_get("source")?,
+                source: unescape_text(r.try_get("source")?),
                 captured_unix_ms: r.try_get("captured_unix_ms")?,
                 edge_score: r.try_get::<f64, _>("edge_score")? as f32,
-                model_version: r.try_get("model_version")?,
+                model_version: unescape_text(r.try_get("model_version")?),
                 state: r.try_get("state")?,
                 error: r.try_get("error")?,
                 frame_key: r.try_get("frame_key")?,
-                frame_format: r.try_get("frame_format")?,
+                frame_format: unescape_text(r.try_get("frame_format")?),
                 edge_map_key: r.try_get("edge_map_key")?,
                 verdict,
                 reviews: r.try_get("reviews")?,
@@ -239,8 +239,8 @@ impl Db {
         )
         .bind(frame_id.to_string())
         .bind(label.to_string())
-        .bind(operator.to_string())
-        .bind(note.to_string())
+        .bind(escape_text(operator).into_owned())
+        .bind(escape_text(note).into_owned())
         .bind(now)
         .fetch_one(self.pool())
         .await?;
@@ -269,8 +269,8 @@ impl Db {
                     id: r.try_get(0)?,
                     frame_id: r.try_get(1)?,
                     label: r.try_get(2)?,
-                    operator: r.try_get(3)?,
-                    note: r.try_get(4)?,
+                    operator: unescape_text(r.try_get(3)?),
+                    note: unescape_text(r.try_get(4)?),
                     created_unix_ms: r.try_get(5)?,
                 })
             })

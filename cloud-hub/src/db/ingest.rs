@@ -5,14 +5,17 @@
 //!
 //! Rows are sorted by key before writing so that two hubs writing overlapping batches
 //! take row locks in the same order (no deadlocks on PostgreSQL).
+//!
+//! Text from devices is stored through [`super::escape_text`] (NUL, which PostgreSQL
+//! refuses, is escaped reversibly).
 
 use super::delivery::{Delivered, DeliveryRow, PositionRow, StreamPosition, StreamQueue};
-use super::{sql, values_sql, Db};
+use super::{escape_text, sql, values_sql, Db};
 use anyhow::Result;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, Row};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Rows per multi-row INSERT (well below both databases' bind limits).
 const CHUNK: usize = 400;
@@ -155,6 +158,25 @@ impl Batch {
     }
 }
 
+/// Where a stored frame belongs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameOwner {
+    /// Its site.
+    pub site: String,
+    /// Its device.
+    pub device: String,
+    /// Whether its escalation (frame and maps) is stored.
+    pub escalated: bool,
+}
+
+impl FrameOwner {
+    /// Whether an escalation of this frame from `site`/`device` must write no object:
+    /// its evidence is stored already, or the frame is another device's.
+    pub fn keeps_objects_from(&self, site: &str, device: &str) -> bool {
+        self.escalated || self.site != site || self.device != device
+    }
+}
+
 /// What a batch changed.
 #[derive(Debug, Default, Clone)]
 pub struct Stored {
@@ -174,14 +196,14 @@ fn bind_frame<'q>(q: AnyQuery<'q>, f: &FrameRow, stored_unix_ms: i64) -> AnyQuer
     q.bind(f.frame_id.clone())
         .bind(f.site.clone())
         .bind(f.device.clone())
-        .bind(f.source.clone())
+        .bind(escape_text(&f.source).into_owned())
         .bind(f.captured_unix_ms)
         .bind(f.scored_unix_ms)
         .bind(f.received_unix_ms)
         .bind(stored_unix_ms)
         .bind(f.edge_score as f64)
         .bind(f.band)
-        .bind(f.model_version.clone())
+        .bind(escape_text(&f.model_version).into_owned())
         .bind(f.latency_ms as f64)
 }
 
@@ -238,12 +260,12 @@ impl Db {
                     .bind(f.frame_id.clone())
                     .bind(f.site.clone())
                     .bind(f.device.clone())
-                    .bind(f.source.clone())
+                    .bind(escape_text(&f.source).into_owned())
                     .bind(f.captured_unix_ms)
                     .bind(f.edge_score as f64)
-                    .bind(f.model_version.clone())
+                    .bind(escape_text(&f.model_version).into_owned())
                     .bind(e.frame_key.clone())
-                    .bind(e.frame_format.clone())
+                    .bind(escape_text(&e.frame_format).into_owned())
                     .bind(e.edge_map_key.clone())
                     .bind(f.received_unix_ms)
                     .bind("pending")
@@ -304,7 +326,7 @@ impl Db {
                     .bind(s.last)
                     .bind(s.frames)
                     .bind(s.escalations)
-                    .bind(s.model_version.clone());
+                    .bind(escape_text(&s.model_version).into_owned());
             }
             q.execute(&mut *tx).await?;
         }
@@ -327,8 +349,8 @@ impl Db {
             .bind(s.site.clone())
             .bind(s.device.clone())
             .bind(s.status)
-            .bind(s.model_version.clone())
-            .bind(s.agent_version.clone())
+            .bind(escape_text(&s.model_version).into_owned())
+            .bind(escape_text(&s.agent_version).into_owned())
             .bind(s.since_unix_ms)
             .bind(s.received_unix_ms)
             .bind(s.order)
@@ -342,7 +364,7 @@ impl Db {
                 )
                 .bind(s.site.clone())
                 .bind(s.device.clone())
-                .bind(s.model_version.clone())
+                .bind(escape_text(&s.model_version).into_owned())
                 .bind(s.received_unix_ms)
                 .execute(&mut *tx)
                 .await?;
@@ -406,8 +428,8 @@ impl Db {
                 "INSERT INTO dead_letters (topic, reason, payload_bytes, payload, received_unix_ms) \
                  VALUES ($1, $2, $3, $4, $5)",
             )
-            .bind(d.topic.clone())
-            .bind(d.reason.clone())
+            .bind(escape_text(&d.topic).into_owned())
+            .bind(escape_text(&d.reason).into_owned())
             .bind(d.payload_bytes as i64)
             .bind(d.payload.clone())
             .bind(d.received_unix_ms)
@@ -429,5 +451,39 @@ impl Db {
             }
         }
         Ok(out)
+    }
+
+    /// Where each of `frame_ids` that is stored belongs (site, device), and whether its
+    /// escalation (the frame's evidence) is stored too; ids not stored are absent.
+    pub async fn frame_owners(&self, frame_ids: &[String]) -> Result<HashMap<String, FrameOwner>> {
+        let mut owners = HashMap::new();
+        for chunk in frame_ids.chunks(CHUNK) {
+            let mut marks = String::new();
+            for i in 1..=chunk.len() {
+                if i > 1 {
+                    marks.push_str(", ");
+                }
+                marks.push('$');
+                marks.push_str(&i.to_string());
+            }
+            let text = format!(
+                "SELECT f.frame_id, f.site, f.device, CASE WHEN e.frame_id IS NULL THEN 0 ELSE 1 END \
+                 FROM frames f LEFT JOIN escalations e ON e.frame_id = f.frame_id \
+                 WHERE f.frame_id IN ({marks})"
+            );
+            let mut q = sqlx::query(sql(text));
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            for row in q.fetch_all(self.pool()).await? {
+                let owner = FrameOwner {
+                    site: row.try_get(1)?,
+                    device: row.try_get(2)?,
+                    escalated: row.try_get::<i64, _>(3)? == 1,
+                };
+                owners.insert(row.try_get(0)?, owner);
+            }
+        }
+        Ok(owners)
     }
 }

@@ -3,7 +3,7 @@
 //! escalation state), idempotently, so scoring the same frame twice (a redelivery, or
 //! two hubs recovering the same backlog) leaves one verdict.
 
-use super::Db;
+use super::{unescape_text, Db};
 use anyhow::Result;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -64,8 +64,9 @@ pub struct VerdictRow {
     /// Fused score: mean (or max) of the members' z-scores; NG above the threshold
     /// recorded in `rule`.
     pub fused: f32,
-    /// Raw score of the first cloud model, in its own units (NaN without one).
-    pub cloud_score: f32,
+    /// Raw score of the first cloud model, in its own units (absent without one, or when
+    /// it gave no finite score).
+    pub cloud_score: Option<f32>,
     /// The edge score as reported.
     pub edge_score_reported: f32,
     /// The edge score recomputed from the frame (NaN if the bundle was missing).
@@ -87,9 +88,9 @@ fn pending_from(r: &AnyRow) -> Result<PendingEscalation> {
         frame_id: r.try_get("frame_id")?,
         site: r.try_get("site")?,
         device: r.try_get("device")?,
-        source: r.try_get("source")?,
+        source: unescape_text(r.try_get("source")?),
         edge_score: r.try_get::<f64, _>("edge_score")? as f32,
-        model_version: r.try_get("model_version")?,
+        model_version: unescape_text(r.try_get("model_version")?),
         frame_key: r.try_get("frame_key")?,
         received_unix_ms: r.try_get("received_unix_ms")?,
         edge_search: parse_search(
@@ -121,9 +122,11 @@ pub fn verdict_from(r: &AnyRow) -> Result<VerdictRow> {
         device: r.try_get("device")?,
         band: r.try_get("band")?,
         fused: r.try_get::<f64, _>("fused")? as f32,
-        cloud_score: r.try_get::<f64, _>("cloud_score")? as f32,
+        cloud_score: r
+            .try_get::<Option<f64>, _>("cloud_score")?
+            .map(|v| v as f32),
         edge_score_reported: r.try_get::<f64, _>("edge_score_reported")? as f32,
-        edge_score_reproduced: r.try_get::<f64, _>("edge_score_reproduced")? as f32,
+        edge_score_reproduced: load_score(r.try_get("edge_score_reproduced")?),
         edge_exact: r.try_get::<i64, _>("edge_exact")? != 0,
         model_versions: r.try_get("model_versions")?,
         rule: r.try_get("rule")?,
@@ -132,24 +135,15 @@ pub fn verdict_from(r: &AnyRow) -> Result<VerdictRow> {
     })
 }
 
-/// NaN cannot be stored portably (PostgreSQL takes it, the Any driver's SQLite path
-/// stores NULL); such scores are stored as -1 (scores are distances, never negative)
-/// and read back as NaN.
-fn store_score(v: f32) -> f64 {
-    if v.is_finite() {
-        v as f64
-    } else {
-        -1.0
-    }
+/// A score as stored: NULL when absent (NaN in memory: no bundle, a non-finite score).
+/// Any finite score, negative ones included (heavy-model scores can be), is kept.
+fn store_score(v: f32) -> Option<f64> {
+    v.is_finite().then_some(v as f64)
 }
 
-/// The inverse of [`store_score`].
-pub fn load_score(v: f32) -> f32 {
-    if v < 0.0 {
-        f32::NAN
-    } else {
-        v
-    }
+/// The inverse of [`store_score`]: NULL reads back as NaN.
+pub fn load_score(v: Option<f64>) -> f32 {
+    v.map_or(f32::NAN, |v| v as f32)
 }
 
 const PENDING_COLUMNS: &str =
@@ -206,7 +200,7 @@ impl Db {
         .bind(v.device.clone())
         .bind(v.band.clone())
         .bind(v.fused as f64)
-        .bind(store_score(v.cloud_score))
+        .bind(v.cloud_score.and_then(store_score))
         .bind(v.edge_score_reported as f64)
         .bind(store_score(v.edge_score_reproduced))
         .bind(v.edge_exact as i64)
@@ -225,10 +219,7 @@ impl Db {
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
-        let mut stored = verdict_from(&row)?;
-        stored.cloud_score = load_score(stored.cloud_score);
-        stored.edge_score_reproduced = load_score(stored.edge_score_reproduced);
-        Ok(stored)
+        verdict_from(&row)
     }
 
     /// Marks an escalation as failed (it gets no verdict; the edge's deadline fallback
@@ -248,11 +239,7 @@ impl Db {
             .bind(frame_id.to_string())
             .fetch_optional(self.pool())
             .await?;
-        let Some(row) = row else { return Ok(None) };
-        let mut v = verdict_from(&row)?;
-        v.cloud_score = load_score(v.cloud_score);
-        v.edge_score_reproduced = load_score(v.edge_score_reproduced);
-        Ok(Some(v))
+        row.as_ref().map(verdict_from).transpose()
     }
 
     /// The inferences of a frame.
@@ -269,7 +256,7 @@ impl Db {
                 Ok(InferenceRow {
                     model: r.try_get(0)?,
                     model_version: r.try_get(1)?,
-                    score: load_score(r.try_get::<f64, _>(2)? as f32),
+                    score: load_score(r.try_get(2)?),
                     ok_below: r.try_get::<f64, _>(3)? as f32,
                     ng_above: r.try_get::<f64, _>(4)? as f32,
                     map_key: r.try_get(5)?,
@@ -277,5 +264,63 @@ impl Db {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Negative scores (heavy-model z-scores) read back as they were; absent ones as
+    /// absent (L3).
+    #[tokio::test]
+    async fn negative_and_absent_scores_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("v.db").display());
+        let db = Db::open(&url, 2).await.unwrap();
+        let inference = |model: &str, score: f32| InferenceRow {
+            model: model.into(),
+            model_version: "m".into(),
+            score,
+            ok_below: 0.5,
+            ng_above: 1.5,
+            map_key: None,
+            latency_ms: 1.0,
+        };
+        let verdict = |id: &str, cloud_score: Option<f32>, reproduced: f32| VerdictRow {
+            frame_id: id.into(),
+            site: "s".into(),
+            device: "d".into(),
+            band: "OK".into(),
+            fused: -0.75,
+            cloud_score,
+            edge_score_reported: 0.25,
+            edge_score_reproduced: reproduced,
+            edge_exact: false,
+            model_versions: "m".into(),
+            rule: "mean".into(),
+            received_unix_ms: 1,
+            decided_unix_ms: 2,
+        };
+        let stored = db
+            .save_decision(
+                &[inference("recon", -2.5), inference("flow", f32::NAN)],
+                &verdict("f1", Some(-1.0), -0.5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(stored.cloud_score, Some(-1.0));
+        assert_eq!(stored.edge_score_reproduced, -0.5);
+        let got = db.inferences("f1").await.unwrap();
+        assert_eq!(got[1].score, -2.5, "{got:?}");
+        assert!(got[0].score.is_nan(), "{got:?}");
+        let absent = db
+            .save_decision(&[], &verdict("f2", None, f32::NAN))
+            .await
+            .unwrap();
+        assert_eq!(absent.cloud_score, None);
+        assert!(absent.edge_score_reproduced.is_nan());
+        let again = db.verdict("f2").await.unwrap().unwrap();
+        assert_eq!(again.cloud_score, None);
     }
 }

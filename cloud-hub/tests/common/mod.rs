@@ -280,6 +280,10 @@ pub async fn count(pool: &sqlx::AnyPool, table: &str) -> i64 {
 /// A `cloud-hub serve` process, killed on drop.
 pub struct HubProcess {
     child: Option<Child>,
+    /// A command (and its arguments) the hub runs under, e.g. `prlimit --as=...`.
+    pub launcher: Vec<String>,
+    /// Extra environment variables of the hub.
+    pub env: Vec<(String, String)>,
     /// Its config file.
     pub config: PathBuf,
     /// Its log file.
@@ -317,13 +321,26 @@ impl HubProcess {
     /// As [`HubProcess::start`], with extra config lines after the `[models]` keys (more
     /// `[models]` keys, then any further tables).
     pub fn start_with_models(s: &HubSetup, models: &str) -> HubProcess {
+        let mut hub = Self::configure(s, true, models);
+        hub.spawn();
+        hub
+    }
+
+    /// Writes the config of a hub (with the fixture's PatchCore cloud bundle or without a
+    /// cloud model) and extra lines as in [`HubProcess::start_with_models`]; does not start
+    /// it ([`HubProcess::spawn`] does).
+    pub fn configure(s: &HubSetup, cloud_bundle: bool, models: &str) -> HubProcess {
         let f = fixture();
         let (http, grpc) = (free_port(), free_port());
+        let cloud = if cloud_bundle {
+            format!("cloud_bundle = {:?}\n", f.cloud)
+        } else {
+            String::new()
+        };
         let mut toml = format!(
-            "data_dir = {:?}\n[models]\ndir = {:?}\ncloud_bundle = {:?}\n{models}\n[api]\nhttp_listen = \"127.0.0.1:{http}\"\ngrpc_listen = \"127.0.0.1:{grpc}\"\n[mqtt]\nclient_id = {:?}\ngroup = {:?}\nsite = {:?}\n",
+            "data_dir = {:?}\n[models]\ndir = {:?}\n{cloud}{models}\n[api]\nhttp_listen = \"127.0.0.1:{http}\"\ngrpc_listen = \"127.0.0.1:{grpc}\"\n[mqtt]\nclient_id = {:?}\ngroup = {:?}\nsite = {:?}\n",
             s.dir.join("data"),
             f.models,
-            f.cloud,
             s.client_id,
             s.group,
             s.site,
@@ -343,15 +360,21 @@ impl HubProcess {
         let config = s.dir.join(format!("{}.toml", s.client_id));
         std::fs::write(&config, toml).unwrap();
         let log = s.dir.join(format!("{}.log", s.client_id));
-        let mut hub = HubProcess {
+        HubProcess {
             child: None,
+            launcher: Vec::new(),
+            env: Vec::new(),
             config,
             log,
             http,
             grpc,
-        };
-        hub.spawn();
-        hub
+        }
+    }
+
+    /// Adds top-level keys (`shutdown_grace_s = 3.0`) to the config file.
+    pub fn top_level(&self, lines: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, format!("{lines}\n{text}")).unwrap();
     }
 
     /// (Re)starts the process with the same config and waits until ready.
@@ -361,10 +384,20 @@ impl HubProcess {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+        let hub = env!("CARGO_BIN_EXE_cloud-hub");
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(hub);
+                c
+            }
+            None => Command::new(hub),
+        };
+        let child = command
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("INSP_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -395,17 +428,63 @@ impl HubProcess {
         }
     }
 
-    /// The log so far.
     /// Sends SIGHUP (reload the heavy cloud models).
     pub fn hangup(&self) {
-        let pid = self.child.as_ref().expect("hub running").id();
-        let status = Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -HUP {pid} failed");
+        self.signal("-HUP");
     }
 
+    /// Sends SIGTERM (a clean stop).
+    pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    fn signal(&self, which: &str) {
+        let pid = self.pid();
+        let status = Command::new("kill")
+            .args([which, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {which} {pid} failed");
+    }
+
+    /// The process id (the hub's own, also under a launcher that execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("hub running").id()
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Waits up to `within` for the process to exit; its status, or None if it still runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if t0.elapsed() > within {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`, `VmPeak`).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the hub's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
+    /// The log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -708,6 +787,14 @@ impl Device {
             .unwrap();
     }
 
+    /// Publishes raw bytes on a topic kind at QoS 0 (no acknowledgement, no receive window).
+    pub async fn publish_qos0(&self, kind: TopicKind, payload: Vec<u8>) {
+        self.client
+            .publish(self.topic(kind), QoS::AtMostOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
     /// Waits until the broker has acknowledged `n` more publishes.
     pub async fn wait_acks(&mut self, n: usize) {
         for _ in 0..n {
@@ -755,4 +842,227 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Whether the current user is root (services then run as their own users).
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Waits until something listens on 127.0.0.1:`port`.
+fn wait_port(port: u16, what: &str, log: &Path) {
+    let t0 = Instant::now();
+    while TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what} not listening on {port}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A Mosquitto of a test's own (on a free port, in memory), for tests that load or stop
+/// a broker; killed on drop.
+pub struct MosquittoProcess {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl MosquittoProcess {
+    /// Starts `mosquitto -c CONF` with a listener on a free port and `extra` config lines.
+    pub fn start(extra: &str) -> MosquittoProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}\n"
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("mosquitto.log");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("mosquitto runs (install it: scripts/services.sh)");
+        wait_port(port, "mosquitto", &log);
+        MosquittoProcess {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// (host, port) for [`HubSetup::broker`] and [`Device::connect`].
+    pub fn address(&self) -> (&'static str, u16) {
+        ("127.0.0.1", self.port)
+    }
+}
+
+impl Drop for MosquittoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A PostgreSQL server of a test's own (initdb into a temporary folder, a free port), for
+/// tests that stop the database; stopped on drop.
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl PgServer {
+    /// Creates and starts a server (as the `postgres` user when run as root).
+    pub fn start() -> PgServer {
+        let bin = std::env::var_os("HUB_TEST_PG_BIN")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path().join("bin"))
+                    .filter(|p| p.join("initdb").is_file())
+                    .collect();
+                found.sort();
+                found.pop()
+            })
+            .expect("PostgreSQL server binaries (initdb, pg_ctl) under /usr/lib/postgresql/*/bin or HUB_TEST_PG_BIN");
+        let dir = tempfile::tempdir().unwrap();
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown to postgres");
+        }
+        let server = PgServer {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        let data = server.dir.path().join("data");
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+        );
+        server.resume();
+        server
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let program = self.bin.join(tool);
+        let out = if is_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .output()
+        } else {
+            Command::new(&program).args(args).output()
+        }
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// (Re)starts the server and waits until it accepts connections.
+    pub fn resume(&self) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("postgres.log");
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        );
+        wait_port(self.port, "postgres", &log);
+    }
+
+    /// Stops the server at once (connections are cut).
+    pub fn halt(&self) {
+        let data = self.dir.path().join("data");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    /// The URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let program = self.bin.join("pg_ctl");
+        let args = ["-D", data.to_str().unwrap_or(""), "-m", "immediate", "stop"];
+        let _ = if is_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .output()
+        } else {
+            Command::new(&program).args(args).output()
+        };
+    }
+}
+
+/// The hub's answer on `/readyz`: (status, body).
+pub fn readyz(hub: &HubProcess) -> (u16, String) {
+    http_get(hub.http, "/readyz").unwrap_or((0, "no answer".into()))
 }
