@@ -5,10 +5,11 @@
 //! the network.
 //!
 //! One writer thread appends what the scorer sends and syncs once per batch (group
-//! commit); whoever waits on a record (a pushed frame, a watched file) hears back only once
-//! it is synced. If the disk refuses writes (full, failing), records wait in memory,
-//! bounded, and are retried; past the bound the oldest escalations are dropped first, then
-//! the oldest results, all counted.
+//! commit); the link is offered a record, and whoever waits on it (a pushed frame, a
+//! watched file) hears back, only once it is synced. If the disk refuses writes (full,
+//! failing) or a sync fails, records wait in memory, bounded, and are written again (a
+//! failed sync is not trusted to a later one); past the bound the oldest escalations are
+//! dropped first, then the oldest results, all counted.
 
 use crate::frame::Handled;
 use crate::spool::Spool;
@@ -173,11 +174,9 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
     // Received, not yet appended (the disk may be refusing writes).
     let mut waiting: VecDeque<Item> = VecDeque::new();
     let mut waiting_bytes = 0usize;
-    // Appended, not yet synced: their senders hear back only once they are durable.
-    let mut written: Vec<Item> = Vec::new();
     let mut failing = false;
     loop {
-        let idle = waiting.is_empty() && written.is_empty();
+        let idle = waiting.is_empty();
         let timeout = if idle {
             Duration::from_secs(3600)
         } else {
@@ -200,20 +199,22 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
             Err(RecvTimeoutError::Disconnected) if failing => {
                 tracing::error!(
                     "shutting down with {} records the disk would not take",
-                    waiting.len() + written.len()
+                    waiting.len()
                 );
                 break;
             }
             Err(RecvTimeoutError::Disconnected) => {}
         }
         let mut error = None;
-        let before = written.len();
+        // Appended in this pass, per queue: durable once their queue syncs, else written
+        // again (a sync that failed cuts them off).
+        let mut appended: [Vec<Item>; 2] = Default::default();
         while let Some(item) = waiting.pop_front() {
-            let appended = spools.lock(item.queue).append(&item.envelope.encode());
-            match appended {
+            let result = spools.lock(item.queue).append(&item.envelope.encode());
+            match result {
                 Ok(_) => {
                     waiting_bytes -= item.envelope.payload.len();
-                    written.push(item);
+                    appended[item.queue.index()].push(item);
                 }
                 Err(e) => {
                     error = Some(e);
@@ -222,22 +223,37 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
                 }
             }
         }
-        if written.len() > before {
-            spools.appended.notify_one();
-        }
-        // Sync outside the queue's lock, so the MQTT link is not held up meanwhile.
+        let mut durable = Vec::new();
         for q in Queue::ALL {
-            let handle = spools.lock(q).sync_handle();
-            let synced = match handle {
-                Ok(Some(file)) => file.sync_data().map_err(|e| {
-                    spools.lock(q).sync_failed();
-                    anyhow::Error::new(e).context(format!("the {} spool cannot sync", q.name()))
-                }),
+            // Sync outside the queue's lock, so the MQTT link is not held up meanwhile.
+            let job = spools.lock(q).sync_job();
+            let synced = match job {
+                Ok(Some(job)) => {
+                    let outcome = job.run();
+                    spools.lock(q).sync_done(&job, outcome)
+                }
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
             };
-            if let Err(e) = synced {
-                error.get_or_insert(e);
+            let mine = std::mem::take(&mut appended[q.index()]);
+            match synced {
+                Ok(()) => durable.extend(mine),
+                Err(e) => {
+                    for item in mine.into_iter().rev() {
+                        waiting_bytes += item.envelope.payload.len();
+                        waiting.push_front(item);
+                    }
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        // Offered to the link only now that they are on disk.
+        if !durable.is_empty() {
+            spools.appended.notify_one();
+        }
+        for item in durable {
+            if let Some((tx, handled)) = item.on_durable {
+                let _ = tx.send(handled);
             }
         }
         match error {
@@ -253,11 +269,6 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
                 if failing {
                     tracing::warn!("spool writes work again");
                     failing = false;
-                }
-                for item in written.drain(..) {
-                    if let Some((tx, handled)) = item.on_durable {
-                        let _ = tx.send(handled);
-                    }
                 }
             }
         }
@@ -297,6 +308,49 @@ mod tests {
         };
         assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
         assert!(Envelope::decode(&[5, 0, b'a']).is_err());
+    }
+
+    #[test]
+    fn a_failed_sync_is_not_trusted_records_are_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spools = Spools::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        // The next sync fails and the disk keeps nothing of what it was to make durable.
+        spools.lock(Queue::Results).faults.sync = 1;
+        let t = Arc::new(Telemetry::new());
+        let (outbox, handle) = Outbox::start(spools.clone(), t.clone()).unwrap();
+        let mut replies = Vec::new();
+        for i in 0..3u8 {
+            let (tx, rx) = oneshot::channel();
+            replies.push(rx);
+            outbox.send(Item {
+                queue: Queue::Results,
+                envelope: Envelope {
+                    topic: format!("t/{i}"),
+                    arrived_unix_us: 0,
+                    payload: vec![i],
+                },
+                on_durable: Some((tx, Handled::Rejected(i.to_string()))),
+            });
+        }
+        for rx in replies {
+            assert!(
+                rx.blocking_recv().is_ok(),
+                "every record is acknowledged in the end"
+            );
+        }
+        drop(outbox);
+        handle.join().unwrap();
+        drop(spools);
+        // What was acknowledged as durable is on disk, once each, in order.
+        let spool = Spool::open(&dir.path().join("results"), 1 << 20).unwrap();
+        let topics: Vec<String> = spool
+            .read_from(0, 10)
+            .unwrap()
+            .iter()
+            .map(|(_, r)| Envelope::decode(r).unwrap().topic)
+            .collect();
+        assert_eq!(topics, vec!["t/0", "t/1", "t/2"]);
+        assert!(t.spool_write_errors() >= 1);
     }
 
     #[test]

@@ -363,6 +363,12 @@ impl Telemetry {
         self.spool_write_errors.inc();
     }
 
+    /// Failed spool writes so far.
+    #[cfg(test)]
+    pub fn spool_write_errors(&self) -> u64 {
+        self.spool_write_errors.get()
+    }
+
     /// A record was lost because the disk refused it and memory was full.
     pub fn spool_shed(&self, queue: &str) {
         self.spool_shed.get_or_create(&label("queue", queue)).inc();

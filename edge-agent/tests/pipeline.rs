@@ -694,3 +694,105 @@ fn pushed_frames_get_cloud_verdicts_fallbacks_hooks_and_back_pressure() {
     assert!(answered.len() >= 2);
     assert!(agent.terminate());
 }
+
+/// POSTs `bytes` as a frame labelled `source`; (status, JSON answer or the body as a string).
+fn push_frame(http_port: u16, query: &str, bytes: &[u8]) -> (u16, serde_json::Value) {
+    let (code, body) = http("POST", http_port, &format!("/v1/frames?{query}"), bytes);
+    (
+        code,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+    )
+}
+
+/// Waits until the agent's HTTP endpoint answers.
+fn wait_for_http(agent: &Process, http_port: u16) {
+    assert!(
+        wait_until(60, || std::net::TcpStream::connect((
+            "127.0.0.1",
+            http_port
+        ))
+        .is_ok()),
+        "agent did not start: {}",
+        agent.log()
+    );
+}
+
+#[test]
+fn an_empty_spool_segment_left_by_a_power_cut_does_not_stop_delivery() {
+    let f = fixture();
+    let site = unique("t");
+    let (_client, inbox) = subscribe(
+        SHARED_BROKER,
+        &unique("sub-"),
+        &format!("insp/v1/{site}/+/result"),
+        true,
+    );
+    let http_port = free_port();
+    // 1. No broker: three results stay in the spool.
+    let settings = |port: u16| {
+        vec![
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "routing.ok_below=1e9".to_string(),
+            "routing.ng_above=1e9".to_string(),
+            format!("mqtt.port={port}"),
+            "mqtt.persistent_session=false".to_string(),
+            "mqtt.reconnect_max_ms=300".to_string(),
+        ]
+    };
+    let args = run_args(&f, &site, "cam-3", &settings(free_port()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-1.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    let good = std::fs::read(f.data.join("test/good/0000.png")).unwrap();
+    let mut ids = BTreeSet::new();
+    for i in 0..3 {
+        let (code, d) = push_frame(http_port, &format!("source=f{i}"), &good);
+        assert_eq!(code, 200, "{d}");
+        ids.insert(d["frame_id"].as_str().unwrap().to_string());
+    }
+    assert!(agent.terminate(), "{}", agent.log());
+    // 2. Power is cut right after the spool started its next segment file.
+    let results = f.root.join("spool/results");
+    let segments: Vec<_> = std::fs::read_dir(&results)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .collect();
+    assert_eq!(segments.len(), 1, "one segment with the three results");
+    std::fs::write(results.join(format!("{:020}.seg", 3)), b"").unwrap();
+    // 3. With a broker, every result goes out and the agent keeps running.
+    let args = run_args(&f, &site, "cam-3", &settings(SHARED_BROKER));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-2.log"),
+        &[("INSP_LOG", "info")],
+    );
+    assert!(
+        wait_until(60, || result_ids(&inbox) == ids),
+        "got {:?} of {ids:?}\n{}",
+        result_ids(&inbox),
+        agent.log()
+    );
+    // New frames go into the once-empty segment and out too.
+    let (code, d) = push_frame(http_port, "source=after", &good);
+    assert_eq!(code, 200, "{d}");
+    ids.insert(d["frame_id"].as_str().unwrap().to_string());
+    assert!(
+        wait_until(30, || result_ids(&inbox) == ids),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        matches!(agent.child.try_wait(), Ok(None)),
+        "the agent stopped: {}",
+        agent.log()
+    );
+    assert!(agent.terminate());
+}
