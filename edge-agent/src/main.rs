@@ -15,6 +15,7 @@ mod fit_cmd;
 mod frame;
 mod hooks;
 mod http;
+mod journal;
 mod link;
 mod model_args;
 mod outbox;

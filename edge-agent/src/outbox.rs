@@ -12,6 +12,7 @@
 //! dropped first, then the oldest results, all counted.
 
 use crate::frame::Handled;
+use crate::journal::Journal;
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
@@ -142,53 +143,83 @@ pub struct Item {
     pub on_durable: Option<(oneshot::Sender<Handled>, Handled)>,
 }
 
+/// What the writer thread is sent.
+enum Job {
+    /// A record to spool.
+    Record(Item),
+    /// The journal has entries to write.
+    Wake,
+}
+
 /// The scorer's handle on the outbox.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: SyncSender<Item>,
+    tx: SyncSender<Job>,
 }
 
 impl Outbox {
-    /// Starts the writer thread over `spools`.
+    /// Starts the writer thread over `spools`; it also writes `journal`'s entries, in the
+    /// same group commit (until [`Journal::set_waker`] is cleared, the journal keeps the
+    /// writer running).
     pub fn start(
         spools: Arc<Spools>,
+        journal: Option<Arc<Journal>>,
         telemetry: Arc<Telemetry>,
     ) -> Result<(Outbox, std::thread::JoinHandle<()>)> {
         let (tx, rx) = sync_channel(4096);
+        if let Some(j) = &journal {
+            let wake = tx.clone();
+            // A full channel means the writer is busy and flushes soon anyway.
+            j.set_waker(Some(Box::new(move || {
+                let _ = wake.try_send(Job::Wake);
+            })));
+        }
         let handle = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || write_loop(rx, &spools, &telemetry))
+            .spawn(move || write_loop(rx, &spools, journal.as_deref(), &telemetry))
             .context("cannot start the spool writer thread")?;
         Ok((Outbox { tx }, handle))
     }
 
     /// Hands a record to the writer (waits only if the writer is thousands behind).
     pub fn send(&self, item: Item) {
-        if self.tx.send(item).is_err() {
+        if self.tx.send(Job::Record(item)).is_err() {
             tracing::error!("spool writer has stopped: a record was not spooled");
         }
     }
 }
 
-fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
+fn write_loop(
+    rx: Receiver<Job>,
+    spools: &Spools,
+    journal: Option<&Journal>,
+    telemetry: &Telemetry,
+) {
     // Received, not yet appended (the disk may be refusing writes).
     let mut waiting: VecDeque<Item> = VecDeque::new();
     let mut waiting_bytes = 0usize;
+    // Synced, but the journal is not: their senders hear back once it is.
+    let mut held: Vec<Item> = Vec::new();
     let mut failing = false;
+    let take = |job: Job, waiting: &mut VecDeque<Item>, bytes: &mut usize| {
+        if let Job::Record(item) = job {
+            *bytes += item.envelope.payload.len();
+            waiting.push_back(item);
+        }
+    };
     loop {
-        let idle = waiting.is_empty();
+        let idle =
+            waiting.is_empty() && held.is_empty() && journal.is_none_or(|j| !j.needs_flush());
         let timeout = if idle {
             Duration::from_secs(3600)
         } else {
             Duration::from_secs(1)
         };
         match rx.recv_timeout(timeout) {
-            Ok(item) => {
-                waiting_bytes += item.envelope.payload.len();
-                waiting.push_back(item);
-                while let Ok(item) = rx.try_recv() {
-                    waiting_bytes += item.envelope.payload.len();
-                    waiting.push_back(item);
+            Ok(job) => {
+                take(job, &mut waiting, &mut waiting_bytes);
+                while let Ok(job) = rx.try_recv() {
+                    take(job, &mut waiting, &mut waiting_bytes);
                     if waiting.len() >= 512 && !failing {
                         break;
                     }
@@ -223,7 +254,7 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
                 }
             }
         }
-        let mut durable = Vec::new();
+        let mut durable = std::mem::take(&mut held);
         for q in Queue::ALL {
             // Sync outside the queue's lock, so the MQTT link is not held up meanwhile.
             let job = spools.lock(q).sync_job();
@@ -251,9 +282,20 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
         if !durable.is_empty() {
             spools.appended.notify_one();
         }
-        for item in durable {
-            if let Some((tx, handled)) = item.on_durable {
-                let _ = tx.send(handled);
+        // A frame's journal entry (it waits for a verdict, its hook is to run) was recorded
+        // before its records were sent here: once the journal is synced too, its source
+        // may forget the frame.
+        match journal.map_or(Ok(()), Journal::flush) {
+            Ok(()) => {
+                for item in durable {
+                    if let Some((tx, handled)) = item.on_durable {
+                        let _ = tx.send(handled);
+                    }
+                }
+            }
+            Err(e) => {
+                held = durable;
+                error.get_or_insert(e);
             }
         }
         match error {
@@ -317,7 +359,7 @@ mod tests {
         // The next sync fails and the disk keeps nothing of what it was to make durable.
         spools.lock(Queue::Results).faults.sync = 1;
         let t = Arc::new(Telemetry::new());
-        let (outbox, handle) = Outbox::start(spools.clone(), t.clone()).unwrap();
+        let (outbox, handle) = Outbox::start(spools.clone(), None, t.clone()).unwrap();
         let mut replies = Vec::new();
         for i in 0..3u8 {
             let (tx, rx) = oneshot::channel();
@@ -358,7 +400,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spools = Spools::open(dir.path(), 1 << 20, 1 << 20).unwrap();
         let t = Arc::new(Telemetry::new());
-        let (outbox, handle) = Outbox::start(spools.clone(), t.clone()).unwrap();
+        let (outbox, handle) = Outbox::start(spools.clone(), None, t.clone()).unwrap();
         let (tx, rx) = oneshot::channel();
         let mut reply = Some((tx, Handled::Rejected("x".into())));
         for i in 0..3u8 {

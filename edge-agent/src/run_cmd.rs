@@ -8,10 +8,13 @@
 //!
 //! Shutdown (SIGINT, SIGTERM) stops the sources, lets the scorer finish what is queued,
 //! syncs the spool, gives the broker a moment to take what is in flight, and announces the
-//! device OFFLINE. What is not delivered stays in the spool for the next start.
+//! device OFFLINE. What is not delivered stays in the spool for the next start; frames
+//! still waiting for a verdict and hooks not run yet stay in the decision journal, and the
+//! next start takes them over (see [`crate::decisions`]).
 
 use crate::config::{AgentConfig, SourceKind};
 use crate::decisions::DecisionBook;
+use crate::journal::Journal;
 use crate::outbox::{Outbox, Queue, Spools};
 use crate::scorer::{ActiveModel, Scorer};
 use crate::telemetry::Telemetry;
@@ -107,15 +110,20 @@ pub async fn run_pipeline(
             );
         }
     }
-    let hooks = crate::hooks::start(&config.hooks, telemetry.clone());
+    let (journal, recovered) = Journal::open(&config.spool.dir.join("decisions"))
+        .context("cannot open the decision journal")?;
+    let hooks = crate::hooks::start(&config.hooks, telemetry.clone(), Some(journal.clone()));
     let book = DecisionBook::new(
         Duration::from_millis(config.routing.verdict_deadline_ms),
         config.routing.fallback,
         telemetry.clone(),
         hooks,
+        Some(journal.clone()),
     );
+    let (outbox, writer) = Outbox::start(spools.clone(), Some(journal.clone()), telemetry.clone())?;
+    // Before any source, verdict or push: what waited when the agent last stopped.
+    book.recover(recovered);
     tokio::spawn(book.clone().run_deadlines());
-    let (outbox, writer) = Outbox::start(spools.clone(), telemetry.clone())?;
     let (frames_tx, frames_rx) = mpsc::channel(config.queue.capacity);
     let updates = crate::scorer::watch_bundle(config.clone(), device.clone(), version);
     let scorer = Scorer::new(
@@ -248,8 +256,11 @@ pub async fn run_pipeline(
         s.abort();
     }
     drop(frames_tx);
+    let waker = journal.clone();
     tokio::task::spawn_blocking(move || {
         let _ = scorer.join();
+        // The journal no longer keeps the writer: it flushes once more and ends.
+        waker.set_waker(None);
         let _ = writer.join();
     })
     .await?;
@@ -272,6 +283,10 @@ pub async fn run_pipeline(
     let _ = link_stop_tx.send(true);
     if let Some(link) = link {
         let _ = link.await;
+    }
+    // Verdicts and hooks finished while stopping.
+    if let Err(e) = tokio::task::spawn_blocking(move || journal.flush()).await? {
+        tracing::error!("{e:#}");
     }
     spools.report(&telemetry);
     let left = spools.lock(Queue::Results).len() + spools.lock(Queue::Escalations).len();

@@ -39,6 +39,8 @@ pub struct Telemetry {
     late_verdicts: Counter,
     oversized: Counter,
     hook_failures: Counter,
+    decisions_recovered: Family<Label, Counter>,
+    hooks_recovered: Counter,
     score_latency: Histogram,
     score_micros_total: AtomicU64,
     scored_total: AtomicU64,
@@ -78,6 +80,8 @@ impl Telemetry {
             late_verdicts: Counter::default(),
             oversized: Counter::default(),
             hook_failures: Counter::default(),
+            decisions_recovered: Family::default(),
+            hooks_recovered: Counter::default(),
             score_latency: latency(),
             score_micros_total: AtomicU64::new(0),
             scored_total: AtomicU64::new(0),
@@ -131,6 +135,16 @@ impl Telemetry {
             "hook_failures",
             "Reject-gate hooks that failed",
             t.hook_failures.clone(),
+        );
+        r.register(
+            "decisions_recovered",
+            "Frames found waiting for a verdict at start (how: fallback = its deadline had passed, decided now; waiting = it waits for the rest of its deadline)",
+            t.decisions_recovered.clone(),
+        );
+        r.register(
+            "hooks_recovered",
+            "Reject-hook jobs found not run at start, run now",
+            t.hooks_recovered.clone(),
         );
         r.register(
             "score_latency_seconds",
@@ -324,6 +338,19 @@ impl Telemetry {
     /// A hook failed.
     pub fn hook_failed(&self) {
         self.hook_failures.inc();
+    }
+
+    /// A frame waiting for a verdict was found at start; `how` it is taken over
+    /// (`fallback` or `waiting`).
+    pub fn decision_recovered(&self, how: &str) {
+        self.decisions_recovered
+            .get_or_create(&label("how", how))
+            .inc();
+    }
+
+    /// A hook job that had not run was found at start.
+    pub fn hook_recovered(&self) {
+        self.hooks_recovered.inc();
     }
 
     /// Frames waiting for the scorer.

@@ -796,3 +796,224 @@ fn an_empty_spool_segment_left_by_a_power_cut_does_not_stop_delivery() {
     );
     assert!(agent.terminate());
 }
+
+/// The value of the first `/metrics` line that starts with `series`, if there is one.
+fn metric(http_port: u16, series: &str) -> Option<f64> {
+    let (_, text) = http("GET", http_port, "/metrics", b"");
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Lines of a file, none if it does not exist.
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A hook setting that appends `{frame_id} {decided_by}` to `file`, after `delay_s`.
+fn hook_to(file: &Path, delay_s: u32) -> String {
+    format!(
+        "hooks.on_ng_command=[\"sh\", \"-c\", \"sleep {delay_s}; echo $0 $1 >> {}\", \"{{frame_id}}\", \"{{decided_by}}\"]",
+        file.display()
+    )
+}
+
+#[test]
+fn frames_waiting_for_a_verdict_at_a_kill_get_the_fallback_and_one_hook_after_the_restart() {
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let rejects = f.root.join("rejects.txt");
+    // Every frame is UNCERTAIN and no hub answers.
+    let args = run_args(
+        &f,
+        &site,
+        "cam-4",
+        &[
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "routing.ok_below=0.0".to_string(),
+            "routing.ng_above=1e9".to_string(),
+            "routing.verdict_deadline_ms=3000".to_string(),
+            format!("mqtt.port={SHARED_BROKER}"),
+            "mqtt.persistent_session=false".to_string(),
+            hook_to(&rejects, 0),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let start = |n: u32| {
+        let agent = Process::start(
+            &agent_bin(),
+            &args,
+            &f.root.join(format!("agent-{n}.log")),
+            &[("INSP_LOG", "info")],
+        );
+        wait_for_http(&agent, http_port);
+        agent
+    };
+    let mut agent = start(1);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let bytes = std::fs::read(f.data.join(format!("test/good/000{i}.png"))).unwrap();
+        let (code, d) = push_frame(http_port, &format!("source=w{i}"), &bytes);
+        assert_eq!(code, 200, "{d}");
+        assert!(d["decided_by"].is_null(), "{d}");
+        ids.push(d["frame_id"].as_str().unwrap().to_string());
+    }
+    let (_, status) = http("GET", http_port, "/v1/status", b"");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["pending_verdicts"], 4, "{status}");
+    agent.kill_hard();
+    assert!(lines(&rejects).is_empty(), "no hook before the kill");
+    // The deadlines pass while the agent is down.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+
+    let mut agent = start(2);
+    assert!(
+        wait_until(30, || lines(&rejects).len() >= 4),
+        "hooks {:?}\n{}",
+        lines(&rejects),
+        agent.log()
+    );
+    let mut hooked = lines(&rejects);
+    hooked.sort();
+    let mut want: Vec<String> = ids.iter().map(|id| format!("{id} fallback")).collect();
+    want.sort();
+    assert_eq!(hooked, want, "each frame's hook once, by the fallback");
+    assert_eq!(
+        metric(
+            http_port,
+            "insp_edge_decisions_recovered_total{how=\"fallback\"}"
+        ),
+        Some(4.0)
+    );
+    // A retried push of a recovered frame gets its decision.
+    let (code, d) = push_frame(http_port, &format!("frame_id={}", ids[0]), b"retry");
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(
+        (d["band"].as_str(), d["decided_by"].as_str()),
+        (Some("NG"), Some("fallback")),
+        "{d}"
+    );
+    // A verdict that comes now is late: counted, and it changes nothing.
+    let (hub, _) = subscribe(
+        SHARED_BROKER,
+        &unique("hub-"),
+        &format!("insp/v1/{site}/+/state"),
+        true,
+    );
+    let verdict = Verdict {
+        frame_id: ids[0].clone(),
+        device: "cam-4".into(),
+        band: WireBand::Ok as i32,
+        cloud_score: 0.1,
+        ..Default::default()
+    };
+    assert!(
+        wait_until(30, || {
+            hub.publish(
+                format!("insp/v1/{site}/cam-4/verdict"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                verdict.encode_to_vec(),
+            )
+            .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            metric(http_port, "insp_edge_late_verdicts_total").unwrap_or(0.0) >= 1.0
+        }),
+        "{}",
+        agent.log()
+    );
+    let (_, d) = push_frame(http_port, &format!("frame_id={}", ids[0]), b"retry");
+    assert_eq!(d["decided_by"].as_str(), Some("fallback"), "{d}");
+    // A clean stop and another start: nothing is decided or hooked again.
+    assert!(agent.terminate(), "{}", agent.log());
+    let mut agent = start(3);
+    assert_eq!(
+        metric(
+            http_port,
+            "insp_edge_decisions_recovered_total{how=\"fallback\"}"
+        ),
+        None,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        metric(http_port, "insp_edge_hooks_recovered_total"),
+        Some(0.0)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(lines(&rejects).len(), 4);
+    assert!(agent.terminate());
+}
+
+#[test]
+fn reject_hooks_queued_at_a_kill_run_after_the_restart() {
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let rejects = f.root.join("rejects.txt");
+    // Every frame is NG at the edge; each hook takes two seconds, so they queue up.
+    let args = run_args(
+        &f,
+        &site,
+        "cam-6",
+        &[
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "routing.ok_below=-2.0".to_string(),
+            "routing.ng_above=-1.0".to_string(),
+            "mqtt.enabled=false".to_string(),
+            hook_to(&rejects, 2),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-1.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    let mut ids = BTreeSet::new();
+    for i in 0..4 {
+        let bytes = std::fs::read(f.data.join(format!("test/hole/000{i}.png"))).unwrap();
+        let (code, d) = push_frame(http_port, &format!("source=h{i}"), &bytes);
+        assert_eq!(code, 200, "{d}");
+        assert_eq!(d["band"].as_str(), Some("NG"), "{d}");
+        ids.insert(d["frame_id"].as_str().unwrap().to_string());
+    }
+    agent.kill_hard();
+    let done_before = lines(&rejects).len();
+    assert!(done_before < 4, "hooks were still queued at the kill");
+
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-2.log"),
+        &[("INSP_LOG", "info")],
+    );
+    let hooked = || -> BTreeSet<String> {
+        lines(&rejects)
+            .iter()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    };
+    assert!(
+        wait_until(60, || hooked() == ids),
+        "hooks for {:?} of {ids:?}\n{}",
+        hooked(),
+        agent.log()
+    );
+    // At least once: only the hook running at the kill may have run twice.
+    assert!(lines(&rejects).len() <= 5, "{:?}", lines(&rejects));
+    let recovered = metric(http_port, "insp_edge_hooks_recovered_total").unwrap_or(0.0);
+    assert!(
+        recovered >= (4 - done_before - 1) as f64 && recovered <= 4.0,
+        "{recovered}"
+    );
+    assert!(agent.terminate());
+}
