@@ -8,9 +8,11 @@
 //! answers 503 with `Retry-After` at once instead of queueing the caller. (While the disk
 //! refuses writes, answers wait until it takes them again.) A push that repeats a
 //! `frame_id` the agent has scored gets that frame's decision, without scoring it again.
+//! A `source` label with control characters (a NUL byte, a newline) or longer than 1 KiB
+//! is refused with 400 (see [`check_source`]).
 
 use crate::decisions::{Decision, DecisionBook};
-use crate::frame::{fresh_frame_id, unix_ms, Frame, Handled};
+use crate::frame::{check_source, fresh_frame_id, unix_ms, Frame, Handled};
 use crate::telemetry::Telemetry;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -78,6 +80,11 @@ async fn push_frame(
             StatusCode::BAD_REQUEST,
             "empty body: send the encoded image (PNG, JPEG, BMP or TIFF) as the request body",
         );
+    }
+    if let Some(source) = &q.source {
+        if let Err(e) = check_source(source) {
+            return error(StatusCode::BAD_REQUEST, e);
+        }
     }
     let id = match q.frame_id.as_deref().map(uuid::Uuid::parse_str) {
         None => fresh_frame_id(),

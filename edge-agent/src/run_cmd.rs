@@ -190,7 +190,11 @@ pub async fn run_pipeline(
         match config.source.kind {
             SourceKind::None => None,
             SourceKind::Watch => Some(tokio::spawn(crate::sources::watch_folder(
-                cfg, dev, tx, stop,
+                cfg,
+                dev,
+                tx,
+                telemetry.clone(),
+                stop,
             ))),
             SourceKind::Replay => Some(tokio::spawn(crate::sources::replay_folder(
                 cfg, dev, tx, stop,

@@ -1017,3 +1017,74 @@ fn reject_hooks_queued_at_a_kill_run_after_the_restart() {
     );
     assert!(agent.terminate());
 }
+
+#[test]
+fn sources_with_control_characters_are_refused_at_the_edge() {
+    use std::os::unix::ffi::OsStrExt;
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let incoming = f.root.join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let args = run_args(
+        &f,
+        &site,
+        "cam-8",
+        &[
+            "source.kind=watch".to_string(),
+            format!("source.path={:?}", incoming.display().to_string()),
+            "source.settle_ms=0".to_string(),
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "mqtt.enabled=false".to_string(),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    let good = std::fs::read(f.data.join("test/good/0000.png")).unwrap();
+    // Pushes: a NUL, another control character, a label too long: 400 with the reason.
+    for (query, why) in [
+        ("source=line%003", "control character"),
+        ("source=cam%0A1", "control character"),
+        (&format!("source={}", "x".repeat(2000)), "bytes"),
+    ] {
+        let (code, d) = push_frame(http_port, query, &good);
+        assert_eq!(code, 400, "{query}: {d}");
+        assert!(d["error"].as_str().unwrap().contains(why), "{d}");
+    }
+    let (code, d) = push_frame(http_port, "source=line-3%20caf%C3%A9", &good);
+    assert_eq!(code, 200, "printable text is fine: {d}");
+    assert_eq!(d["source"].as_str(), Some("line-3 café"));
+    // Files: names with control characters or not UTF-8 go to rejected/ unscored.
+    let bad_names: [&[u8]; 2] = [b"tab\there.png", b"latin1-\xe9.png"];
+    for name in bad_names {
+        let name = std::ffi::OsStr::from_bytes(name);
+        std::fs::write(incoming.join(name), &good).unwrap();
+    }
+    drop_file(&incoming, "fine.png", &good);
+    assert!(
+        wait_until(30, || incoming.join("done/fine.png").is_file()),
+        "{}",
+        agent.log()
+    );
+    for name in bad_names {
+        let name = std::ffi::OsStr::from_bytes(name);
+        let rejected = incoming.join("rejected").join(name);
+        assert!(
+            wait_until(10, || rejected.is_file()),
+            "{rejected:?}\n{}",
+            agent.log()
+        );
+        let mut note = rejected.into_os_string();
+        note.push(".reason");
+        let reason = std::fs::read_to_string(&note).unwrap();
+        assert!(reason.contains("source"), "{reason}");
+    }
+    assert_eq!(scored(http_port), 2, "only the printable push and file");
+    assert!(agent.terminate());
+}
