@@ -33,6 +33,7 @@ pub struct Telemetry {
     registry: Registry,
     frames: Family<Label, Counter>,
     rejected: Counter,
+    panicked: Counter,
     dropped: Family<Label, Counter>,
     decisions: Family<Label, Counter>,
     fallbacks: Counter,
@@ -74,6 +75,7 @@ impl Telemetry {
             registry: Registry::with_prefix("insp_edge"),
             frames: Family::default(),
             rejected: Counter::default(),
+            panicked: Counter::default(),
             dropped: Family::default(),
             decisions: Family::default(),
             fallbacks: Counter::default(),
@@ -103,8 +105,13 @@ impl Telemetry {
         r.register("frames", "Frames scored, by edge band", t.frames.clone());
         r.register(
             "frames_rejected",
-            "Frames that could not be decoded",
+            "Frames not scored: undecodable, a scoring error or a caught panic (watched files go to rejected/)",
             t.rejected.clone(),
+        );
+        r.register(
+            "scorer_panics",
+            "Frames on which the decoder or the model panicked (caught; the frame is rejected)",
+            t.panicked.clone(),
         );
         r.register(
             "frames_dropped",
@@ -278,6 +285,11 @@ impl Telemetry {
     /// A frame could not be decoded.
     pub fn frame_rejected(&self) {
         self.rejected.inc();
+    }
+
+    /// The decoder or the model panicked on a frame (the panic was caught).
+    pub fn scorer_panicked(&self) {
+        self.panicked.inc();
     }
 
     /// Frames rejected so far.
