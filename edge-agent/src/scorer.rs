@@ -87,7 +87,11 @@ fn thresholds(bundle: Option<Thresholds>, routing: &RoutingConfig) -> Result<Thr
     Ok(t)
 }
 
-/// Watches the bundle folder and sends verified new models to the scorer.
+/// Watches the bundle folder and sends verified new models to the scorer. A new version
+/// that does not load (a bundle copied file by file: the manifest first, the bank still
+/// being written) is tried again at every check while its files change, and given up,
+/// with one error, once they stayed as they were between two failed tries; the same
+/// version is tried again if its files change later.
 pub fn watch_bundle(
     config: AgentConfig,
     device: candle_core::Device,
@@ -101,26 +105,40 @@ pub fn watch_bundle(
     let spawned = std::thread::Builder::new()
         .name("bundle-watch".into())
         .spawn(move || {
-            let mut known = current;
+            let mut current = current;
+            let mut reloads = Reloads::default();
             loop {
                 std::thread::sleep(every);
                 let Some(version) = manifest_version(&config.model.bundle) else {
                     continue;
                 };
-                if version == known {
+                if version == current {
                     continue;
                 }
-                known = version.clone();
+                let files = fingerprint(&config.model.bundle);
+                if !reloads.worth_trying(&version, &files) {
+                    continue;
+                }
                 match ActiveModel::load(&config, &device) {
                     Ok(m) => {
                         tracing::info!("bundle {version} verified; swapping it in");
+                        current = version;
+                        reloads = Reloads::default();
                         if tx.send(m).is_err() {
                             return;
                         }
                     }
-                    Err(e) => tracing::error!(
-                        "new bundle {version} refused, keeping the running model: {e:#}"
-                    ),
+                    Err(e) => {
+                        if reloads.failed(&version, files) {
+                            tracing::error!(
+                                "new bundle {version} refused, keeping the running model (its files did not change since the last try; it is tried again when they do): {e:#}"
+                            );
+                        } else {
+                            tracing::info!(
+                                "new bundle {version} does not load yet (still being copied?); trying again at the next check: {e:#}"
+                            );
+                        }
+                    }
                 }
             }
         });
@@ -128,6 +146,63 @@ pub fn watch_bundle(
         tracing::error!("bundle watcher not started: {e}");
     }
     Some(rx)
+}
+
+/// Name, size and modification time of every file in a bundle folder: what tells a
+/// bundle still being copied from one that stays as it is.
+type Fingerprint = Vec<(String, u64, Option<std::time::SystemTime>)>;
+
+fn fingerprint(bundle: &Path) -> Fingerprint {
+    let mut files: Fingerprint = std::fs::read_dir(bundle)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            meta.is_file().then(|| {
+                (
+                    entry.file_name().to_string_lossy().into_owned(),
+                    meta.len(),
+                    meta.modified().ok(),
+                )
+            })
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// What the bundle watcher remembers of versions that did not load.
+#[derive(Default)]
+struct Reloads {
+    /// The last failed try: the version and its files as they were.
+    failed: Option<(String, Fingerprint)>,
+    /// Given up on: this version with exactly these files.
+    refused: Option<(String, Fingerprint)>,
+}
+
+impl Reloads {
+    /// Whether `version` with `files` should be tried.
+    fn worth_trying(&self, version: &str, files: &Fingerprint) -> bool {
+        self.refused
+            .as_ref()
+            .is_none_or(|(v, f)| v != version || f != files)
+    }
+
+    /// Records a failed try; true when it is given up now (its files did not change
+    /// since the previous failed try of the same version).
+    fn failed(&mut self, version: &str, files: Fingerprint) -> bool {
+        let unchanged = self
+            .failed
+            .as_ref()
+            .is_some_and(|(v, f)| v == version && *f == files);
+        if unchanged {
+            self.refused = self.failed.take();
+        } else {
+            self.failed = Some((version.to_string(), files));
+        }
+        unchanged
+    }
 }
 
 /// The `version` field of a bundle's manifest, read cheaply.
@@ -508,6 +583,21 @@ mod tests {
         let (next, reply) = frame(&good);
         scorer.handle(next);
         assert!(matches!(reply.blocking_recv().unwrap(), Handled::Scored(_)));
+    }
+
+    #[test]
+    fn a_bundle_that_fails_is_retried_while_its_files_change_then_given_up_once() {
+        let files = |n: u64| -> Fingerprint { vec![("bank.safetensors".into(), n, None)] };
+        let mut r = Reloads::default();
+        assert!(r.worth_trying("v2", &files(10)));
+        assert!(!r.failed("v2", files(10)), "first failure: retried");
+        assert!(r.worth_trying("v2", &files(20)));
+        assert!(!r.failed("v2", files(20)), "the files changed: retried");
+        assert!(r.worth_trying("v2", &files(20)));
+        assert!(r.failed("v2", files(20)), "unchanged: given up now");
+        assert!(!r.worth_trying("v2", &files(20)), "and not tried again");
+        assert!(r.worth_trying("v2", &files(30)), "until its files change");
+        assert!(r.worth_trying("v3", &files(20)), "or another version comes");
     }
 
     #[test]

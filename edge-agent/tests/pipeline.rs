@@ -1088,3 +1088,99 @@ fn sources_with_control_characters_are_refused_at_the_edge() {
     assert_eq!(scored(http_port), 2, "only the printable push and file");
     assert!(agent.terminate());
 }
+
+#[test]
+fn a_bundle_copied_file_by_file_is_swapped_in_once_complete_and_a_broken_one_refused_once() {
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let args = run_args(
+        &f,
+        &site,
+        "cam-7",
+        &[
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "mqtt.enabled=false".to_string(),
+            "model.reload_check_s=1".to_string(),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    let manifest_path = f.bundle.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    let v1 = manifest["version"].as_str().unwrap().to_string();
+    let serving = |v: &str| {
+        metric(
+            http_port,
+            &format!("insp_edge_model_info{{version=\"{v}\"}}"),
+        )
+    };
+    assert_eq!(serving(&v1), Some(1.0));
+    let bank_path = f.bundle.join("bank.safetensors");
+    let bank = std::fs::read(&bank_path).unwrap();
+
+    // A copy that lands the new manifest while the bank is still half written.
+    let v2 = format!("{v1}-copied");
+    manifest["version"] = v2.clone().into();
+    std::fs::write(&bank_path, &bank[..bank.len() / 2]).unwrap();
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        wait_until(30, || agent.log().contains(&v2)),
+        "the watcher tried it: {}",
+        agent.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::fs::write(&bank_path, &bank).unwrap();
+    // Models are swapped between frames: the frames tell which one scored them.
+    let good = std::fs::read(f.data.join("test/good/0000.png")).unwrap();
+    let scored_by = || {
+        let (code, d) = push_frame(http_port, "source=probe", &good);
+        assert_eq!(code, 200, "{d}");
+        d["model_version"].as_str().unwrap_or_default().to_string()
+    };
+    assert!(
+        wait_until(30, || scored_by() == v2),
+        "the complete bundle was not swapped in: {}",
+        agent.log()
+    );
+    assert_eq!(serving(&v2), Some(1.0));
+
+    // A bundle that is broken for good is refused once, with one error, and the model
+    // in use stays.
+    let v3 = format!("{v1}-broken");
+    manifest["version"] = v3.clone().into();
+    let mut damaged = bank.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0xff;
+    std::fs::write(&bank_path, &damaged).unwrap();
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    let refusals = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("ERROR") && l.contains(&v3))
+            .count()
+    };
+    assert!(
+        wait_until(30, || refusals(&agent.log()) >= 1),
+        "{}",
+        agent.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    assert_eq!(refusals(&agent.log()), 1, "{}", agent.log());
+    assert_eq!(scored_by(), v2);
+    assert!(agent.terminate());
+}
