@@ -80,7 +80,9 @@ pub struct DeviceConfig {
     /// Site (plant, line) name: the second topic level.
     #[serde(deserialize_with = "lenient::string")]
     pub site: String,
-    /// Device name, unique within the site; default: the host name.
+    /// Device name, unique within the site; no default: `run` refuses to start without
+    /// it. (The host name was the default, but cloned SD-card images share it, and two
+    /// agents with one id take each other's MQTT session and mix their frame ids.)
     #[serde(deserialize_with = "lenient::string")]
     pub id: String,
 }
@@ -89,17 +91,9 @@ impl Default for DeviceConfig {
     fn default() -> Self {
         Self {
             site: "site-1".into(),
-            id: host_name(),
+            id: String::new(),
         }
     }
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty() && !s.contains(['/', '+', '#']))
-        .unwrap_or_else(|| "edge-1".into())
 }
 
 /// The model bundle and how it is searched.
@@ -395,12 +389,12 @@ impl AgentConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        insp_proto::topic(
-            &self.device.site,
-            &self.device.id,
-            insp_proto::TopicKind::Result,
-        )
-        .map_err(anyhow::Error::msg)?;
+        insp_proto::check_name("site", &self.device.site).map_err(anyhow::Error::msg)?;
+        // An empty id is refused by `run` (see `require_device_id`), not here, so that
+        // `--print-config` shows a configuration that lacks one.
+        if !self.device.id.is_empty() {
+            insp_proto::check_name("device", &self.device.id).map_err(anyhow::Error::msg)?;
+        }
         if self.queue.capacity == 0 {
             bail!("queue.capacity must be at least 1");
         }
@@ -416,6 +410,18 @@ impl AgentConfig {
         let limit = crate::spool::MAX_RECORD - (64 << 10);
         if self.mqtt.max_payload_bytes > limit {
             bail!("mqtt.max_payload_bytes must be at most {limit}");
+        }
+        Ok(())
+    }
+
+    /// Refuses a configuration without `device.id`.
+    pub fn require_device_id(&self) -> Result<()> {
+        if self.device.id.is_empty() {
+            bail!(
+                "device.id is not set: give every agent its own id, unique within its site \
+                 (device.id in the config file, INSP_EDGE__DEVICE__ID=..., or --set device.id=...); \
+                 the host name is not used, as cloned SD-card images share it"
+            );
         }
         Ok(())
     }
@@ -495,6 +501,11 @@ mod tests {
         let err = AgentConfig::load(None, &["mqtt.hots=x".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("hots"), "{err:#}");
         assert!(AgentConfig::load(None, &["device.id=a/b".into()]).is_err());
+        assert!(AgentConfig::load(None, &["device.site=..".into()]).is_err());
+        let unset = AgentConfig::load(None, &[]).unwrap();
+        assert!(format!("{:#}", unset.require_device_id().unwrap_err()).contains("device.id"));
+        let set = AgentConfig::load(None, &["device.id=cam-1".into()]).unwrap();
+        assert!(set.require_device_id().is_ok());
         assert!(AgentConfig::load(None, &["noequals".into()]).is_err());
         assert!(AgentConfig::load(None, &["queue.capacity=0".into()]).is_err());
         assert!(AgentConfig::load(None, &["source.rate_fps=inf".into()]).is_err());

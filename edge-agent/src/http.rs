@@ -37,6 +37,8 @@ pub struct AppState {
     pub telemetry: Arc<Telemetry>,
     /// Device name.
     pub device: String,
+    /// MQTT client id.
+    pub client_id: String,
     /// Longest allowed `wait_ms`.
     pub max_wait: Duration,
 }
@@ -166,6 +168,15 @@ async fn ready(State(app): State<AppState>) -> Response {
     if app.frames.is_closed() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "scorer stopped");
     }
+    if app.telemetry.client_id_conflict() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "MQTT client id conflict: another agent seems to use client id {:?} (give every agent its own device.id)",
+                app.client_id
+            ),
+        );
+    }
     (StatusCode::OK, "ready\n").into_response()
 }
 
@@ -176,6 +187,8 @@ async fn status(State(app): State<AppState>) -> Response {
         "device": app.device,
         "model_version": m.model_version,
         "broker_connected": t.connected(),
+        "client_id": app.client_id,
+        "client_id_conflict": t.client_id_conflict(),
         "queue_free": app.frames.capacity(),
         "pending_verdicts": app.book.pending(),
         "frames": { "ok": m.frames_ok, "uncertain": m.frames_uncertain, "ng": m.frames_ng,

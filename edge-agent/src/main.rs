@@ -26,6 +26,7 @@ mod sources;
 mod spool;
 mod stream_bench;
 mod synth_cmd;
+mod takeover;
 mod telemetry;
 mod weights_cmd;
 

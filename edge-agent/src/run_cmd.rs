@@ -60,6 +60,7 @@ pub fn run(args: RunArgs, device: &candle_core::Device) -> Result<()> {
         );
         return Ok(());
     }
+    config.require_device_id()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -83,6 +84,8 @@ pub async fn run_pipeline(
     telemetry: Arc<Telemetry>,
     exit_when_done: bool,
 ) -> Result<()> {
+    config.require_device_id()?;
+    telemetry.watch_client_id(&config.client_id());
     let active = {
         let (config, device) = (config.clone(), device.clone());
         tokio::task::spawn_blocking(move || ActiveModel::load(&config, &device)).await??
@@ -159,6 +162,7 @@ pub async fn run_pipeline(
             book: book.clone(),
             telemetry: telemetry.clone(),
             device: config.device.id.clone(),
+            client_id: config.client_id(),
             max_wait: Duration::from_millis(config.http.max_wait_ms),
         };
         let listener = tokio::net::TcpListener::bind(&config.http.listen)

@@ -2,6 +2,7 @@
 //! every pipeline stage updates, rendered in the text exposition format at `/metrics`
 //! and summarised in the periodic MQTT metrics message.
 
+use crate::takeover::{Change, TakeoverWatch};
 use insp_core::routing::Band;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -57,6 +58,9 @@ pub struct Telemetry {
     spool_shed: Family<Label, Counter>,
     undeliverable: Family<Label, Counter>,
     connected: Gauge,
+    takeover: std::sync::Mutex<(TakeoverWatch, String)>,
+    client_id_conflicts: Counter,
+    client_id_conflict: Gauge,
     model: Family<Label, Gauge<f64, AtomicU64>>,
     model_version: std::sync::Mutex<String>,
 }
@@ -98,6 +102,9 @@ impl Telemetry {
             spool_shed: Family::default(),
             undeliverable: Family::default(),
             connected: Gauge::default(),
+            takeover: Default::default(),
+            client_id_conflicts: Counter::default(),
+            client_id_conflict: Gauge::default(),
             model: Family::default(),
             model_version: Default::default(),
         };
@@ -209,6 +216,16 @@ impl Telemetry {
             t.connected.clone(),
         );
         r.register(
+            "client_id_conflicts",
+            "Times another client seemed to use this agent's MQTT client id (connections cut short right after they were accepted, several in a row)",
+            t.client_id_conflicts.clone(),
+        );
+        r.register(
+            "client_id_conflict",
+            "1 while another client seems to use this agent's MQTT client id",
+            t.client_id_conflict.clone(),
+        );
+        r.register(
             "model_info",
             "The model version in use (value 1)",
             t.model.clone(),
@@ -218,6 +235,7 @@ impl Telemetry {
 
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.client_id_conflict();
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -423,6 +441,49 @@ impl Telemetry {
     /// The broker connection went up or down.
     pub fn set_connected(&self, up: bool) {
         self.connected.set(i64::from(up));
+        let now = Instant::now();
+        let mut takeover = self.takeover.lock().unwrap_or_else(|p| p.into_inner());
+        let change = if up {
+            takeover.0.connected(now);
+            None
+        } else {
+            takeover.0.disconnected(now)
+        };
+        self.takeover_changed(change, &takeover.1);
+    }
+
+    /// Names the MQTT client id in what the client id conflict watch logs.
+    pub fn watch_client_id(&self, client_id: &str) {
+        self.takeover.lock().unwrap_or_else(|p| p.into_inner()).1 = client_id.to_string();
+    }
+
+    /// Whether another client seems to use this agent's MQTT client id now.
+    pub fn client_id_conflict(&self) -> bool {
+        let mut takeover = self.takeover.lock().unwrap_or_else(|p| p.into_inner());
+        let (suspected, change) = takeover.0.suspected(Instant::now());
+        self.takeover_changed(change, &takeover.1);
+        suspected
+    }
+
+    fn takeover_changed(&self, change: Option<Change>, client_id: &str) {
+        match change {
+            Some(Change::Suspected(n)) => {
+                self.client_id_conflicts.inc();
+                self.client_id_conflict.set(1);
+                tracing::error!(
+                    "the broker ended {n} connections in a row within {:?} of accepting them: another agent probably uses the MQTT client id {client_id:?} (a cloned SD card or a copied configuration? give every agent its own device.id)",
+                    crate::takeover::SHORT
+                );
+            }
+            Some(Change::Cleared) => {
+                self.client_id_conflict.set(0);
+                tracing::warn!(
+                    "connected for {:?} without a break: the MQTT client id conflict is over",
+                    crate::takeover::STABLE
+                );
+            }
+            None => {}
+        }
     }
 
     /// Whether the broker connection is up.

@@ -1184,3 +1184,62 @@ fn a_bundle_copied_file_by_file_is_swapped_in_once_complete_and_a_broken_one_ref
     assert_eq!(scored_by(), v2);
     assert!(agent.terminate());
 }
+
+#[test]
+fn two_agents_with_one_device_id_see_a_client_id_conflict() {
+    let f = fixture();
+    let site = unique("t");
+    let ports = [free_port(), free_port()];
+    let mut agents: Vec<Process> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            // The same site and device (a cloned SD card), each with its own spool.
+            let spool = f.root.join(format!("spool-{i}"));
+            let args = run_args(
+                &f,
+                &site,
+                "cam-1",
+                &[
+                    format!("http.listen=\"127.0.0.1:{port}\""),
+                    format!("mqtt.port={SHARED_BROKER}"),
+                    "mqtt.reconnect_max_ms=300".to_string(),
+                    format!("spool.dir={:?}", spool.display().to_string()),
+                ],
+            );
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let agent = Process::start(
+                &agent_bin(),
+                &args,
+                &f.root.join(format!("agent-{i}.log")),
+                &[("INSP_LOG", "info")],
+            );
+            wait_for_http(&agent, *port);
+            agent
+        })
+        .collect();
+    let conflict = |port: u16| {
+        let (_, body) = http("GET", port, "/v1/status", b"");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default()["client_id_conflict"]
+            == true
+    };
+    for (agent, &port) in agents.iter().zip(&ports) {
+        assert!(
+            wait_until(60, || conflict(port)),
+            "no conflict seen on {port}: {}",
+            agent.log()
+        );
+        let (code, body) = http("GET", port, "/readyz", b"");
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("client id"), "{body}");
+        assert!(
+            metric(port, "insp_edge_client_id_conflicts_total").unwrap_or(0.0) >= 1.0,
+            "{}",
+            http("GET", port, "/metrics", b"").1
+        );
+        assert!(agent.log().contains("another agent"), "{}", agent.log());
+    }
+    for agent in &mut agents {
+        assert!(agent.terminate());
+    }
+}
