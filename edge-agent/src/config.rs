@@ -169,6 +169,13 @@ pub struct SourceConfig {
     pub repeat: bool,
     /// Replay: stop after this many frames (0 = no limit).
     pub limit: u64,
+    /// Watch: files in `done/` and `rejected/` older than this are deleted (0 = kept
+    /// whatever their age).
+    pub done_max_age_s: u64,
+    /// Watch: `done/` and `rejected/` each keep at most this many bytes, the oldest files
+    /// deleted first (0 = no limit). Both are pruned harder when the disk runs low (see
+    /// `spool.min_free_bytes`).
+    pub done_max_bytes: u64,
 }
 
 impl Default for SourceConfig {
@@ -182,6 +189,8 @@ impl Default for SourceConfig {
             rate_fps: 10.0,
             repeat: false,
             limit: 0,
+            done_max_age_s: 7 * 86_400,
+            done_max_bytes: 1 << 30,
         }
     }
 }
@@ -307,6 +316,11 @@ pub struct SpoolConfig {
     pub results_bytes: u64,
     /// Byte budget of escalations (frames and maps); the oldest go first when full.
     pub escalations_bytes: u64,
+    /// Free space to keep on the spool's filesystem (0 = no check). Below it new
+    /// escalation images are not kept (their frames get the fallback at once) and the
+    /// oldest spooled ones are dropped, then `done/` and `rejected/` are pruned beyond
+    /// their limits; results are kept as long as the disk takes them.
+    pub min_free_bytes: u64,
 }
 
 impl Default for SpoolConfig {
@@ -315,6 +329,7 @@ impl Default for SpoolConfig {
             dir: PathBuf::from("spool"),
             results_bytes: 512 << 20,
             escalations_bytes: 2 << 30,
+            min_free_bytes: 256 << 20,
         }
     }
 }

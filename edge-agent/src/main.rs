@@ -10,6 +10,7 @@ use std::path::PathBuf;
 mod bench_cmd;
 mod config;
 mod decisions;
+mod disk;
 mod eval_cmd;
 mod fit_cmd;
 mod frame;

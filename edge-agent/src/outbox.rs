@@ -240,20 +240,30 @@ fn write_loop(
         // Appended in this pass, per queue: durable once their queue syncs, else written
         // again (a sync that failed cuts them off).
         let mut appended: [Vec<Item>; 2] = Default::default();
+        // A queue whose write fails waits for the next pass; the other one goes on (an
+        // escalation the full disk refuses does not hold up the small results behind it).
+        let mut blocked = [false; 2];
+        let mut later = VecDeque::new();
         while let Some(item) = waiting.pop_front() {
+            let q = item.queue.index();
+            if blocked[q] {
+                later.push_back(item);
+                continue;
+            }
             let result = spools.lock(item.queue).append(&item.envelope.encode());
             match result {
                 Ok(_) => {
                     waiting_bytes -= item.envelope.payload.len();
-                    appended[item.queue.index()].push(item);
+                    appended[q].push(item);
                 }
                 Err(e) => {
-                    error = Some(e);
-                    waiting.push_front(item);
-                    break;
+                    error.get_or_insert(e);
+                    blocked[q] = true;
+                    later.push_back(item);
                 }
             }
         }
+        waiting = later;
         let mut durable = std::mem::take(&mut held);
         for q in Queue::ALL {
             // Sync outside the queue's lock, so the MQTT link is not held up meanwhile.
@@ -393,6 +403,62 @@ mod tests {
             .collect();
         assert_eq!(topics, vec!["t/0", "t/1", "t/2"]);
         assert!(t.spool_write_errors() >= 1);
+    }
+
+    #[test]
+    fn results_are_written_while_the_disk_refuses_an_escalation() {
+        let dir = tempfile::tempdir().unwrap();
+        let spools = Spools::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        // The escalation queue's next writes fail.
+        spools.lock(Queue::Escalations).faults.write = 1_000_000;
+        let t = Arc::new(Telemetry::new());
+        let (outbox, _handle) = Outbox::start(spools.clone(), None, t.clone()).unwrap();
+        let mut replies = Vec::new();
+        for i in 0..3u8 {
+            outbox.send(Item {
+                queue: Queue::Escalations,
+                envelope: Envelope {
+                    topic: "e".into(),
+                    arrived_unix_us: 0,
+                    payload: vec![i; 100],
+                },
+                on_durable: None,
+            });
+            let (tx, rx) = oneshot::channel();
+            replies.push(rx);
+            outbox.send(Item {
+                queue: Queue::Results,
+                envelope: Envelope {
+                    topic: format!("r/{i}"),
+                    arrived_unix_us: 0,
+                    payload: vec![i],
+                },
+                on_durable: Some((tx, Handled::Rejected(i.to_string()))),
+            });
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for mut rx in replies {
+            while rx.try_recv().is_err() {
+                assert!(std::time::Instant::now() < deadline, "a result waits");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert_eq!(spools.lock(Queue::Results).len(), 3);
+        assert_eq!(spools.lock(Queue::Escalations).len(), 0);
+        // Once the disk takes them, the escalations follow, in order.
+        spools.lock(Queue::Escalations).faults.write = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while spools.lock(Queue::Escalations).len() < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let got: Vec<u8> = spools
+            .lock(Queue::Escalations)
+            .read_from(0, 10)
+            .unwrap()
+            .iter()
+            .map(|(_, r)| Envelope::decode(r).unwrap().payload[0])
+            .collect();
+        assert_eq!(got, vec![0, 1, 2]);
     }
 
     #[test]

@@ -104,6 +104,7 @@ pub async fn run_pipeline(
         config.spool.escalations_bytes,
     )?;
     spools.report(&telemetry);
+    crate::disk::check_at_start(&config, &spools, &telemetry);
     for q in Queue::ALL {
         let waiting = spools.lock(q).len();
         if waiting > 0 {
@@ -143,6 +144,12 @@ pub async fn run_pipeline(
         .context("cannot start the scorer thread")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(crate::disk::guard(
+        crate::disk::DiskPolicy::of(&config),
+        spools.clone(),
+        telemetry.clone(),
+        stop_rx.clone(),
+    ));
     let (link_stop_tx, link_stop_rx) = watch::channel(false);
     let link = if config.mqtt.enabled {
         let link =

@@ -334,7 +334,13 @@ impl Scorer {
         // Register before publishing, so a fast verdict finds its frame waiting.
         self.book.scored(decision.clone());
         let mut escalated = true;
-        if band == Band::Uncertain {
+        let mut unsent = "escalation too large to send";
+        if band == Band::Uncertain && self.telemetry.disk_low() {
+            // Escalation images are the first thing shed when the disk runs low.
+            self.telemetry.disk_shed("escalations", 1);
+            escalated = false;
+            unsent = "the disk is low (spool.min_free_bytes): its escalation is not kept";
+        } else if band == Band::Uncertain {
             let map = AnomalyMap {
                 height: scored.map.height as u32,
                 width: scored.map.width as u32,
@@ -382,8 +388,7 @@ impl Scorer {
                 .map(|tx| (tx, Handled::Scored(decision.clone()))),
         });
         if !escalated {
-            self.book
-                .decide_now(frame.id, "escalation too large to send");
+            self.book.decide_now(frame.id, unsent);
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Spool {
     synced_until: u64,
     /// First unacknowledged sequence number.
     acked_until: u64,
+    /// `acked_until` as the cursor file last saved it.
+    cursor_saved: u64,
     /// Undelivered records dropped to stay within the budget since open.
     dropped: u64,
     /// The last segment, open for appending.
@@ -85,6 +87,8 @@ pub struct Faults {
     pub write: u32,
     /// Syncs.
     pub sync: u32,
+    /// Cursor saves.
+    pub cursor: u32,
 }
 
 #[cfg(test)]
@@ -218,6 +222,7 @@ impl Spool {
             // What survived a restart is on disk.
             synced_until: next_seq,
             acked_until: 0,
+            cursor_saved: 0,
             dropped: 0,
             writer: None,
             to_sync: Vec::new(),
@@ -227,6 +232,7 @@ impl Spool {
             faults: Faults::default(),
         };
         spool.acked_until = acked_until.clamp(spool.first_seq(), spool.next_seq);
+        spool.cursor_saved = spool.acked_until;
         spool.collect_acked()?;
         Ok(spool)
     }
@@ -495,6 +501,34 @@ impl Spool {
         Ok(())
     }
 
+    /// Drops the oldest segment to free disk space, if all its records are synced (the
+    /// last one too: the next append starts a new file); returns how many undelivered
+    /// records went with it (counted in [`Spool::dropped`]), `None` if nothing could go.
+    pub fn shed_oldest(&mut self) -> Result<Option<u64>> {
+        let Some(oldest) = self.segments.first() else {
+            return Ok(None);
+        };
+        if oldest.end() > self.synced_until
+            || (oldest.offsets.is_empty() && self.segments.len() == 1)
+        {
+            return Ok(None);
+        }
+        let segment = self.segments.remove(0);
+        if self.segments.is_empty() {
+            self.writer = None;
+            self.to_sync.clear();
+        }
+        let unacked = segment
+            .end()
+            .saturating_sub(self.acked_until.max(segment.start));
+        self.dropped += unacked;
+        self.acked_until = self.acked_until.max(segment.end());
+        let path = seg_path(&self.dir, segment.start);
+        fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        self.dir_dirty = true;
+        Ok(Some(unacked))
+    }
+
     /// Up to `max` durable records with sequence numbers from `from` on (or from the
     /// oldest kept, if those were dropped), in order; records not yet synced are not
     /// returned. A record whose CRC no longer matches is logged and returned empty, so the
@@ -546,15 +580,24 @@ impl Spool {
         Ok(out)
     }
 
-    /// Marks every record before `until` delivered, durably.
+    /// Marks every record before `until` delivered, durably. Delivered segments are
+    /// deleted first, even if the cursor cannot be saved (a full disk): they free the
+    /// space it needs, and a cursor older than them is harmless (open starts at the
+    /// oldest segment kept); a cursor that failed is saved again at the next call.
     pub fn ack_until(&mut self, until: u64) -> Result<()> {
-        let until = until.min(self.synced_until);
-        if until <= self.acked_until {
+        self.acked_until = self.acked_until.max(until.min(self.synced_until));
+        if self.cursor_saved >= self.acked_until {
             return Ok(());
         }
-        self.acked_until = until;
+        let collected = self.collect_acked();
+        let until = self.acked_until;
         let tmp = self.dir.join("cursor.partial");
+        #[cfg(test)]
+        let fault = injected(&mut self.faults.cursor);
+        #[cfg(not(test))]
+        let fault: std::io::Result<()> = Ok(());
         let write = || -> std::io::Result<()> {
+            fault?;
             let mut f = File::create(&tmp)?;
             f.write_all(until.to_string().as_bytes())?;
             f.sync_all()?;
@@ -563,7 +606,8 @@ impl Spool {
         };
         write()
             .with_context(|| format!("cannot save the spool cursor in {}", self.dir.display()))?;
-        self.collect_acked()
+        self.cursor_saved = until;
+        collected
     }
 
     /// Deletes segments whose records are all delivered (never the one being written).
@@ -764,6 +808,59 @@ mod tests {
             .map(|r| r.1)
             .collect();
         assert_eq!(all, vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+    }
+
+    #[test]
+    fn shedding_drops_the_oldest_synced_segments_down_to_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), MIN_SEGMENT_BYTES * 8).unwrap();
+        let record = vec![3u8; 4 << 10];
+        while s.segments.len() < 2 {
+            s.append(&record).unwrap();
+        }
+        let n = s.len();
+        assert_eq!(s.shed_oldest().unwrap(), None, "nothing synced yet");
+        s.sync().unwrap();
+        let first = s.segments[0].offsets.len() as u64;
+        assert_eq!(s.shed_oldest().unwrap(), Some(first));
+        assert_eq!(
+            s.shed_oldest().unwrap(),
+            Some(n - first),
+            "the last one too"
+        );
+        assert_eq!(s.shed_oldest().unwrap(), None);
+        assert_eq!((s.len(), s.dropped()), (0, n));
+        // Appending goes on in a new segment, numbering goes on.
+        assert_eq!(s.append(b"next").unwrap(), n);
+        s.sync().unwrap();
+        assert_eq!(seqs(&s.read_from(0, 100).unwrap()), vec![n]);
+        drop(s);
+        let s = Spool::open(dir.path(), MIN_SEGMENT_BYTES * 8).unwrap();
+        assert_eq!(seqs(&s.read_from(0, 100).unwrap()), vec![n]);
+    }
+
+    #[test]
+    fn delivered_segments_go_even_when_the_cursor_cannot_be_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), MIN_SEGMENT_BYTES * 8).unwrap();
+        let record = vec![4u8; 4 << 10];
+        while s.segments.len() < 2 {
+            s.append(&record).unwrap();
+        }
+        s.sync().unwrap();
+        let first_end = s.segments[0].end();
+        // A full disk: the cursor cannot be written, yet the delivered segment goes.
+        s.faults.cursor = 1;
+        assert!(s.ack_until(first_end).is_err());
+        assert_eq!(s.segments.len(), 1);
+        assert!(!seg_path(dir.path(), 0).exists());
+        // The next call saves it.
+        s.ack_until(first_end).unwrap();
+        let saved = fs::read_to_string(dir.path().join("cursor")).unwrap();
+        assert_eq!(saved, first_end.to_string());
+        drop(s);
+        let s = Spool::open(dir.path(), MIN_SEGMENT_BYTES * 8).unwrap();
+        assert_eq!(s.acked_until(), first_end);
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct Telemetry {
     spool_shed: Family<Label, Counter>,
     undeliverable: Family<Label, Counter>,
     connected: Gauge,
+    disk_free: Family<Label, Gauge>,
+    disk_low: Gauge,
+    disk_shed: Family<Label, Counter>,
+    done_pruned: Counter,
     takeover: std::sync::Mutex<(TakeoverWatch, String)>,
     client_id_conflicts: Counter,
     client_id_conflict: Gauge,
@@ -102,6 +106,10 @@ impl Telemetry {
             spool_shed: Family::default(),
             undeliverable: Family::default(),
             connected: Gauge::default(),
+            disk_free: Family::default(),
+            disk_low: Gauge::default(),
+            disk_shed: Family::default(),
+            done_pruned: Counter::default(),
             takeover: Default::default(),
             client_id_conflicts: Counter::default(),
             client_id_conflict: Gauge::default(),
@@ -214,6 +222,26 @@ impl Telemetry {
             "broker_connected",
             "1 while connected to the MQTT broker",
             t.connected.clone(),
+        );
+        r.register(
+            "disk_free_bytes",
+            "Free bytes on the filesystem of the spool (path=spool) and of the watched folder if it is another one (path=watch)",
+            t.disk_free.clone(),
+        );
+        r.register(
+            "disk_low",
+            "1 while the spool's filesystem has less than spool.min_free_bytes free (escalation images are shed)",
+            t.disk_low.clone(),
+        );
+        r.register(
+            "disk_shed",
+            "Shed because the disk ran low, by what: escalations (new, not kept; decided by the fallback), spooled_escalations (oldest dropped), done_files (done/ and rejected/ beyond their limits)",
+            t.disk_shed.clone(),
+        );
+        r.register(
+            "done_pruned",
+            "Files deleted from done/ and rejected/ by their age and size limits",
+            t.done_pruned.clone(),
         );
         r.register(
             "client_id_conflicts",
@@ -450,6 +478,35 @@ impl Telemetry {
             takeover.0.disconnected(now)
         };
         self.takeover_changed(change, &takeover.1);
+    }
+
+    /// Free bytes on the filesystem of `path` (`spool` or `watch`).
+    pub fn set_disk_free(&self, path: &str, bytes: u64) {
+        self.disk_free
+            .get_or_create(&label("path", path))
+            .set(bytes.min(i64::MAX as u64) as i64);
+    }
+
+    /// The spool's filesystem went below (or back above) `spool.min_free_bytes`.
+    pub fn set_disk_low(&self, low: bool) {
+        self.disk_low.set(i64::from(low));
+    }
+
+    /// Whether the spool's filesystem is below `spool.min_free_bytes`.
+    pub fn disk_low(&self) -> bool {
+        self.disk_low.get() == 1
+    }
+
+    /// `n` of `what` were shed because the disk ran low.
+    pub fn disk_shed(&self, what: &str, n: u64) {
+        if n > 0 {
+            self.disk_shed.get_or_create(&label("what", what)).inc_by(n);
+        }
+    }
+
+    /// `n` files were deleted from done/ and rejected/ by their limits.
+    pub fn done_pruned(&self, n: u64) {
+        self.done_pruned.inc_by(n);
     }
 
     /// Names the MQTT client id in what the client id conflict watch logs.

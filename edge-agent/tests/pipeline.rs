@@ -1243,3 +1243,148 @@ fn two_agents_with_one_device_id_see_a_client_id_conflict() {
         assert!(agent.terminate());
     }
 }
+
+/// Writes `bytes` to `path` with a modification time `age` ago.
+fn aged_file(path: &Path, bytes: usize, age: std::time::Duration) {
+    std::fs::write(path, vec![7u8; bytes]).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+}
+
+#[test]
+fn done_is_pruned_by_age_and_size_and_a_low_disk_sheds_escalations_first() {
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let incoming = f.root.join("incoming");
+    let (done, rejected) = (incoming.join("done"), incoming.join("rejected"));
+    std::fs::create_dir_all(&done).unwrap();
+    std::fs::create_dir_all(&rejected).unwrap();
+    let day = std::time::Duration::from_secs(86_400);
+    aged_file(&done.join("old-1.png"), 1000, day * 10);
+    aged_file(&done.join("old-2.png"), 1000, day * 9);
+    for (i, age) in [3u32, 2, 1].iter().enumerate() {
+        aged_file(
+            &done.join(format!("new-{i}.png")),
+            10_000,
+            std::time::Duration::from_secs(60 * *age as u64),
+        );
+    }
+    aged_file(&rejected.join("old.png"), 10, day * 8);
+    let common = |min_free: &str| {
+        vec![
+            "source.kind=watch".to_string(),
+            format!("source.path={:?}", incoming.display().to_string()),
+            "source.done_max_age_s=604800".to_string(),
+            "source.done_max_bytes=25000".to_string(),
+            format!("spool.min_free_bytes={min_free}"),
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "mqtt.enabled=false".to_string(),
+            // Every frame is UNCERTAIN and waits for a verdict.
+            "routing.ok_below=0.0".to_string(),
+            "routing.ng_above=1e9".to_string(),
+            "routing.verdict_deadline_ms=60000".to_string(),
+        ]
+    };
+    // 1. Room on the disk: retention alone. Older than 7 days go, then the oldest beyond
+    //    25,000 bytes; escalations are kept.
+    let args = run_args(&f, &site, "cam-5", &common("0"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-1.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    let listing = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let want: BTreeSet<String> = ["new-1.png", "new-2.png"].map(String::from).into();
+    assert!(
+        wait_until(20, || listing(&done) == want
+            && listing(&rejected).is_empty()),
+        "done/ {:?}, rejected/ {:?}\n{}",
+        listing(&done),
+        listing(&rejected),
+        agent.log()
+    );
+    assert_eq!(metric(http_port, "insp_edge_done_pruned_total"), Some(4.0));
+    assert!(metric(http_port, "insp_edge_disk_free_bytes{path=\"spool\"}").unwrap() > 0.0);
+    assert_eq!(metric(http_port, "insp_edge_disk_low"), Some(0.0));
+    let good = std::fs::read(f.data.join("test/good/0000.png")).unwrap();
+    for i in 0..3 {
+        let (code, d) = push_frame(http_port, &format!("source=e{i}"), &good);
+        assert_eq!((code, d["decided_by"].is_null()), (200, true), "{d}");
+    }
+    assert!(wait_until(10, || {
+        metric(http_port, "insp_edge_spool_records{queue=\"escalations\"}") == Some(3.0)
+    }));
+    assert!(agent.terminate());
+
+    // 2. Below spool.min_free_bytes (more than any disk has): spooled escalations go,
+    //    new ones are not kept (their frames get the fallback at once), done/ is emptied;
+    //    every result stays.
+    let args = run_args(&f, &site, "cam-5", &common("1000000000000000000"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-2.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    assert!(
+        wait_until(20, || metric(http_port, "insp_edge_disk_low") == Some(1.0)
+            && listing(&done).is_empty()),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        wait_until(10, || metric(
+            http_port,
+            "insp_edge_spool_records{queue=\"escalations\"}"
+        ) == Some(0.0)),
+        "{}",
+        http("GET", http_port, "/metrics", b"").1
+    );
+    let (code, d) = push_frame(http_port, "source=low&wait_ms=5000", &good);
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(
+        (d["edge_band"].as_str(), d["decided_by"].as_str()),
+        (Some("UNCERTAIN"), Some("fallback")),
+        "{d}"
+    );
+    let shed = |what: &str| {
+        metric(
+            http_port,
+            &format!("insp_edge_disk_shed_total{{what=\"{what}\"}}"),
+        )
+    };
+    assert_eq!(shed("spooled_escalations"), Some(3.0));
+    assert_eq!(shed("escalations"), Some(1.0));
+    assert_eq!(shed("done_files"), Some(2.0));
+    assert!(wait_until(10, || {
+        metric(http_port, "insp_edge_spool_records{queue=\"results\"}") == Some(4.0)
+    }));
+    assert_eq!(
+        metric(http_port, "insp_edge_spool_records{queue=\"escalations\"}"),
+        Some(0.0)
+    );
+    assert!(
+        agent.log().contains("spool.min_free_bytes"),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.terminate());
+}
