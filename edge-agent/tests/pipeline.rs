@@ -930,24 +930,36 @@ fn frames_waiting_for_a_verdict_at_a_kill_get_the_fallback_and_one_hook_after_th
     );
     let (_, d) = push_frame(http_port, &format!("frame_id={}", ids[0]), b"retry");
     assert_eq!(d["decided_by"].as_str(), Some("fallback"), "{d}");
-    // A clean stop and another start: nothing is decided or hooked again.
+    // A clean stop with one frame waiting leaves it to the next start, which decides it;
+    // nothing decided before is decided or hooked again.
+    let bytes = std::fs::read(f.data.join("test/good/0004.png")).unwrap();
+    let (code, d) = push_frame(http_port, "source=at-stop", &bytes);
+    assert_eq!((code, d["decided_by"].is_null()), (200, true), "{d}");
+    let at_stop = d["frame_id"].as_str().unwrap().to_string();
     assert!(agent.terminate(), "{}", agent.log());
+    assert_eq!(lines(&rejects).len(), 4, "not decided at the stop");
+    std::thread::sleep(std::time::Duration::from_millis(3500));
     let mut agent = start(3);
+    assert!(
+        wait_until(30, || lines(&rejects).len() >= 5),
+        "{}",
+        agent.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let all = lines(&rejects);
+    assert_eq!(all.len(), 5, "{all:?}");
+    assert_eq!(all[4], format!("{at_stop} fallback"));
     assert_eq!(
         metric(
             http_port,
             "insp_edge_decisions_recovered_total{how=\"fallback\"}"
         ),
-        None,
-        "{}",
-        agent.log()
+        Some(1.0)
     );
     assert_eq!(
         metric(http_port, "insp_edge_hooks_recovered_total"),
         Some(0.0)
     );
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    assert_eq!(lines(&rejects).len(), 4);
     assert!(agent.terminate());
 }
 
