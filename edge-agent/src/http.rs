@@ -1,5 +1,6 @@
 //! The agent's HTTP endpoint: camera programs push frames (`POST /v1/frames`), Prometheus
-//! scrapes `/metrics`, supervisors probe `/healthz` and `/readyz`, people read
+//! scrapes `/metrics`, supervisors probe `/healthz` and `/readyz` (503 while the scorer is
+//! stopped or another client seems to use this agent's MQTT client id), people read
 //! `/v1/status`.
 //!
 //! A pushed frame is answered once it is scored and its result is synced to the spool,
