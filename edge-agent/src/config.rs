@@ -80,7 +80,9 @@ pub struct DeviceConfig {
     /// Site (plant, line) name: the second topic level.
     #[serde(deserialize_with = "lenient::string")]
     pub site: String,
-    /// Device name, unique within the site; default: the host name.
+    /// Device name, unique within the site; no default: `run` refuses to start without
+    /// it. (The host name was the default, but cloned SD-card images share it, and two
+    /// agents with one id take each other's MQTT session and mix their frame ids.)
     #[serde(deserialize_with = "lenient::string")]
     pub id: String,
 }
@@ -89,17 +91,9 @@ impl Default for DeviceConfig {
     fn default() -> Self {
         Self {
             site: "site-1".into(),
-            id: host_name(),
+            id: String::new(),
         }
     }
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty() && !s.contains(['/', '+', '#']))
-        .unwrap_or_else(|| "edge-1".into())
 }
 
 /// The model bundle and how it is searched.
@@ -175,6 +169,13 @@ pub struct SourceConfig {
     pub repeat: bool,
     /// Replay: stop after this many frames (0 = no limit).
     pub limit: u64,
+    /// Watch: files in `done/` and `rejected/` older than this are deleted (0 = kept
+    /// whatever their age).
+    pub done_max_age_s: u64,
+    /// Watch: `done/` and `rejected/` each keep at most this many bytes, the oldest files
+    /// deleted first (0 = no limit). Both are pruned harder when the disk runs low (see
+    /// `spool.min_free_bytes`).
+    pub done_max_bytes: u64,
 }
 
 impl Default for SourceConfig {
@@ -188,6 +189,8 @@ impl Default for SourceConfig {
             rate_fps: 10.0,
             repeat: false,
             limit: 0,
+            done_max_age_s: 7 * 86_400,
+            done_max_bytes: 1 << 30,
         }
     }
 }
@@ -317,6 +320,11 @@ pub struct SpoolConfig {
     /// first) so that the hub can ask again for what a broker acknowledged and then lost
     /// (a restart, a dropped queue); 0 deletes them once the broker acknowledges.
     pub keep_delivered_s: u64,
+    /// Free space to keep on the spool's filesystem (0 = no check). Below it new
+    /// escalation images are not kept (their frames get the fallback at once) and the
+    /// oldest spooled ones are dropped, then `done/` and `rejected/` are pruned beyond
+    /// their limits; results are kept as long as the disk takes them.
+    pub min_free_bytes: u64,
 }
 
 impl Default for SpoolConfig {
@@ -326,6 +334,7 @@ impl Default for SpoolConfig {
             results_bytes: 512 << 20,
             escalations_bytes: 2 << 30,
             keep_delivered_s: 3600,
+            min_free_bytes: 256 << 20,
         }
     }
 }
@@ -400,12 +409,12 @@ impl AgentConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        insp_proto::topic(
-            &self.device.site,
-            &self.device.id,
-            insp_proto::TopicKind::Result,
-        )
-        .map_err(anyhow::Error::msg)?;
+        insp_proto::check_name("site", &self.device.site).map_err(anyhow::Error::msg)?;
+        // An empty id is refused by `run` (see `require_device_id`), not here, so that
+        // `--print-config` shows a configuration that lacks one.
+        if !self.device.id.is_empty() {
+            insp_proto::check_name("device", &self.device.id).map_err(anyhow::Error::msg)?;
+        }
         if self.queue.capacity == 0 {
             bail!("queue.capacity must be at least 1");
         }
@@ -421,6 +430,18 @@ impl AgentConfig {
         let limit = crate::spool::MAX_RECORD - (64 << 10);
         if self.mqtt.max_payload_bytes > limit {
             bail!("mqtt.max_payload_bytes must be at most {limit}");
+        }
+        Ok(())
+    }
+
+    /// Refuses a configuration without `device.id`.
+    pub fn require_device_id(&self) -> Result<()> {
+        if self.device.id.is_empty() {
+            bail!(
+                "device.id is not set: give every agent its own id, unique within its site \
+                 (device.id in the config file, INSP_EDGE__DEVICE__ID=..., or --set device.id=...); \
+                 the host name is not used, as cloned SD-card images share it"
+            );
         }
         Ok(())
     }
@@ -500,6 +521,11 @@ mod tests {
         let err = AgentConfig::load(None, &["mqtt.hots=x".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("hots"), "{err:#}");
         assert!(AgentConfig::load(None, &["device.id=a/b".into()]).is_err());
+        assert!(AgentConfig::load(None, &["device.site=..".into()]).is_err());
+        let unset = AgentConfig::load(None, &[]).unwrap();
+        assert!(format!("{:#}", unset.require_device_id().unwrap_err()).contains("device.id"));
+        let set = AgentConfig::load(None, &["device.id=cam-1".into()]).unwrap();
+        assert!(set.require_device_id().is_ok());
         assert!(AgentConfig::load(None, &["noequals".into()]).is_err());
         assert!(AgentConfig::load(None, &["queue.capacity=0".into()]).is_err());
         assert!(AgentConfig::load(None, &["source.rate_fps=inf".into()]).is_err());

@@ -5,11 +5,21 @@
 //!
 //! Every final NG goes to the reject-gate hooks; push callers may wait on a frame's
 //! final decision.
+//!
+//! What must survive a restart goes to the decision journal ([`crate::journal`]): frames
+//! waiting for a verdict, and hook jobs. At start, [`DecisionBook::recover`] gives every
+//! frame whose deadline passed while the agent was down its fallback (and its hook),
+//! and lets the others wait out the rest of their deadline. A clean stop leaves waiting
+//! frames to the journal too (they are not decided at the stop: a verdict may still come
+//! through the broker's persistent session); a verdict that comes after the fallback is
+//! counted as late and changes nothing.
 
 use crate::config::Fallback;
+use crate::frame::unix_ms;
+use crate::journal::{Entry, Journal, Recovered};
 use crate::telemetry::Telemetry;
 use insp_core::routing::Band;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -20,7 +30,7 @@ use uuid::Uuid;
 const REMEMBERED: usize = 20_000;
 
 /// Who took a decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DecidedBy {
     /// The edge score was clearly OK or NG.
@@ -43,7 +53,7 @@ impl DecidedBy {
 }
 
 /// Where a frame stands.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Decision {
     /// The frame's UUID.
     pub frame_id: Uuid,
@@ -85,17 +95,20 @@ pub struct DecisionBook {
     fallback: Fallback,
     telemetry: Arc<Telemetry>,
     hooks: Option<mpsc::Sender<Decision>>,
+    journal: Option<Arc<Journal>>,
     new_deadline: Notify,
 }
 
 impl DecisionBook {
     /// A book whose UNCERTAIN frames wait `deadline` for a verdict, then get `fallback`.
-    /// Final NG decisions are sent to `hooks`.
+    /// Final NG decisions are sent to `hooks`; waiting frames and hook jobs are recorded
+    /// in `journal`.
     pub fn new(
         deadline: Duration,
         fallback: Fallback,
         telemetry: Arc<Telemetry>,
         hooks: Option<mpsc::Sender<Decision>>,
+        journal: Option<Arc<Journal>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
@@ -103,8 +116,82 @@ impl DecisionBook {
             fallback,
             telemetry,
             hooks,
+            journal,
             new_deadline: Notify::new(),
         })
+    }
+
+    fn journal(&self, entry: Entry) {
+        if let Some(j) = &self.journal {
+            j.record(entry);
+        }
+    }
+
+    /// Takes over what the journal held at start: a frame whose deadline passed while
+    /// the agent was down gets its fallback now (and its hook), the others wait for the
+    /// rest of their deadline; hook jobs that had not run are queued again (a hook that
+    /// was running at a crash runs again: hooks are at least once).
+    pub fn recover(&self, recovered: Recovered) {
+        let (now, now_ms) = (Instant::now(), unix_ms());
+        let (mut late, mut waiting) = (0, 0);
+        for w in recovered.waiting {
+            if w.deadline_unix_ms <= now_ms {
+                late += 1;
+                self.telemetry.decision_recovered("fallback");
+                self.apply_fallback(
+                    w.decision,
+                    "its deadline passed while the agent was not running",
+                );
+                continue;
+            }
+            waiting += 1;
+            self.telemetry.decision_recovered("waiting");
+            let left = Duration::from_millis((w.deadline_unix_ms - now_ms) as u64);
+            let ago =
+                Duration::from_millis(now_ms.saturating_sub(w.escalated_unix_ms).max(0) as u64);
+            let deadline = now + left;
+            let mut inner = self.lock();
+            let id = w.decision.frame_id;
+            inner.deadlines.insert((deadline, id));
+            inner.pending.insert(
+                id,
+                Pending {
+                    decision: w.decision,
+                    deadline,
+                    escalated: now.checked_sub(ago).unwrap_or(now),
+                },
+            );
+        }
+        self.new_deadline.notify_one();
+        let hooks = recovered.hooks.len();
+        if late + waiting + hooks > 0 {
+            tracing::warn!(
+                "taken over from before the start: {late} frames decided by the fallback now (their deadline passed), {waiting} still waiting for a verdict, {hooks} reject hooks that had not run"
+            );
+        }
+        match &self.hooks {
+            Some(tx) if hooks > 0 => {
+                let tx = tx.clone();
+                let telemetry = self.telemetry.clone();
+                tokio::spawn(async move {
+                    for d in recovered.hooks {
+                        telemetry.hook_recovered();
+                        if tx.send(d).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Some(_) => {}
+            None => {
+                for d in recovered.hooks {
+                    tracing::warn!(frame = %d.frame_id, "a reject hook from before the start is dropped: no hook is configured now");
+                    self.journal(Entry::HookDone {
+                        frame_id: d.frame_id,
+                    });
+                }
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -117,6 +204,12 @@ impl DecisionBook {
         if decision.edge_band == Band::Uncertain {
             let now = Instant::now();
             let deadline = now + self.deadline;
+            let now_ms = unix_ms();
+            self.journal(Entry::Waiting {
+                decision: decision.clone(),
+                deadline_unix_ms: now_ms.saturating_add(self.deadline.as_millis() as i64),
+                escalated_unix_ms: now_ms,
+            });
             let mut inner = self.lock();
             if let Some(old) = inner.pending.get(&decision.frame_id) {
                 // The same frame again (a retried push): one deadline, the latest.
@@ -138,7 +231,7 @@ impl DecisionBook {
             let mut d = decision;
             d.band = d.edge_band;
             d.decided_by = Some(DecidedBy::Edge);
-            self.finish(d);
+            self.finish(d, false);
         }
     }
 
@@ -153,8 +246,7 @@ impl DecisionBook {
             p
         };
         if let Some(p) = pending {
-            tracing::warn!(frame = %frame_id, "deciding by fallback now: {why}");
-            self.apply_fallback(p.decision);
+            self.apply_fallback(p.decision, why);
         }
     }
 
@@ -177,7 +269,7 @@ impl DecisionBook {
                 d.band = band;
                 d.decided_by = Some(DecidedBy::Cloud);
                 d.cloud_score = Some(cloud_score);
-                self.finish(d);
+                self.finish(d, true);
             }
             None => {
                 self.telemetry.late_verdict();
@@ -198,7 +290,8 @@ impl DecisionBook {
         }
     }
 
-    fn apply_fallback(&self, mut d: Decision) {
+    /// Decides a waiting frame by the fallback; `why` goes to the log.
+    fn apply_fallback(&self, mut d: Decision, why: &str) {
         self.telemetry.fallback();
         d.band = match self.fallback {
             Fallback::Ng => Band::Ng,
@@ -212,12 +305,11 @@ impl DecisionBook {
             tracing::warn!(
                 frame = %d.frame_id,
                 source = %d.source,
-                "no cloud verdict within {:?}: fallback decision {}",
-                self.deadline,
+                "fallback decision {}: {why}",
                 d.band
             );
         }
-        self.finish(d);
+        self.finish(d, true);
     }
 
     /// Decides every pending frame whose deadline has passed; returns when the next
@@ -237,8 +329,9 @@ impl DecisionBook {
             }
             (due, inner.deadlines.first().map(|&(when, _)| when))
         };
+        let why = format!("no cloud verdict within {:?}", self.deadline);
         for d in due {
-            self.apply_fallback(d);
+            self.apply_fallback(d, &why);
         }
         next
     }
@@ -257,15 +350,24 @@ impl DecisionBook {
         }
     }
 
-    fn finish(&self, d: Decision) {
+    /// Makes a decision final; `was_waiting` if the frame waited for a verdict.
+    fn finish(&self, d: Decision, was_waiting: bool) {
         let by = d.decided_by.map_or("edge", DecidedBy::as_str);
         self.telemetry.decided(d.band, by);
-        if d.band == Band::Ng {
-            if let Some(hooks) = &self.hooks {
-                if hooks.try_send(d.clone()).is_err() {
-                    self.telemetry.hook_failed();
-                    tracing::error!(frame = %d.frame_id, "reject-gate hook queue full: hook skipped");
-                }
+        let hook = self.hooks.as_ref().filter(|_| d.band == Band::Ng);
+        if hook.is_some() || was_waiting {
+            self.journal(Entry::Decided {
+                frame_id: d.frame_id,
+                hook: hook.map(|_| d.clone()),
+            });
+        }
+        if let Some(hooks) = hook {
+            if hooks.try_send(d.clone()).is_err() {
+                self.telemetry.hook_failed();
+                self.journal(Entry::HookDone {
+                    frame_id: d.frame_id,
+                });
+                tracing::error!(frame = %d.frame_id, "reject-gate hook queue full: hook skipped");
             }
         }
         tracing::info!(
@@ -346,7 +448,13 @@ mod tests {
     async fn edge_bands_are_final_and_uncertain_waits_for_the_cloud() {
         let t = Arc::new(Telemetry::new());
         let (tx, mut hooks) = mpsc::channel(8);
-        let book = DecisionBook::new(Duration::from_secs(60), Fallback::Ng, t.clone(), Some(tx));
+        let book = DecisionBook::new(
+            Duration::from_secs(60),
+            Fallback::Ng,
+            t.clone(),
+            Some(tx),
+            None,
+        );
         let ng = decision(Band::Ng);
         book.scored(ng.clone());
         assert_eq!(hooks.recv().await.unwrap().frame_id, ng.frame_id);
@@ -368,9 +476,74 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn recovery_decides_overdue_frames_rearms_the_others_and_requeues_hooks() {
+        use crate::journal::WaitingFrame;
+        let t = Arc::new(Telemetry::new());
+        let (tx, mut hooks) = mpsc::channel(8);
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let book = DecisionBook::new(
+            Duration::from_secs(60),
+            Fallback::Ng,
+            t.clone(),
+            Some(tx),
+            Some(journal.clone()),
+        );
+        let (overdue, later, unhooked) = (
+            decision(Band::Uncertain),
+            decision(Band::Uncertain),
+            decision(Band::Ng),
+        );
+        let now = unix_ms();
+        book.recover(Recovered {
+            waiting: vec![
+                WaitingFrame {
+                    decision: overdue.clone(),
+                    deadline_unix_ms: now - 1,
+                    escalated_unix_ms: now - 5000,
+                },
+                WaitingFrame {
+                    decision: later.clone(),
+                    deadline_unix_ms: now + 60_000,
+                    escalated_unix_ms: now,
+                },
+            ],
+            hooks: vec![unhooked.clone()],
+        });
+        let first = hooks.recv().await.unwrap();
+        assert_eq!(first.frame_id, overdue.frame_id);
+        assert_eq!(
+            (first.band, first.decided_by),
+            (Band::Ng, Some(DecidedBy::Fallback))
+        );
+        assert_eq!(hooks.recv().await.unwrap().frame_id, unhooked.frame_id);
+        assert_eq!(book.pending(), 1, "the other one waits on");
+        assert!(book.lookup(later.frame_id).unwrap().decided_by.is_none());
+        // A verdict for the recovered frame is late and changes nothing.
+        book.verdict(overdue.frame_id, Band::Ok, 0.1);
+        assert_eq!(t.late_verdicts(), 1);
+        assert_eq!(book.lookup(overdue.frame_id).unwrap().band, Band::Ng);
+        assert!(hooks.try_recv().is_err());
+        // The fallback went to the journal: a start after this one finds it decided,
+        // its hook job still to run.
+        journal.flush().unwrap();
+        drop(journal);
+        let (_, again) = Journal::open(dir.path()).unwrap();
+        assert!(again.waiting.is_empty(), "{again:?}");
+        assert_eq!(again.hooks.len(), 1);
+        assert_eq!(again.hooks[0].frame_id, overdue.frame_id);
+    }
+
+    #[tokio::test]
     async fn the_deadline_applies_the_fallback_and_late_verdicts_are_counted() {
         let t = Arc::new(Telemetry::new());
-        let book = DecisionBook::new(Duration::from_millis(10), Fallback::Ng, t.clone(), None);
+        let book = DecisionBook::new(
+            Duration::from_millis(10),
+            Fallback::Ng,
+            t.clone(),
+            None,
+            None,
+        );
         let u = decision(Band::Uncertain);
         book.scored(u.clone());
         assert_eq!(book.expire(Instant::now()).is_some(), true);

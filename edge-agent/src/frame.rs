@@ -59,6 +59,29 @@ pub struct Frame {
     pub reply: Option<oneshot::Sender<Handled>>,
 }
 
+/// Longest `source` label accepted, in bytes.
+pub const MAX_SOURCE_BYTES: usize = 1024;
+
+/// Checks a frame's `source` label (a push's `source=`, a file's path in its folder): at
+/// most [`MAX_SOURCE_BYTES`] bytes of text without control characters. Such text is
+/// stored as it is by every consumer (PostgreSQL refuses a NUL byte); anything else is
+/// refused, not rewritten, so a label always means what its sender wrote.
+pub fn check_source(source: &str) -> Result<(), String> {
+    if source.len() > MAX_SOURCE_BYTES {
+        return Err(format!(
+            "source is {} bytes long: at most {MAX_SOURCE_BYTES}",
+            source.len()
+        ));
+    }
+    if let Some((at, c)) = source.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(format!(
+            "source contains a control character (U+{:04X}) at byte {at}: use printable text",
+            c as u32
+        ));
+    }
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
@@ -88,5 +111,19 @@ mod tests {
         assert_ne!(a, file_frame_id("cam-1", "a.png", b"other", 0));
         assert_ne!(a, file_frame_id("cam-1", "a.png", b"bytes", 1));
         assert_ne!(fresh_frame_id(), fresh_frame_id());
+    }
+
+    #[test]
+    fn sources_are_printable_text_of_bounded_length() {
+        assert!(check_source("line-3/cam 1 café.png").is_ok());
+        for bad in ["a\0b", "tab\there", "del\u{7f}", "c1\u{85}"] {
+            let err = check_source(bad).unwrap_err();
+            assert!(err.contains("control character"), "{bad:?}: {err}");
+        }
+        assert!(check_source("a\0")
+            .unwrap_err()
+            .contains("U+0000) at byte 1"));
+        assert!(check_source(&"x".repeat(MAX_SOURCE_BYTES)).is_ok());
+        assert!(check_source(&"x".repeat(MAX_SOURCE_BYTES + 1)).is_err());
     }
 }

@@ -1,9 +1,15 @@
 //! Reject-gate hooks: on every final NG decision, a command and/or a webhook, so the line
 //! can divert the part. Hooks run off the frame path, one at a time, each with a time
 //! limit; a failing hook is logged and counted, never retried (the part has moved on).
+//!
+//! Hook jobs are in the decision journal until they have run, so a job queued or running
+//! when the agent stops (a crash, a kill -9, a clean stop) runs after the next start:
+//! hooks run at least once, and a hook that was running at a crash may run twice (it gets
+//! `{frame_id}` to recognise that).
 
 use crate::config::HookConfig;
 use crate::decisions::{DecidedBy, Decision};
+use crate::journal::{Entry, Journal};
 use crate::telemetry::Telemetry;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +42,13 @@ pub fn expand(arg: &str, d: &Decision) -> String {
         )
 }
 
-/// Starts the hook runner if any hook is configured; returns the queue to feed it.
-pub fn start(config: &HookConfig, telemetry: Arc<Telemetry>) -> Option<mpsc::Sender<Decision>> {
+/// Starts the hook runner if any hook is configured; returns the queue to feed it. Each
+/// job that has run is marked done in `journal`.
+pub fn start(
+    config: &HookConfig,
+    telemetry: Arc<Telemetry>,
+    journal: Option<Arc<Journal>>,
+) -> Option<mpsc::Sender<Decision>> {
     if config.on_ng_command.is_empty() && config.on_ng_webhook.is_none() {
         return None;
     }
@@ -80,6 +91,11 @@ pub fn start(config: &HookConfig, telemetry: Arc<Telemetry>) -> Option<mpsc::Sen
                     }
                 }
             }
+            if let Some(j) = &journal {
+                j.record(Entry::HookDone {
+                    frame_id: d.frame_id,
+                });
+            }
         }
     });
     Some(tx)
@@ -105,7 +121,7 @@ mod tests {
             on_ng_webhook: None,
         };
         let t = Arc::new(Telemetry::new());
-        let tx = start(&config, t).unwrap();
+        let tx = start(&config, t, None).unwrap();
         let d = Decision {
             frame_id: uuid::Uuid::new_v4(),
             source: "a.png; rm -rf /".into(),

@@ -1,5 +1,6 @@
 //! The agent's HTTP endpoint: camera programs push frames (`POST /v1/frames`), Prometheus
-//! scrapes `/metrics`, supervisors probe `/healthz` and `/readyz`, people read
+//! scrapes `/metrics`, supervisors probe `/healthz` and `/readyz` (503 while the scorer is
+//! stopped or another client seems to use this agent's MQTT client id), people read
 //! `/v1/status`.
 //!
 //! A pushed frame is answered once it is scored and its result is synced to the spool,
@@ -8,9 +9,11 @@
 //! answers 503 with `Retry-After` at once instead of queueing the caller. (While the disk
 //! refuses writes, answers wait until it takes them again.) A push that repeats a
 //! `frame_id` the agent has scored gets that frame's decision, without scoring it again.
+//! A `source` label with control characters (a NUL byte, a newline) or longer than 1 KiB
+//! is refused with 400 (see [`check_source`]).
 
 use crate::decisions::{Decision, DecisionBook};
-use crate::frame::{fresh_frame_id, unix_ms, Frame, Handled};
+use crate::frame::{check_source, fresh_frame_id, unix_ms, Frame, Handled};
 use crate::telemetry::Telemetry;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
@@ -35,6 +38,8 @@ pub struct AppState {
     pub telemetry: Arc<Telemetry>,
     /// Device name.
     pub device: String,
+    /// MQTT client id.
+    pub client_id: String,
     /// Longest allowed `wait_ms`.
     pub max_wait: Duration,
 }
@@ -78,6 +83,11 @@ async fn push_frame(
             StatusCode::BAD_REQUEST,
             "empty body: send the encoded image (PNG, JPEG, BMP or TIFF) as the request body",
         );
+    }
+    if let Some(source) = &q.source {
+        if let Err(e) = check_source(source) {
+            return error(StatusCode::BAD_REQUEST, e);
+        }
     }
     let id = match q.frame_id.as_deref().map(uuid::Uuid::parse_str) {
         None => fresh_frame_id(),
@@ -159,6 +169,15 @@ async fn ready(State(app): State<AppState>) -> Response {
     if app.frames.is_closed() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "scorer stopped");
     }
+    if app.telemetry.client_id_conflict() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "MQTT client id conflict: another agent seems to use client id {:?} (give every agent its own device.id)",
+                app.client_id
+            ),
+        );
+    }
     (StatusCode::OK, "ready\n").into_response()
 }
 
@@ -169,6 +188,8 @@ async fn status(State(app): State<AppState>) -> Response {
         "device": app.device,
         "model_version": m.model_version,
         "broker_connected": t.connected(),
+        "client_id": app.client_id,
+        "client_id_conflict": t.client_id_conflict(),
         "queue_free": app.frames.capacity(),
         "pending_verdicts": app.book.pending(),
         "frames": { "ok": m.frames_ok, "uncertain": m.frames_uncertain, "ng": m.frames_ng,

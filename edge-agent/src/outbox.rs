@@ -5,12 +5,14 @@
 //! the network.
 //!
 //! One writer thread appends what the scorer sends and syncs once per batch (group
-//! commit); whoever waits on a record (a pushed frame, a watched file) hears back only once
-//! it is synced. If the disk refuses writes (full, failing), records wait in memory,
-//! bounded, and are retried; past the bound the oldest escalations are dropped first, then
-//! the oldest results, all counted.
+//! commit); the link is offered a record, and whoever waits on it (a pushed frame, a
+//! watched file) hears back, only once it is synced. If the disk refuses writes (full,
+//! failing) or a sync fails, records wait in memory, bounded, and are written again (a
+//! failed sync is not trusted to a later one); past the bound the oldest escalations are
+//! dropped first, then the oldest results, all counted.
 
 use crate::frame::Handled;
+use crate::journal::Journal;
 use crate::spool::Spool;
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
@@ -149,55 +151,83 @@ pub struct Item {
     pub on_durable: Option<(oneshot::Sender<Handled>, Handled)>,
 }
 
+/// What the writer thread is sent.
+enum Job {
+    /// A record to spool.
+    Record(Item),
+    /// The journal has entries to write.
+    Wake,
+}
+
 /// The scorer's handle on the outbox.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: SyncSender<Item>,
+    tx: SyncSender<Job>,
 }
 
 impl Outbox {
-    /// Starts the writer thread over `spools`.
+    /// Starts the writer thread over `spools`; it also writes `journal`'s entries, in the
+    /// same group commit (until [`Journal::set_waker`] is cleared, the journal keeps the
+    /// writer running).
     pub fn start(
         spools: Arc<Spools>,
+        journal: Option<Arc<Journal>>,
         telemetry: Arc<Telemetry>,
     ) -> Result<(Outbox, std::thread::JoinHandle<()>)> {
         let (tx, rx) = sync_channel(4096);
+        if let Some(j) = &journal {
+            let wake = tx.clone();
+            // A full channel means the writer is busy and flushes soon anyway.
+            j.set_waker(Some(Box::new(move || {
+                let _ = wake.try_send(Job::Wake);
+            })));
+        }
         let handle = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || write_loop(rx, &spools, &telemetry))
+            .spawn(move || write_loop(rx, &spools, journal.as_deref(), &telemetry))
             .context("cannot start the spool writer thread")?;
         Ok((Outbox { tx }, handle))
     }
 
     /// Hands a record to the writer (waits only if the writer is thousands behind).
     pub fn send(&self, item: Item) {
-        if self.tx.send(item).is_err() {
+        if self.tx.send(Job::Record(item)).is_err() {
             tracing::error!("spool writer has stopped: a record was not spooled");
         }
     }
 }
 
-fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
+fn write_loop(
+    rx: Receiver<Job>,
+    spools: &Spools,
+    journal: Option<&Journal>,
+    telemetry: &Telemetry,
+) {
     // Received, not yet appended (the disk may be refusing writes).
     let mut waiting: VecDeque<Item> = VecDeque::new();
     let mut waiting_bytes = 0usize;
-    // Appended, not yet synced: their senders hear back only once they are durable.
-    let mut written: Vec<Item> = Vec::new();
+    // Synced, but the journal is not: their senders hear back once it is.
+    let mut held: Vec<Item> = Vec::new();
     let mut failing = false;
+    let take = |job: Job, waiting: &mut VecDeque<Item>, bytes: &mut usize| {
+        if let Job::Record(item) = job {
+            *bytes += item.envelope.payload.len();
+            waiting.push_back(item);
+        }
+    };
     loop {
-        let idle = waiting.is_empty() && written.is_empty();
+        let idle =
+            waiting.is_empty() && held.is_empty() && journal.is_none_or(|j| !j.needs_flush());
         let timeout = if idle {
             Duration::from_secs(3600)
         } else {
             Duration::from_secs(1)
         };
         match rx.recv_timeout(timeout) {
-            Ok(item) => {
-                waiting_bytes += item.envelope.payload.len();
-                waiting.push_back(item);
-                while let Ok(item) = rx.try_recv() {
-                    waiting_bytes += item.envelope.payload.len();
-                    waiting.push_back(item);
+            Ok(job) => {
+                take(job, &mut waiting, &mut waiting_bytes);
+                while let Ok(job) = rx.try_recv() {
+                    take(job, &mut waiting, &mut waiting_bytes);
                     if waiting.len() >= 512 && !failing {
                         break;
                     }
@@ -208,43 +238,81 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
             Err(RecvTimeoutError::Disconnected) if failing => {
                 tracing::error!(
                     "shutting down with {} records the disk would not take",
-                    waiting.len() + written.len()
+                    waiting.len()
                 );
                 break;
             }
             Err(RecvTimeoutError::Disconnected) => {}
         }
         let mut error = None;
-        let before = written.len();
+        // Appended in this pass, per queue: durable once their queue syncs, else written
+        // again (a sync that failed cuts them off).
+        let mut appended: [Vec<Item>; 2] = Default::default();
+        // A queue whose write fails waits for the next pass; the other one goes on (an
+        // escalation the full disk refuses does not hold up the small results behind it).
+        let mut blocked = [false; 2];
+        let mut later = VecDeque::new();
         while let Some(item) = waiting.pop_front() {
-            let appended = spools.lock(item.queue).append(&item.envelope.encode());
-            match appended {
+            let q = item.queue.index();
+            if blocked[q] {
+                later.push_back(item);
+                continue;
+            }
+            let result = spools.lock(item.queue).append(&item.envelope.encode());
+            match result {
                 Ok(_) => {
                     waiting_bytes -= item.envelope.payload.len();
-                    written.push(item);
+                    appended[q].push(item);
                 }
                 Err(e) => {
-                    error = Some(e);
-                    waiting.push_front(item);
-                    break;
+                    error.get_or_insert(e);
+                    blocked[q] = true;
+                    later.push_back(item);
                 }
             }
         }
-        if written.len() > before {
-            spools.appended.notify_one();
-        }
-        // Sync outside the queue's lock, so the MQTT link is not held up meanwhile.
+        waiting = later;
+        let mut durable = std::mem::take(&mut held);
         for q in Queue::ALL {
-            let handle = spools.lock(q).sync_handle();
-            let synced = match handle {
-                Ok(Some(file)) => file.sync_data().map_err(|e| {
-                    spools.lock(q).sync_failed();
-                    anyhow::Error::new(e).context(format!("the {} spool cannot sync", q.name()))
-                }),
+            // Sync outside the queue's lock, so the MQTT link is not held up meanwhile.
+            let job = spools.lock(q).sync_job();
+            let synced = match job {
+                Ok(Some(job)) => {
+                    let outcome = job.run();
+                    spools.lock(q).sync_done(&job, outcome)
+                }
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
             };
-            if let Err(e) = synced {
+            let mine = std::mem::take(&mut appended[q.index()]);
+            match synced {
+                Ok(()) => durable.extend(mine),
+                Err(e) => {
+                    for item in mine.into_iter().rev() {
+                        waiting_bytes += item.envelope.payload.len();
+                        waiting.push_front(item);
+                    }
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        // Offered to the link only now that they are on disk.
+        if !durable.is_empty() {
+            spools.appended.notify_one();
+        }
+        // A frame's journal entry (it waits for a verdict, its hook is to run) was recorded
+        // before its records were sent here: once the journal is synced too, its source
+        // may forget the frame.
+        match journal.map_or(Ok(()), Journal::flush) {
+            Ok(()) => {
+                for item in durable {
+                    if let Some((tx, handled)) = item.on_durable {
+                        let _ = tx.send(handled);
+                    }
+                }
+            }
+            Err(e) => {
+                held = durable;
                 error.get_or_insert(e);
             }
         }
@@ -261,11 +329,6 @@ fn write_loop(rx: Receiver<Item>, spools: &Spools, telemetry: &Telemetry) {
                 if failing {
                     tracing::warn!("spool writes work again");
                     failing = false;
-                }
-                for item in written.drain(..) {
-                    if let Some((tx, handled)) = item.on_durable {
-                        let _ = tx.send(handled);
-                    }
                 }
             }
         }
@@ -308,11 +371,110 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_sync_is_not_trusted_records_are_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spools = Spools::open(dir.path(), 1 << 20, 1 << 20, std::time::Duration::ZERO).unwrap();
+        // The next sync fails and the disk keeps nothing of what it was to make durable.
+        spools.lock(Queue::Results).faults.sync = 1;
+        let t = Arc::new(Telemetry::new());
+        let (outbox, handle) = Outbox::start(spools.clone(), None, t.clone()).unwrap();
+        let mut replies = Vec::new();
+        for i in 0..3u8 {
+            let (tx, rx) = oneshot::channel();
+            replies.push(rx);
+            outbox.send(Item {
+                queue: Queue::Results,
+                envelope: Envelope {
+                    topic: format!("t/{i}"),
+                    arrived_unix_us: 0,
+                    payload: vec![i],
+                },
+                on_durable: Some((tx, Handled::Rejected(i.to_string()))),
+            });
+        }
+        for rx in replies {
+            assert!(
+                rx.blocking_recv().is_ok(),
+                "every record is acknowledged in the end"
+            );
+        }
+        drop(outbox);
+        handle.join().unwrap();
+        drop(spools);
+        // What was acknowledged as durable is on disk, once each, in order.
+        let spool = Spool::open(&dir.path().join("results"), 1 << 20).unwrap();
+        let topics: Vec<String> = spool
+            .read_from(0, 10)
+            .unwrap()
+            .iter()
+            .map(|(_, r)| Envelope::decode(r).unwrap().topic)
+            .collect();
+        assert_eq!(topics, vec!["t/0", "t/1", "t/2"]);
+        assert!(t.spool_write_errors() >= 1);
+    }
+
+    #[test]
+    fn results_are_written_while_the_disk_refuses_an_escalation() {
+        let dir = tempfile::tempdir().unwrap();
+        let spools = Spools::open(dir.path(), 1 << 20, 1 << 20, std::time::Duration::ZERO).unwrap();
+        // The escalation queue's next writes fail.
+        spools.lock(Queue::Escalations).faults.write = 1_000_000;
+        let t = Arc::new(Telemetry::new());
+        let (outbox, _handle) = Outbox::start(spools.clone(), None, t.clone()).unwrap();
+        let mut replies = Vec::new();
+        for i in 0..3u8 {
+            outbox.send(Item {
+                queue: Queue::Escalations,
+                envelope: Envelope {
+                    topic: "e".into(),
+                    arrived_unix_us: 0,
+                    payload: vec![i; 100],
+                },
+                on_durable: None,
+            });
+            let (tx, rx) = oneshot::channel();
+            replies.push(rx);
+            outbox.send(Item {
+                queue: Queue::Results,
+                envelope: Envelope {
+                    topic: format!("r/{i}"),
+                    arrived_unix_us: 0,
+                    payload: vec![i],
+                },
+                on_durable: Some((tx, Handled::Rejected(i.to_string()))),
+            });
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for mut rx in replies {
+            while rx.try_recv().is_err() {
+                assert!(std::time::Instant::now() < deadline, "a result waits");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert_eq!(spools.lock(Queue::Results).len(), 3);
+        assert_eq!(spools.lock(Queue::Escalations).len(), 0);
+        // Once the disk takes them, the escalations follow, in order.
+        spools.lock(Queue::Escalations).faults.write = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while spools.lock(Queue::Escalations).len() < 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let got: Vec<u8> = spools
+            .lock(Queue::Escalations)
+            .read_from(0, 10)
+            .unwrap()
+            .iter()
+            .map(|(_, r)| Envelope::decode(r).unwrap().payload[0])
+            .collect();
+        assert_eq!(got, vec![0, 1, 2]);
+    }
+
+    #[test]
     fn the_writer_spools_and_reports_durability() {
         let dir = tempfile::tempdir().unwrap();
         let spools = Spools::open(dir.path(), 1 << 20, 1 << 20, Duration::ZERO).unwrap();
         let t = Arc::new(Telemetry::new());
-        let (outbox, handle) = Outbox::start(spools.clone(), t.clone()).unwrap();
+        let (outbox, handle) = Outbox::start(spools.clone(), None, t.clone()).unwrap();
         let (tx, rx) = oneshot::channel();
         let mut reply = Some((tx, Handled::Rejected("x".into())));
         for i in 0..3u8 {

@@ -8,10 +8,13 @@
 //!
 //! Shutdown (SIGINT, SIGTERM) stops the sources, lets the scorer finish what is queued,
 //! syncs the spool, gives the broker a moment to take what is in flight, and announces the
-//! device OFFLINE. What is not delivered stays in the spool for the next start.
+//! device OFFLINE. What is not delivered stays in the spool for the next start; frames
+//! still waiting for a verdict and hooks not run yet stay in the decision journal, and the
+//! next start takes them over (see [`crate::decisions`]).
 
 use crate::config::{AgentConfig, SourceKind};
 use crate::decisions::DecisionBook;
+use crate::journal::Journal;
 use crate::outbox::{Outbox, Queue, Spools};
 use crate::scorer::{ActiveModel, Scorer};
 use crate::telemetry::Telemetry;
@@ -57,6 +60,7 @@ pub fn run(args: RunArgs, device: &candle_core::Device) -> Result<()> {
         );
         return Ok(());
     }
+    config.require_device_id()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -80,6 +84,8 @@ pub async fn run_pipeline(
     telemetry: Arc<Telemetry>,
     exit_when_done: bool,
 ) -> Result<()> {
+    config.require_device_id()?;
+    telemetry.watch_client_id(&config.client_id());
     let active = {
         let (config, device) = (config.clone(), device.clone());
         tokio::task::spawn_blocking(move || ActiveModel::load(&config, &device)).await??
@@ -99,6 +105,7 @@ pub async fn run_pipeline(
         Duration::from_secs(config.spool.keep_delivered_s),
     )?;
     spools.report(&telemetry);
+    crate::disk::check_at_start(&config, &spools, &telemetry);
     for q in Queue::ALL {
         let waiting = spools.lock(q).len();
         if waiting > 0 {
@@ -108,15 +115,20 @@ pub async fn run_pipeline(
             );
         }
     }
-    let hooks = crate::hooks::start(&config.hooks, telemetry.clone());
+    let (journal, recovered) = Journal::open(&config.spool.dir.join("decisions"))
+        .context("cannot open the decision journal")?;
+    let hooks = crate::hooks::start(&config.hooks, telemetry.clone(), Some(journal.clone()));
     let book = DecisionBook::new(
         Duration::from_millis(config.routing.verdict_deadline_ms),
         config.routing.fallback,
         telemetry.clone(),
         hooks,
+        Some(journal.clone()),
     );
+    let (outbox, writer) = Outbox::start(spools.clone(), Some(journal.clone()), telemetry.clone())?;
+    // Before any source, verdict or push: what waited when the agent last stopped.
+    book.recover(recovered);
     tokio::spawn(book.clone().run_deadlines());
-    let (outbox, writer) = Outbox::start(spools.clone(), telemetry.clone())?;
     let (frames_tx, frames_rx) = mpsc::channel(config.queue.capacity);
     let updates = crate::scorer::watch_bundle(config.clone(), device.clone(), version);
     let scorer = Scorer::new(
@@ -133,6 +145,12 @@ pub async fn run_pipeline(
         .context("cannot start the scorer thread")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(crate::disk::guard(
+        crate::disk::DiskPolicy::of(&config),
+        spools.clone(),
+        telemetry.clone(),
+        stop_rx.clone(),
+    ));
     let (link_stop_tx, link_stop_rx) = watch::channel(false);
     let link = if config.mqtt.enabled {
         let link =
@@ -152,6 +170,7 @@ pub async fn run_pipeline(
             book: book.clone(),
             telemetry: telemetry.clone(),
             device: config.device.id.clone(),
+            client_id: config.client_id(),
             max_wait: Duration::from_millis(config.http.max_wait_ms),
         };
         let listener = tokio::net::TcpListener::bind(&config.http.listen)
@@ -183,7 +202,11 @@ pub async fn run_pipeline(
         match config.source.kind {
             SourceKind::None => None,
             SourceKind::Watch => Some(tokio::spawn(crate::sources::watch_folder(
-                cfg, dev, tx, stop,
+                cfg,
+                dev,
+                tx,
+                telemetry.clone(),
+                stop,
             ))),
             SourceKind::Replay => Some(tokio::spawn(crate::sources::replay_folder(
                 cfg, dev, tx, stop,
@@ -249,8 +272,11 @@ pub async fn run_pipeline(
         s.abort();
     }
     drop(frames_tx);
+    let waker = journal.clone();
     tokio::task::spawn_blocking(move || {
         let _ = scorer.join();
+        // The journal no longer keeps the writer: it flushes once more and ends.
+        waker.set_waker(None);
         let _ = writer.join();
     })
     .await?;
@@ -273,6 +299,10 @@ pub async fn run_pipeline(
     let _ = link_stop_tx.send(true);
     if let Some(link) = link {
         let _ = link.await;
+    }
+    // Verdicts and hooks finished while stopping.
+    if let Err(e) = tokio::task::spawn_blocking(move || journal.flush()).await? {
+        tracing::error!("{e:#}");
     }
     spools.report(&telemetry);
     let left = spools.lock(Queue::Results).len() + spools.lock(Queue::Escalations).len();

@@ -14,7 +14,7 @@ use crate::outbox::{Envelope, Item, Outbox, Queue};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
 use insp_core::memory_bank::Search;
-use insp_core::patchcore::{PatchCore, Timings};
+use insp_core::patchcore::{PatchCore, Scored, Timings};
 use insp_core::routing::{Band, Thresholds};
 use insp_proto::v1::{self, AnomalyMap, Escalation, FrameResult};
 use insp_proto::{Message, TopicKind};
@@ -87,7 +87,11 @@ fn thresholds(bundle: Option<Thresholds>, routing: &RoutingConfig) -> Result<Thr
     Ok(t)
 }
 
-/// Watches the bundle folder and sends verified new models to the scorer.
+/// Watches the bundle folder and sends verified new models to the scorer. A new version
+/// that does not load (a bundle copied file by file: the manifest first, the bank still
+/// being written) is tried again at every check while its files change, and given up,
+/// with one error, once they stayed as they were between two failed tries; the same
+/// version is tried again if its files change later.
 pub fn watch_bundle(
     config: AgentConfig,
     device: candle_core::Device,
@@ -101,26 +105,40 @@ pub fn watch_bundle(
     let spawned = std::thread::Builder::new()
         .name("bundle-watch".into())
         .spawn(move || {
-            let mut known = current;
+            let mut current = current;
+            let mut reloads = Reloads::default();
             loop {
                 std::thread::sleep(every);
                 let Some(version) = manifest_version(&config.model.bundle) else {
                     continue;
                 };
-                if version == known {
+                if version == current {
                     continue;
                 }
-                known = version.clone();
+                let files = fingerprint(&config.model.bundle);
+                if !reloads.worth_trying(&version, &files) {
+                    continue;
+                }
                 match ActiveModel::load(&config, &device) {
                     Ok(m) => {
                         tracing::info!("bundle {version} verified; swapping it in");
+                        current = version;
+                        reloads = Reloads::default();
                         if tx.send(m).is_err() {
                             return;
                         }
                     }
-                    Err(e) => tracing::error!(
-                        "new bundle {version} refused, keeping the running model: {e:#}"
-                    ),
+                    Err(e) => {
+                        if reloads.failed(&version, files) {
+                            tracing::error!(
+                                "new bundle {version} refused, keeping the running model (its files did not change since the last try; it is tried again when they do): {e:#}"
+                            );
+                        } else {
+                            tracing::info!(
+                                "new bundle {version} does not load yet (still being copied?); trying again at the next check: {e:#}"
+                            );
+                        }
+                    }
                 }
             }
         });
@@ -128,6 +146,63 @@ pub fn watch_bundle(
         tracing::error!("bundle watcher not started: {e}");
     }
     Some(rx)
+}
+
+/// Name, size and modification time of every file in a bundle folder: what tells a
+/// bundle still being copied from one that stays as it is.
+type Fingerprint = Vec<(String, u64, Option<std::time::SystemTime>)>;
+
+fn fingerprint(bundle: &Path) -> Fingerprint {
+    let mut files: Fingerprint = std::fs::read_dir(bundle)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            meta.is_file().then(|| {
+                (
+                    entry.file_name().to_string_lossy().into_owned(),
+                    meta.len(),
+                    meta.modified().ok(),
+                )
+            })
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// What the bundle watcher remembers of versions that did not load.
+#[derive(Default)]
+struct Reloads {
+    /// The last failed try: the version and its files as they were.
+    failed: Option<(String, Fingerprint)>,
+    /// Given up on: this version with exactly these files.
+    refused: Option<(String, Fingerprint)>,
+}
+
+impl Reloads {
+    /// Whether `version` with `files` should be tried.
+    fn worth_trying(&self, version: &str, files: &Fingerprint) -> bool {
+        self.refused
+            .as_ref()
+            .is_none_or(|(v, f)| v != version || f != files)
+    }
+
+    /// Records a failed try; true when it is given up now (its files did not change
+    /// since the previous failed try of the same version).
+    fn failed(&mut self, version: &str, files: Fingerprint) -> bool {
+        let unchanged = self
+            .failed
+            .as_ref()
+            .is_some_and(|(v, f)| v == version && *f == files);
+        if unchanged {
+            self.refused = self.failed.take();
+        } else {
+            self.failed = Some((version.to_string(), files));
+        }
+        unchanged
+    }
 }
 
 /// The `version` field of a bundle's manifest, read cheaply.
@@ -157,7 +232,12 @@ pub struct Scorer {
     pub max_payload: usize,
     /// Topics of results and escalations.
     pub topics: (String, String),
+    /// The image decoder ([`insp_core::image::decode`]; tests put a failing one here).
+    pub decode: Decoder,
 }
+
+/// Decodes an encoded frame; `origin` names it in errors.
+pub type Decoder = fn(&[u8], &str) -> insp_core::Result<image::DynamicImage>;
 
 impl Scorer {
     /// Prepares a scorer for `config`'s device.
@@ -183,6 +263,7 @@ impl Scorer {
             telemetry,
             max_payload: config.mqtt.max_payload_bytes,
             topics: (topic(TopicKind::Result)?, topic(TopicKind::Escalation)?),
+            decode: insp_core::image::decode,
         })
     }
 
@@ -214,29 +295,11 @@ impl Scorer {
     /// Scores one frame and routes it.
     pub fn handle(&mut self, mut frame: Frame) {
         let origin = format!("frame {} ({})", frame.id, frame.source);
-        let image = match insp_core::image::decode(&frame.bytes, &origin) {
-            Ok(image) => image,
-            Err(e) => {
-                self.telemetry.frame_rejected();
-                tracing::warn!("skipped: {e}");
-                if let Some(reply) = frame.reply.take() {
-                    let _ = reply.send(Handled::Rejected(e.to_string()));
-                }
-                return;
-            }
-        };
-        let scored = match self
-            .active
-            .model
-            .score_image(&image, &mut Timings::default())
+        let scored = match decode_and_score(self.decode, &self.active.model, &frame.bytes, &origin)
         {
             Ok(s) => s,
-            Err(e) => {
-                self.telemetry.frame_rejected();
-                tracing::error!("{origin}: scoring failed: {e}");
-                if let Some(reply) = frame.reply.take() {
-                    let _ = reply.send(Handled::Rejected(format!("scoring failed: {e}")));
-                }
+            Err(refusal) => {
+                self.refuse(&mut frame, &origin, refusal);
                 return;
             }
         };
@@ -273,7 +336,13 @@ impl Scorer {
         // Register before publishing, so a fast verdict finds its frame waiting.
         self.book.scored(decision.clone());
         let mut escalated = true;
-        if band == Band::Uncertain {
+        let mut unsent = "escalation too large to send";
+        if band == Band::Uncertain && self.telemetry.disk_low() {
+            // Escalation images are the first thing shed when the disk runs low.
+            self.telemetry.disk_shed("escalations", 1);
+            escalated = false;
+            unsent = "the disk is low (spool.min_free_bytes): its escalation is not kept";
+        } else if band == Band::Uncertain {
             let map = AnomalyMap {
                 height: scored.map.height as u32,
                 width: scored.map.width as u32,
@@ -322,8 +391,78 @@ impl Scorer {
                 .map(|tx| (tx, Handled::Scored(decision.clone()))),
         });
         if !escalated {
-            self.book
-                .decide_now(frame.id, "escalation too large to send");
+            self.book.decide_now(frame.id, unsent);
+        }
+    }
+}
+
+impl Scorer {
+    /// Counts and logs a frame that was not scored, and tells its source why (a push gets
+    /// an error, a watched file goes to `rejected/` with the reason).
+    fn refuse(&self, frame: &mut Frame, origin: &str, refusal: Refusal) {
+        self.telemetry.frame_rejected();
+        let reason = match refusal {
+            Refusal::Undecodable(e) => {
+                tracing::warn!("skipped: {e}");
+                e
+            }
+            Refusal::Failed(e) => {
+                tracing::error!("{origin}: {e}");
+                e
+            }
+            Refusal::Panicked(message) => {
+                self.telemetry.scorer_panicked();
+                tracing::error!(
+                    "{origin}: the decoder or the model panicked ({message}); the frame is set aside and scoring goes on"
+                );
+                format!("the frame made the decoder or the model panic: {message}")
+            }
+        };
+        if let Some(reply) = frame.reply.take() {
+            let _ = reply.send(Handled::Rejected(reason));
+        }
+    }
+}
+
+/// Why a frame was not scored.
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    /// It does not decode (empty, truncated, not an image, too large).
+    Undecodable(String),
+    /// The model returned an error.
+    Failed(String),
+    /// The decoder or the model panicked on it.
+    Panicked(String),
+}
+
+/// Decodes and scores a frame. A panic in the decoder or the model (a crafted or damaged
+/// image can trigger one in a third-party decoder) is caught and becomes a refusal, so a
+/// poison frame never ends the scorer (nor, read again after a restart, crash-loops it).
+fn decode_and_score(
+    decode: Decoder,
+    model: &PatchCore,
+    bytes: &[u8],
+    origin: &str,
+) -> Result<Scored, Refusal> {
+    guarded(|| {
+        let image = decode(bytes, origin).map_err(|e| Refusal::Undecodable(e.to_string()))?;
+        model
+            .score_image(&image, &mut Timings::default())
+            .map_err(|e| Refusal::Failed(format!("scoring failed: {e}")))
+    })
+}
+
+/// Runs `f`, turning a panic into [`Refusal::Panicked`] with the panic's message.
+fn guarded<T>(f: impl FnOnce() -> Result<T, Refusal>) -> Result<T, Refusal> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(Refusal::Panicked(message))
         }
     }
 }
@@ -352,6 +491,143 @@ pub fn sniff_format(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scorer with a real model (a small bundle fitted on synthetic textures), its
+    /// spool in `dir`; returns it with its telemetry and a good frame's bytes.
+    fn real_scorer(dir: &Path) -> (Scorer, Arc<Telemetry>, Vec<u8>) {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Synth {
+            #[command(flatten)]
+            args: crate::synth_cmd::SynthArgs,
+        }
+        #[derive(Parser)]
+        struct Fit {
+            #[command(flatten)]
+            args: crate::fit_cmd::FitArgs,
+        }
+        let (data, bundle) = (dir.join("data"), dir.join("bundle"));
+        let p = |p: &Path| p.display().to_string();
+        let synth = Synth::parse_from([
+            "synth",
+            "--out",
+            &p(&data),
+            "--size",
+            "64",
+            "--train",
+            "8",
+            "--test-good",
+            "1",
+            "--test-defect",
+            "1",
+        ]);
+        crate::synth_cmd::run(synth.args).unwrap();
+        let fit = Fit::parse_from([
+            "fit",
+            "--data",
+            &p(&data),
+            "--out",
+            &p(&bundle),
+            "--size",
+            "64",
+            "--bank-rows",
+            "200",
+        ]);
+        crate::fit_cmd::run(fit.args, &candle_core::Device::Cpu).unwrap();
+        let mut config = AgentConfig::default();
+        config.device.id = "cam-t".into();
+        config.model.bundle = bundle;
+        let active = ActiveModel::load(&config, &candle_core::Device::Cpu).unwrap();
+        let spools = crate::outbox::Spools::open(
+            &dir.join("spool"),
+            1 << 20,
+            1 << 20,
+            std::time::Duration::ZERO,
+        )
+        .unwrap();
+        let telemetry = Arc::new(Telemetry::new());
+        let (outbox, _writer) = Outbox::start(spools, None, telemetry.clone()).unwrap();
+        let book = DecisionBook::new(
+            Duration::from_secs(1),
+            crate::config::Fallback::Ng,
+            telemetry.clone(),
+            None,
+            None,
+        );
+        let scorer = Scorer::new(&config, active, None, outbox, book, telemetry.clone()).unwrap();
+        let good = std::fs::read(data.join("test/good/0000.png")).unwrap();
+        (scorer, telemetry, good)
+    }
+
+    fn frame(bytes: &[u8]) -> (Frame, tokio::sync::oneshot::Receiver<Handled>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let frame = Frame {
+            id: uuid::Uuid::new_v4(),
+            source: "poison.jpg".into(),
+            bytes: bytes.to_vec(),
+            captured_unix_ms: 0,
+            arrived: std::time::Instant::now(),
+            reply: Some(tx),
+        };
+        (frame, rx)
+    }
+
+    #[test]
+    fn a_decoder_panic_rejects_the_frame_and_the_scorer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut scorer, telemetry, good) = real_scorer(dir.path());
+        scorer.decode = |_, _| panic!("index out of bounds: the len is 1 but the index is 1");
+        let (poison, reply) = frame(&good);
+        scorer.handle(poison);
+        match reply.blocking_recv().unwrap() {
+            Handled::Rejected(reason) => {
+                assert!(
+                    reason.contains("panic") && reason.contains("index out of bounds"),
+                    "{reason}"
+                )
+            }
+            Handled::Scored(d) => panic!("scored: {d:?}"),
+        }
+        assert_eq!(telemetry.rejected(), 1);
+        assert!(telemetry
+            .render()
+            .contains("insp_edge_scorer_panics_total 1"));
+        // The same scorer scores the next frame.
+        scorer.decode = insp_core::image::decode;
+        let (next, reply) = frame(&good);
+        scorer.handle(next);
+        assert!(matches!(reply.blocking_recv().unwrap(), Handled::Scored(_)));
+    }
+
+    #[test]
+    fn a_bundle_that_fails_is_retried_while_its_files_change_then_given_up_once() {
+        let files = |n: u64| -> Fingerprint { vec![("bank.safetensors".into(), n, None)] };
+        let mut r = Reloads::default();
+        assert!(r.worth_trying("v2", &files(10)));
+        assert!(!r.failed("v2", files(10)), "first failure: retried");
+        assert!(r.worth_trying("v2", &files(20)));
+        assert!(!r.failed("v2", files(20)), "the files changed: retried");
+        assert!(r.worth_trying("v2", &files(20)));
+        assert!(r.failed("v2", files(20)), "unchanged: given up now");
+        assert!(!r.worth_trying("v2", &files(20)), "and not tried again");
+        assert!(r.worth_trying("v2", &files(30)), "until its files change");
+        assert!(r.worth_trying("v3", &files(20)), "or another version comes");
+    }
+
+    #[test]
+    fn a_panic_while_scoring_becomes_a_refusal_with_its_message() {
+        let got: Result<(), Refusal> = guarded(|| panic!("index out of bounds: the len is 1"));
+        assert_eq!(
+            got,
+            Err(Refusal::Panicked(
+                "index out of bounds: the len is 1".into()
+            ))
+        );
+        let n = 3;
+        let got: Result<(), Refusal> = guarded(|| panic!("formatted {n}"));
+        assert_eq!(got, Err(Refusal::Panicked("formatted 3".into())));
+        assert_eq!(guarded(|| Ok(7)), Ok(7));
+    }
 
     #[test]
     fn overrides_replace_bundle_thresholds_and_must_be_ordered() {

@@ -4,7 +4,8 @@
 //! push frames use the HTTP endpoint instead.)
 
 use crate::config::{AfterScoring, SourceConfig};
-use crate::frame::{file_frame_id, unix_ms, Frame, Handled};
+use crate::frame::{check_source, file_frame_id, unix_ms, Frame, Handled};
+use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -14,13 +15,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// Subfolder of the watched folder for scored files (with `after = "move"`).
 pub const DONE_DIR: &str = "done";
-/// Subfolder of the watched folder for files that could not be decoded.
+/// Subfolder of the watched folder for files that could not be decoded or scored (each
+/// with a `<name>.reason` text file saying why).
 pub const REJECTED_DIR: &str = "rejected";
 
 /// True for a file the watcher should consider: an image, not hidden, not a temporary
 /// name that a writer will rename.
 fn is_candidate(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+    // A name that is not UTF-8 is a candidate too: it is refused visibly, not ignored.
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy()) else {
         return false;
     };
     !name.starts_with('.')
@@ -36,11 +39,13 @@ struct Sighting {
     since: Instant,
 }
 
-/// Watches `config.path` until `shutdown`; sends each settled new image to `frames`.
+/// Watches `config.path` until `shutdown`; sends each settled new image to `frames`. A
+/// file whose name cannot be its `source` label goes to `rejected/` unscored.
 pub async fn watch_folder(
     config: SourceConfig,
     device: String,
     frames: mpsc::Sender<Frame>,
+    telemetry: Arc<Telemetry>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let dir = config.path.clone();
@@ -104,6 +109,23 @@ pub async fn watch_folder(
         ready.sort();
         for (modified, path, size) in ready {
             sightings.remove(&path);
+            let source = match file_source(&path, &dir) {
+                Ok(s) => s,
+                Err(reason) => {
+                    // Refused as it is named: set aside, not scored.
+                    tracing::warn!("{}: {reason}; moved to {REJECTED_DIR}/", path.display());
+                    telemetry.frame_rejected();
+                    let version = (path.clone(), size, modified);
+                    let refused = Handled::Rejected(reason);
+                    if !matches!(
+                        finish_file(&dir, &version, config.after, &refused).await,
+                        Finish::Done
+                    ) {
+                        lock(&skip).insert(version);
+                    }
+                    continue;
+                }
+            };
             let bytes = match tokio::fs::read(&path).await {
                 Ok(b) => b,
                 Err(e) => {
@@ -111,11 +133,6 @@ pub async fn watch_folder(
                     continue;
                 }
             };
-            let source = path
-                .strip_prefix(&dir)
-                .unwrap_or(&path)
-                .display()
-                .to_string();
             let (reply, handled) = oneshot::channel();
             let frame = Frame {
                 id: file_frame_id(&device, &source, &bytes, 0),
@@ -151,6 +168,20 @@ pub async fn watch_folder(
             });
         }
     }
+}
+
+/// A file's `source` label: its path relative to `dir`, which must be UTF-8 text without
+/// control characters (see [`check_source`]).
+fn file_source(path: &Path, dir: &Path) -> Result<String, String> {
+    let relative = path.strip_prefix(dir).unwrap_or(path);
+    let Some(source) = relative.to_str() else {
+        return Err(format!(
+            "the file name is not UTF-8 ({}): the source label must be text",
+            relative.display()
+        ));
+    };
+    check_source(source)?;
+    Ok(source.to_string())
 }
 
 /// A file as it was when taken: path, size, modification time.
@@ -229,10 +260,19 @@ async fn finish_file(
                 target = target_dir.join(format!("{n}-{}", name.to_string_lossy()));
                 n += 1;
             }
-            match tokio::fs::create_dir_all(&target_dir).await {
+            let moved = match tokio::fs::create_dir_all(&target_dir).await {
                 Ok(()) => tokio::fs::rename(path, &target).await,
                 Err(e) => Err(e),
+            };
+            if let (Ok(()), Handled::Rejected(reason)) = (&moved, handled) {
+                // Why, next to the file, for whoever looks at rejected/.
+                let mut note = target.into_os_string();
+                note.push(".reason");
+                if let Err(e) = tokio::fs::write(&note, format!("{reason}\n")).await {
+                    tracing::warn!("cannot write {}: {e}", Path::new(&note).display());
+                }
             }
+            moved
         }
     };
     match result {
@@ -298,11 +338,13 @@ pub async fn replay_folder(
                     continue;
                 }
             };
-            let source = path
-                .strip_prefix(&config.path)
-                .unwrap_or(path)
-                .display()
-                .to_string();
+            let source = match file_source(path, &config.path) {
+                Ok(s) => s,
+                Err(reason) => {
+                    tracing::warn!("{}: {reason}; not played", path.display());
+                    continue;
+                }
+            };
             let frame = Frame {
                 id: file_frame_id(&device, &source, &bytes, round),
                 source,

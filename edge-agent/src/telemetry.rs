@@ -2,6 +2,7 @@
 //! every pipeline stage updates, rendered in the text exposition format at `/metrics`
 //! and summarised in the periodic MQTT metrics message.
 
+use crate::takeover::{Change, TakeoverWatch};
 use insp_core::routing::Band;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -33,12 +34,15 @@ pub struct Telemetry {
     registry: Registry,
     frames: Family<Label, Counter>,
     rejected: Counter,
+    panicked: Counter,
     dropped: Family<Label, Counter>,
     decisions: Family<Label, Counter>,
     fallbacks: Counter,
     late_verdicts: Counter,
     oversized: Counter,
     hook_failures: Counter,
+    decisions_recovered: Family<Label, Counter>,
+    hooks_recovered: Counter,
     score_latency: Histogram,
     score_micros_total: AtomicU64,
     scored_total: AtomicU64,
@@ -55,6 +59,13 @@ pub struct Telemetry {
     undeliverable: Family<Label, Counter>,
     resend_requested: Family<Label, Counter>,
     connected: Gauge,
+    disk_free: Family<Label, Gauge>,
+    disk_low: Gauge,
+    disk_shed: Family<Label, Counter>,
+    done_pruned: Counter,
+    takeover: std::sync::Mutex<(TakeoverWatch, String)>,
+    client_id_conflicts: Counter,
+    client_id_conflict: Gauge,
     model: Family<Label, Gauge<f64, AtomicU64>>,
     model_version: std::sync::Mutex<String>,
 }
@@ -73,12 +84,15 @@ impl Telemetry {
             registry: Registry::with_prefix("insp_edge"),
             frames: Family::default(),
             rejected: Counter::default(),
+            panicked: Counter::default(),
             dropped: Family::default(),
             decisions: Family::default(),
             fallbacks: Counter::default(),
             late_verdicts: Counter::default(),
             oversized: Counter::default(),
             hook_failures: Counter::default(),
+            decisions_recovered: Family::default(),
+            hooks_recovered: Counter::default(),
             score_latency: latency(),
             score_micros_total: AtomicU64::new(0),
             scored_total: AtomicU64::new(0),
@@ -94,6 +108,13 @@ impl Telemetry {
             undeliverable: Family::default(),
             resend_requested: Family::default(),
             connected: Gauge::default(),
+            disk_free: Family::default(),
+            disk_low: Gauge::default(),
+            disk_shed: Family::default(),
+            done_pruned: Counter::default(),
+            takeover: Default::default(),
+            client_id_conflicts: Counter::default(),
+            client_id_conflict: Gauge::default(),
             model: Family::default(),
             model_version: Default::default(),
         };
@@ -101,8 +122,13 @@ impl Telemetry {
         r.register("frames", "Frames scored, by edge band", t.frames.clone());
         r.register(
             "frames_rejected",
-            "Frames that could not be decoded",
+            "Frames not scored: undecodable, a scoring error or a caught panic (watched files go to rejected/)",
             t.rejected.clone(),
+        );
+        r.register(
+            "scorer_panics",
+            "Frames on which the decoder or the model panicked (caught; the frame is rejected)",
+            t.panicked.clone(),
         );
         r.register(
             "frames_dropped",
@@ -133,6 +159,16 @@ impl Telemetry {
             "hook_failures",
             "Reject-gate hooks that failed",
             t.hook_failures.clone(),
+        );
+        r.register(
+            "decisions_recovered",
+            "Frames found waiting for a verdict at start (how: fallback = its deadline had passed, decided now; waiting = it waits for the rest of its deadline)",
+            t.decisions_recovered.clone(),
+        );
+        r.register(
+            "hooks_recovered",
+            "Reject-hook jobs found not run at start, run now",
+            t.hooks_recovered.clone(),
         );
         r.register(
             "score_latency_seconds",
@@ -195,6 +231,36 @@ impl Telemetry {
             t.connected.clone(),
         );
         r.register(
+            "disk_free_bytes",
+            "Free bytes on the filesystem of the spool (path=spool) and of the watched folder if it is another one (path=watch)",
+            t.disk_free.clone(),
+        );
+        r.register(
+            "disk_low",
+            "1 while the spool's filesystem has less than spool.min_free_bytes free (escalation images are shed)",
+            t.disk_low.clone(),
+        );
+        r.register(
+            "disk_shed",
+            "Shed because the disk ran low, by what: escalations (new, not kept; decided by the fallback), spooled_escalations (oldest dropped), done_files (done/ and rejected/ beyond their limits)",
+            t.disk_shed.clone(),
+        );
+        r.register(
+            "done_pruned",
+            "Files deleted from done/ and rejected/ by their age and size limits",
+            t.done_pruned.clone(),
+        );
+        r.register(
+            "client_id_conflicts",
+            "Times another client seemed to use this agent's MQTT client id (connections cut short right after they were accepted, several in a row)",
+            t.client_id_conflicts.clone(),
+        );
+        r.register(
+            "client_id_conflict",
+            "1 while another client seems to use this agent's MQTT client id",
+            t.client_id_conflict.clone(),
+        );
+        r.register(
             "model_info",
             "The model version in use (value 1)",
             t.model.clone(),
@@ -204,6 +270,7 @@ impl Telemetry {
 
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.client_id_conflict();
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -273,6 +340,11 @@ impl Telemetry {
         self.rejected.inc();
     }
 
+    /// The decoder or the model panicked on a frame (the panic was caught).
+    pub fn scorer_panicked(&self) {
+        self.panicked.inc();
+    }
+
     /// Frames rejected so far.
     pub fn rejected(&self) -> u64 {
         self.rejected.get()
@@ -333,6 +405,19 @@ impl Telemetry {
         self.hook_failures.inc();
     }
 
+    /// A frame waiting for a verdict was found at start; `how` it is taken over
+    /// (`fallback` or `waiting`).
+    pub fn decision_recovered(&self, how: &str) {
+        self.decisions_recovered
+            .get_or_create(&label("how", how))
+            .inc();
+    }
+
+    /// A hook job that had not run was found at start.
+    pub fn hook_recovered(&self) {
+        self.hooks_recovered.inc();
+    }
+
     /// Frames waiting for the scorer.
     pub fn set_queue_depth(&self, depth: usize) {
         self.queue_depth.set(depth as i64);
@@ -370,6 +455,12 @@ impl Telemetry {
         self.spool_write_errors.inc();
     }
 
+    /// Failed spool writes so far.
+    #[cfg(test)]
+    pub fn spool_write_errors(&self) -> u64 {
+        self.spool_write_errors.get()
+    }
+
     /// A record was lost because the disk refused it and memory was full.
     pub fn spool_shed(&self, queue: &str) {
         self.spool_shed.get_or_create(&label("queue", queue)).inc();
@@ -392,6 +483,78 @@ impl Telemetry {
     /// The broker connection went up or down.
     pub fn set_connected(&self, up: bool) {
         self.connected.set(i64::from(up));
+        let now = Instant::now();
+        let mut takeover = self.takeover.lock().unwrap_or_else(|p| p.into_inner());
+        let change = if up {
+            takeover.0.connected(now);
+            None
+        } else {
+            takeover.0.disconnected(now)
+        };
+        self.takeover_changed(change, &takeover.1);
+    }
+
+    /// Free bytes on the filesystem of `path` (`spool` or `watch`).
+    pub fn set_disk_free(&self, path: &str, bytes: u64) {
+        self.disk_free
+            .get_or_create(&label("path", path))
+            .set(bytes.min(i64::MAX as u64) as i64);
+    }
+
+    /// The spool's filesystem went below (or back above) `spool.min_free_bytes`.
+    pub fn set_disk_low(&self, low: bool) {
+        self.disk_low.set(i64::from(low));
+    }
+
+    /// Whether the spool's filesystem is below `spool.min_free_bytes`.
+    pub fn disk_low(&self) -> bool {
+        self.disk_low.get() == 1
+    }
+
+    /// `n` of `what` were shed because the disk ran low.
+    pub fn disk_shed(&self, what: &str, n: u64) {
+        if n > 0 {
+            self.disk_shed.get_or_create(&label("what", what)).inc_by(n);
+        }
+    }
+
+    /// `n` files were deleted from done/ and rejected/ by their limits.
+    pub fn done_pruned(&self, n: u64) {
+        self.done_pruned.inc_by(n);
+    }
+
+    /// Names the MQTT client id in what the client id conflict watch logs.
+    pub fn watch_client_id(&self, client_id: &str) {
+        self.takeover.lock().unwrap_or_else(|p| p.into_inner()).1 = client_id.to_string();
+    }
+
+    /// Whether another client seems to use this agent's MQTT client id now.
+    pub fn client_id_conflict(&self) -> bool {
+        let mut takeover = self.takeover.lock().unwrap_or_else(|p| p.into_inner());
+        let (suspected, change) = takeover.0.suspected(Instant::now());
+        self.takeover_changed(change, &takeover.1);
+        suspected
+    }
+
+    fn takeover_changed(&self, change: Option<Change>, client_id: &str) {
+        match change {
+            Some(Change::Suspected(n)) => {
+                self.client_id_conflicts.inc();
+                self.client_id_conflict.set(1);
+                tracing::error!(
+                    "the broker ended {n} connections in a row within {:?} of accepting them: another agent probably uses the MQTT client id {client_id:?} (a cloned SD card or a copied configuration? give every agent its own device.id)",
+                    crate::takeover::SHORT
+                );
+            }
+            Some(Change::Cleared) => {
+                self.client_id_conflict.set(0);
+                tracing::warn!(
+                    "connected for {:?} without a break: the MQTT client id conflict is over",
+                    crate::takeover::STABLE
+                );
+            }
+            None => {}
+        }
     }
 
     /// Whether the broker connection is up.

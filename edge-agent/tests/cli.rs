@@ -182,9 +182,13 @@ fn the_shipped_edge_config_parses_and_overrides_apply() {
         p(&config),
         "--set",
         "mqtt.port=2883",
+        "--set",
+        "device.id=line3-cam1",
         "--print-config",
     ]);
     let parsed: toml::Table = text.parse().unwrap();
+    // The shipped file names no device: each box sets its own.
+    assert_eq!(parsed["device"]["site"].as_str(), Some("plant-1"));
     assert_eq!(parsed["device"]["id"].as_str(), Some("line3-cam1"));
     assert_eq!(parsed["mqtt"]["port"].as_integer(), Some(2883));
     assert_eq!(parsed["source"]["kind"].as_str(), Some("watch"));
@@ -199,4 +203,31 @@ fn the_shipped_edge_config_parses_and_overrides_apply() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("prot"));
+}
+
+#[test]
+fn run_refuses_to_start_without_a_device_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = format!(
+        "spool.dir={:?}",
+        dir.path().join("spool").display().to_string()
+    );
+    let out = agent(&[
+        "run",
+        "--bundle",
+        p(&dir.path().join("no-bundle")),
+        "--set",
+        "mqtt.enabled=false",
+        "--set",
+        "http.listen=\"\"",
+        "--set",
+        &spool,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("device.id is not set"), "{err}");
+    // The effective configuration still prints, with the id empty.
+    let text = ok(&["run", "--print-config"]);
+    let parsed: toml::Table = text.parse().unwrap();
+    assert_eq!(parsed["device"]["id"].as_str(), Some(""));
 }

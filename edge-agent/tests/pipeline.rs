@@ -694,3 +694,709 @@ fn pushed_frames_get_cloud_verdicts_fallbacks_hooks_and_back_pressure() {
     assert!(answered.len() >= 2);
     assert!(agent.terminate());
 }
+
+/// POSTs `bytes` as a frame labelled `source`; (status, JSON answer or the body as a string).
+fn push_frame(http_port: u16, query: &str, bytes: &[u8]) -> (u16, serde_json::Value) {
+    let (code, body) = http("POST", http_port, &format!("/v1/frames?{query}"), bytes);
+    (
+        code,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+    )
+}
+
+/// Waits until the agent's HTTP endpoint answers.
+fn wait_for_http(agent: &Process, http_port: u16) {
+    assert!(
+        wait_until(60, || std::net::TcpStream::connect((
+            "127.0.0.1",
+            http_port
+        ))
+        .is_ok()),
+        "agent did not start: {}",
+        agent.log()
+    );
+}
+
+#[test]
+fn an_empty_spool_segment_left_by_a_power_cut_does_not_stop_delivery() {
+    let f = fixture();
+    let site = unique("t");
+    let (_client, inbox) = subscribe(
+        SHARED_BROKER,
+        &unique("sub-"),
+        &format!("insp/v1/{site}/+/result"),
+        true,
+    );
+    let http_port = free_port();
+    // 1. No broker: three results stay in the spool.
+    let settings = |port: u16| {
+        vec![
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "routing.ok_below=1e9".to_string(),
+            "routing.ng_above=1e9".to_string(),
+            format!("mqtt.port={port}"),
+            "mqtt.persistent_session=false".to_string(),
+            "mqtt.reconnect_max_ms=300".to_string(),
+        ]
+    };
+    let args = run_args(&f, &site, "cam-3", &settings(free_port()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-1.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    let good = std::fs::read(f.data.join("test/good/0000.png")).unwrap();
+    let mut ids = BTreeSet::new();
+    for i in 0..3 {
+        let (code, d) = push_frame(http_port, &format!("source=f{i}"), &good);
+        assert_eq!(code, 200, "{d}");
+        ids.insert(d["frame_id"].as_str().unwrap().to_string());
+    }
+    assert!(agent.terminate(), "{}", agent.log());
+    // 2. Power is cut right after the spool started its next segment file.
+    let results = f.root.join("spool/results");
+    let segments: Vec<_> = std::fs::read_dir(&results)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .collect();
+    assert_eq!(segments.len(), 1, "one segment with the three results");
+    std::fs::write(results.join(format!("{:020}.seg", 3)), b"").unwrap();
+    // 3. With a broker, every result goes out and the agent keeps running.
+    let args = run_args(&f, &site, "cam-3", &settings(SHARED_BROKER));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-2.log"),
+        &[("INSP_LOG", "info")],
+    );
+    assert!(
+        wait_until(60, || result_ids(&inbox) == ids),
+        "got {:?} of {ids:?}\n{}",
+        result_ids(&inbox),
+        agent.log()
+    );
+    // New frames go into the once-empty segment and out too.
+    let (code, d) = push_frame(http_port, "source=after", &good);
+    assert_eq!(code, 200, "{d}");
+    ids.insert(d["frame_id"].as_str().unwrap().to_string());
+    assert!(
+        wait_until(30, || result_ids(&inbox) == ids),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        matches!(agent.child.try_wait(), Ok(None)),
+        "the agent stopped: {}",
+        agent.log()
+    );
+    assert!(agent.terminate());
+}
+
+/// The value of the first `/metrics` line that starts with `series`, if there is one.
+fn metric(http_port: u16, series: &str) -> Option<f64> {
+    let (_, text) = http("GET", http_port, "/metrics", b"");
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Lines of a file, none if it does not exist.
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A hook setting that appends `{frame_id} {decided_by}` to `file`, after `delay_s`.
+fn hook_to(file: &Path, delay_s: u32) -> String {
+    format!(
+        "hooks.on_ng_command=[\"sh\", \"-c\", \"sleep {delay_s}; echo $0 $1 >> {}\", \"{{frame_id}}\", \"{{decided_by}}\"]",
+        file.display()
+    )
+}
+
+#[test]
+fn frames_waiting_for_a_verdict_at_a_kill_get_the_fallback_and_one_hook_after_the_restart() {
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let rejects = f.root.join("rejects.txt");
+    // Every frame is UNCERTAIN and no hub answers.
+    let args = run_args(
+        &f,
+        &site,
+        "cam-4",
+        &[
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "routing.ok_below=0.0".to_string(),
+            "routing.ng_above=1e9".to_string(),
+            "routing.verdict_deadline_ms=3000".to_string(),
+            format!("mqtt.port={SHARED_BROKER}"),
+            "mqtt.persistent_session=false".to_string(),
+            hook_to(&rejects, 0),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let start = |n: u32| {
+        let agent = Process::start(
+            &agent_bin(),
+            &args,
+            &f.root.join(format!("agent-{n}.log")),
+            &[("INSP_LOG", "info")],
+        );
+        wait_for_http(&agent, http_port);
+        agent
+    };
+    let mut agent = start(1);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let bytes = std::fs::read(f.data.join(format!("test/good/000{i}.png"))).unwrap();
+        let (code, d) = push_frame(http_port, &format!("source=w{i}"), &bytes);
+        assert_eq!(code, 200, "{d}");
+        assert!(d["decided_by"].is_null(), "{d}");
+        ids.push(d["frame_id"].as_str().unwrap().to_string());
+    }
+    let (_, status) = http("GET", http_port, "/v1/status", b"");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["pending_verdicts"], 4, "{status}");
+    agent.kill_hard();
+    assert!(lines(&rejects).is_empty(), "no hook before the kill");
+    // The deadlines pass while the agent is down.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+
+    let mut agent = start(2);
+    assert!(
+        wait_until(30, || lines(&rejects).len() >= 4),
+        "hooks {:?}\n{}",
+        lines(&rejects),
+        agent.log()
+    );
+    let mut hooked = lines(&rejects);
+    hooked.sort();
+    let mut want: Vec<String> = ids.iter().map(|id| format!("{id} fallback")).collect();
+    want.sort();
+    assert_eq!(hooked, want, "each frame's hook once, by the fallback");
+    assert_eq!(
+        metric(
+            http_port,
+            "insp_edge_decisions_recovered_total{how=\"fallback\"}"
+        ),
+        Some(4.0)
+    );
+    // A retried push of a recovered frame gets its decision.
+    let (code, d) = push_frame(http_port, &format!("frame_id={}", ids[0]), b"retry");
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(
+        (d["band"].as_str(), d["decided_by"].as_str()),
+        (Some("NG"), Some("fallback")),
+        "{d}"
+    );
+    // A verdict that comes now is late: counted, and it changes nothing.
+    let (hub, _) = subscribe(
+        SHARED_BROKER,
+        &unique("hub-"),
+        &format!("insp/v1/{site}/+/state"),
+        true,
+    );
+    let verdict = Verdict {
+        frame_id: ids[0].clone(),
+        device: "cam-4".into(),
+        band: WireBand::Ok as i32,
+        cloud_score: Some(0.1),
+        ..Default::default()
+    };
+    assert!(
+        wait_until(30, || {
+            hub.publish(
+                format!("insp/v1/{site}/cam-4/verdict"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                verdict.encode_to_vec(),
+            )
+            .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            metric(http_port, "insp_edge_late_verdicts_total").unwrap_or(0.0) >= 1.0
+        }),
+        "{}",
+        agent.log()
+    );
+    let (_, d) = push_frame(http_port, &format!("frame_id={}", ids[0]), b"retry");
+    assert_eq!(d["decided_by"].as_str(), Some("fallback"), "{d}");
+    // A clean stop with one frame waiting leaves it to the next start, which decides it;
+    // nothing decided before is decided or hooked again.
+    let bytes = std::fs::read(f.data.join("test/good/0004.png")).unwrap();
+    let (code, d) = push_frame(http_port, "source=at-stop", &bytes);
+    assert_eq!((code, d["decided_by"].is_null()), (200, true), "{d}");
+    let at_stop = d["frame_id"].as_str().unwrap().to_string();
+    assert!(agent.terminate(), "{}", agent.log());
+    assert_eq!(lines(&rejects).len(), 4, "not decided at the stop");
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let mut agent = start(3);
+    assert!(
+        wait_until(30, || lines(&rejects).len() >= 5),
+        "{}",
+        agent.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let all = lines(&rejects);
+    assert_eq!(all.len(), 5, "{all:?}");
+    assert_eq!(all[4], format!("{at_stop} fallback"));
+    assert_eq!(
+        metric(
+            http_port,
+            "insp_edge_decisions_recovered_total{how=\"fallback\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(http_port, "insp_edge_hooks_recovered_total"),
+        Some(0.0)
+    );
+    assert!(agent.terminate());
+}
+
+#[test]
+fn reject_hooks_queued_at_a_kill_run_after_the_restart() {
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let rejects = f.root.join("rejects.txt");
+    // Every frame is NG at the edge; each hook takes two seconds, so they queue up.
+    let args = run_args(
+        &f,
+        &site,
+        "cam-6",
+        &[
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "routing.ok_below=-2.0".to_string(),
+            "routing.ng_above=-1.0".to_string(),
+            "mqtt.enabled=false".to_string(),
+            hook_to(&rejects, 2),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-1.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    let mut ids = BTreeSet::new();
+    for i in 0..4 {
+        let bytes = std::fs::read(f.data.join(format!("test/hole/000{i}.png"))).unwrap();
+        let (code, d) = push_frame(http_port, &format!("source=h{i}"), &bytes);
+        assert_eq!(code, 200, "{d}");
+        assert_eq!(d["band"].as_str(), Some("NG"), "{d}");
+        ids.insert(d["frame_id"].as_str().unwrap().to_string());
+    }
+    agent.kill_hard();
+    let done_before = lines(&rejects).len();
+    assert!(done_before < 4, "hooks were still queued at the kill");
+
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-2.log"),
+        &[("INSP_LOG", "info")],
+    );
+    let hooked = || -> BTreeSet<String> {
+        lines(&rejects)
+            .iter()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    };
+    assert!(
+        wait_until(60, || hooked() == ids),
+        "hooks for {:?} of {ids:?}\n{}",
+        hooked(),
+        agent.log()
+    );
+    // At least once: only the hook running at the kill may have run twice.
+    assert!(lines(&rejects).len() <= 5, "{:?}", lines(&rejects));
+    let recovered = metric(http_port, "insp_edge_hooks_recovered_total").unwrap_or(0.0);
+    assert!(
+        recovered >= (4 - done_before - 1) as f64 && recovered <= 4.0,
+        "{recovered}"
+    );
+    assert!(agent.terminate());
+}
+
+#[test]
+fn sources_with_control_characters_are_refused_at_the_edge() {
+    use std::os::unix::ffi::OsStrExt;
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let incoming = f.root.join("incoming");
+    std::fs::create_dir_all(&incoming).unwrap();
+    let args = run_args(
+        &f,
+        &site,
+        "cam-8",
+        &[
+            "source.kind=watch".to_string(),
+            format!("source.path={:?}", incoming.display().to_string()),
+            "source.settle_ms=0".to_string(),
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "mqtt.enabled=false".to_string(),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    let good = std::fs::read(f.data.join("test/good/0000.png")).unwrap();
+    // Pushes: a NUL, another control character, a label too long: 400 with the reason.
+    for (query, why) in [
+        ("source=line%003", "control character"),
+        ("source=cam%0A1", "control character"),
+        (&format!("source={}", "x".repeat(2000)), "bytes"),
+    ] {
+        let (code, d) = push_frame(http_port, query, &good);
+        assert_eq!(code, 400, "{query}: {d}");
+        assert!(d["error"].as_str().unwrap().contains(why), "{d}");
+    }
+    let (code, d) = push_frame(http_port, "source=line-3%20caf%C3%A9", &good);
+    assert_eq!(code, 200, "printable text is fine: {d}");
+    assert_eq!(d["source"].as_str(), Some("line-3 café"));
+    // Files: names with control characters or not UTF-8 go to rejected/ unscored.
+    let bad_names: [&[u8]; 2] = [b"tab\there.png", b"latin1-\xe9.png"];
+    for name in bad_names {
+        let name = std::ffi::OsStr::from_bytes(name);
+        std::fs::write(incoming.join(name), &good).unwrap();
+    }
+    drop_file(&incoming, "fine.png", &good);
+    assert!(
+        wait_until(30, || incoming.join("done/fine.png").is_file()),
+        "{}",
+        agent.log()
+    );
+    for name in bad_names {
+        let name = std::ffi::OsStr::from_bytes(name);
+        let rejected = incoming.join("rejected").join(name);
+        assert!(
+            wait_until(10, || rejected.is_file()),
+            "{rejected:?}\n{}",
+            agent.log()
+        );
+        let mut note = rejected.into_os_string();
+        note.push(".reason");
+        let reason = std::fs::read_to_string(&note).unwrap();
+        assert!(reason.contains("source"), "{reason}");
+    }
+    assert_eq!(scored(http_port), 2, "only the printable push and file");
+    assert!(agent.terminate());
+}
+
+#[test]
+fn a_bundle_copied_file_by_file_is_swapped_in_once_complete_and_a_broken_one_refused_once() {
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let args = run_args(
+        &f,
+        &site,
+        "cam-7",
+        &[
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "mqtt.enabled=false".to_string(),
+            "model.reload_check_s=1".to_string(),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    let manifest_path = f.bundle.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    let v1 = manifest["version"].as_str().unwrap().to_string();
+    let serving = |v: &str| {
+        metric(
+            http_port,
+            &format!("insp_edge_model_info{{version=\"{v}\"}}"),
+        )
+    };
+    assert_eq!(serving(&v1), Some(1.0));
+    let bank_path = f.bundle.join("bank.safetensors");
+    let bank = std::fs::read(&bank_path).unwrap();
+
+    // A copy that lands the new manifest while the bank is still half written.
+    let v2 = format!("{v1}-copied");
+    manifest["version"] = v2.clone().into();
+    std::fs::write(&bank_path, &bank[..bank.len() / 2]).unwrap();
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        wait_until(30, || agent.log().contains(&v2)),
+        "the watcher tried it: {}",
+        agent.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::fs::write(&bank_path, &bank).unwrap();
+    // Models are swapped between frames: the frames tell which one scored them.
+    let good = std::fs::read(f.data.join("test/good/0000.png")).unwrap();
+    let scored_by = || {
+        let (code, d) = push_frame(http_port, "source=probe", &good);
+        assert_eq!(code, 200, "{d}");
+        d["model_version"].as_str().unwrap_or_default().to_string()
+    };
+    assert!(
+        wait_until(30, || scored_by() == v2),
+        "the complete bundle was not swapped in: {}",
+        agent.log()
+    );
+    assert_eq!(serving(&v2), Some(1.0));
+
+    // A bundle that is broken for good is refused once, with one error, and the model
+    // in use stays.
+    let v3 = format!("{v1}-broken");
+    manifest["version"] = v3.clone().into();
+    let mut damaged = bank.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0xff;
+    std::fs::write(&bank_path, &damaged).unwrap();
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    let refusals = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("ERROR") && l.contains(&v3))
+            .count()
+    };
+    assert!(
+        wait_until(30, || refusals(&agent.log()) >= 1),
+        "{}",
+        agent.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    assert_eq!(refusals(&agent.log()), 1, "{}", agent.log());
+    assert_eq!(scored_by(), v2);
+    assert!(agent.terminate());
+}
+
+#[test]
+fn two_agents_with_one_device_id_see_a_client_id_conflict() {
+    let f = fixture();
+    let site = unique("t");
+    let ports = [free_port(), free_port()];
+    let mut agents: Vec<Process> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            // The same site and device (a cloned SD card), each with its own spool.
+            let spool = f.root.join(format!("spool-{i}"));
+            let args = run_args(
+                &f,
+                &site,
+                "cam-1",
+                &[
+                    format!("http.listen=\"127.0.0.1:{port}\""),
+                    format!("mqtt.port={SHARED_BROKER}"),
+                    "mqtt.reconnect_max_ms=300".to_string(),
+                    format!("spool.dir={:?}", spool.display().to_string()),
+                ],
+            );
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let agent = Process::start(
+                &agent_bin(),
+                &args,
+                &f.root.join(format!("agent-{i}.log")),
+                &[("INSP_LOG", "info")],
+            );
+            wait_for_http(&agent, *port);
+            agent
+        })
+        .collect();
+    let conflict = |port: u16| {
+        let (_, body) = http("GET", port, "/v1/status", b"");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default()["client_id_conflict"]
+            == true
+    };
+    for (agent, &port) in agents.iter().zip(&ports) {
+        assert!(
+            wait_until(60, || conflict(port)),
+            "no conflict seen on {port}: {}",
+            agent.log()
+        );
+        let (code, body) = http("GET", port, "/readyz", b"");
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("client id"), "{body}");
+        assert!(
+            metric(port, "insp_edge_client_id_conflicts_total").unwrap_or(0.0) >= 1.0,
+            "{}",
+            http("GET", port, "/metrics", b"").1
+        );
+        assert!(agent.log().contains("another agent"), "{}", agent.log());
+    }
+    for agent in &mut agents {
+        assert!(agent.terminate());
+    }
+}
+
+/// Writes `bytes` to `path` with a modification time `age` ago.
+fn aged_file(path: &Path, bytes: usize, age: std::time::Duration) {
+    std::fs::write(path, vec![7u8; bytes]).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+}
+
+#[test]
+fn done_is_pruned_by_age_and_size_and_a_low_disk_sheds_escalations_first() {
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let incoming = f.root.join("incoming");
+    let (done, rejected) = (incoming.join("done"), incoming.join("rejected"));
+    std::fs::create_dir_all(&done).unwrap();
+    std::fs::create_dir_all(&rejected).unwrap();
+    let day = std::time::Duration::from_secs(86_400);
+    aged_file(&done.join("old-1.png"), 1000, day * 10);
+    aged_file(&done.join("old-2.png"), 1000, day * 9);
+    for (i, age) in [3u32, 2, 1].iter().enumerate() {
+        aged_file(
+            &done.join(format!("new-{i}.png")),
+            10_000,
+            std::time::Duration::from_secs(60 * *age as u64),
+        );
+    }
+    aged_file(&rejected.join("old.png"), 10, day * 8);
+    let common = |min_free: &str| {
+        vec![
+            "source.kind=watch".to_string(),
+            format!("source.path={:?}", incoming.display().to_string()),
+            "source.done_max_age_s=604800".to_string(),
+            "source.done_max_bytes=25000".to_string(),
+            format!("spool.min_free_bytes={min_free}"),
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "mqtt.enabled=false".to_string(),
+            // Every frame is UNCERTAIN and waits for a verdict.
+            "routing.ok_below=0.0".to_string(),
+            "routing.ng_above=1e9".to_string(),
+            "routing.verdict_deadline_ms=60000".to_string(),
+        ]
+    };
+    // 1. Room on the disk: retention alone. Older than 7 days go, then the oldest beyond
+    //    25,000 bytes; escalations are kept.
+    let args = run_args(&f, &site, "cam-5", &common("0"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-1.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    let listing = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let want: BTreeSet<String> = ["new-1.png", "new-2.png"].map(String::from).into();
+    assert!(
+        wait_until(20, || listing(&done) == want
+            && listing(&rejected).is_empty()),
+        "done/ {:?}, rejected/ {:?}\n{}",
+        listing(&done),
+        listing(&rejected),
+        agent.log()
+    );
+    assert_eq!(metric(http_port, "insp_edge_done_pruned_total"), Some(4.0));
+    assert!(metric(http_port, "insp_edge_disk_free_bytes{path=\"spool\"}").unwrap() > 0.0);
+    assert_eq!(metric(http_port, "insp_edge_disk_low"), Some(0.0));
+    let good = std::fs::read(f.data.join("test/good/0000.png")).unwrap();
+    for i in 0..3 {
+        let (code, d) = push_frame(http_port, &format!("source=e{i}"), &good);
+        assert_eq!((code, d["decided_by"].is_null()), (200, true), "{d}");
+    }
+    assert!(wait_until(10, || {
+        metric(http_port, "insp_edge_spool_records{queue=\"escalations\"}") == Some(3.0)
+    }));
+    assert!(agent.terminate());
+
+    // 2. Below spool.min_free_bytes (more than any disk has): spooled escalations go,
+    //    new ones are not kept (their frames get the fallback at once), done/ is emptied;
+    //    every result stays.
+    let args = run_args(&f, &site, "cam-5", &common("1000000000000000000"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(
+        &agent_bin(),
+        &args,
+        &f.root.join("agent-2.log"),
+        &[("INSP_LOG", "info")],
+    );
+    wait_for_http(&agent, http_port);
+    assert!(
+        wait_until(20, || metric(http_port, "insp_edge_disk_low") == Some(1.0)
+            && listing(&done).is_empty()),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        wait_until(10, || metric(
+            http_port,
+            "insp_edge_spool_records{queue=\"escalations\"}"
+        ) == Some(0.0)),
+        "{}",
+        http("GET", http_port, "/metrics", b"").1
+    );
+    let (code, d) = push_frame(http_port, "source=low&wait_ms=5000", &good);
+    assert_eq!(code, 200, "{d}");
+    assert_eq!(
+        (d["edge_band"].as_str(), d["decided_by"].as_str()),
+        (Some("UNCERTAIN"), Some("fallback")),
+        "{d}"
+    );
+    let shed = |what: &str| {
+        metric(
+            http_port,
+            &format!("insp_edge_disk_shed_total{{what=\"{what}\"}}"),
+        )
+    };
+    assert_eq!(shed("spooled_escalations"), Some(3.0));
+    assert_eq!(shed("escalations"), Some(1.0));
+    assert_eq!(shed("done_files"), Some(2.0));
+    assert!(wait_until(10, || {
+        metric(http_port, "insp_edge_spool_records{queue=\"results\"}") == Some(4.0)
+    }));
+    assert_eq!(
+        metric(http_port, "insp_edge_spool_records{queue=\"escalations\"}"),
+        Some(0.0)
+    );
+    assert!(
+        agent.log().contains("spool.min_free_bytes"),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.terminate());
+}
