@@ -14,8 +14,8 @@
 //! through the broker's persistent session); a verdict that comes after the fallback is
 //! counted as late and changes nothing.
 
+use crate::clock::unix_ms;
 use crate::config::Fallback;
-use crate::frame::unix_ms;
 use crate::journal::{Entry, Journal, Recovered};
 use crate::telemetry::Telemetry;
 use insp_core::routing::Band;

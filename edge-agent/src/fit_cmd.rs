@@ -131,7 +131,7 @@ pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
         validation: args.validation,
     };
     let weights =
-        insp_core::weights::locate(&crate::weights_dir(args.weights_dir), &args.backbone)?;
+        insp_core::weights::locate(&crate::cli::weights_dir(args.weights_dir), &args.backbone)?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}<{eta}")

@@ -12,8 +12,9 @@
 //! A `source` label with control characters (a NUL byte, a newline) or longer than 1 KiB
 //! is refused with 400 (see [`check_source`]).
 
+use crate::clock::unix_ms;
 use crate::decisions::{Decision, DecisionBook};
-use crate::frame::{check_source, fresh_frame_id, unix_ms, Frame, Handled};
+use crate::frame::{check_source, fresh_frame_id, Frame, Handled};
 use crate::telemetry::Telemetry;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};

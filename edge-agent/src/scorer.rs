@@ -7,9 +7,10 @@
 //! bundle off the frame path, and the scorer swaps it in between two frames. A bundle
 //! that fails to verify is refused and the running model kept.
 
+use crate::clock::{unix_ms, unix_us};
 use crate::config::{AgentConfig, RoutingConfig};
 use crate::decisions::{DecidedBy, Decision, DecisionBook};
-use crate::frame::{unix_ms, unix_us, Frame, Handled};
+use crate::frame::{Frame, Handled};
 use crate::outbox::{Envelope, Item, Outbox, Queue};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};

@@ -3,8 +3,9 @@
 //! wait when the scorer's queue is full, so no file is skipped under load. (Cameras that
 //! push frames use the HTTP endpoint instead.)
 
+use crate::clock::unix_ms;
 use crate::config::{AfterScoring, SourceConfig};
-use crate::frame::{check_source, file_frame_id, unix_ms, Frame, Handled};
+use crate::frame::{check_source, file_frame_id, Frame, Handled};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
 use std::collections::{HashMap, HashSet};

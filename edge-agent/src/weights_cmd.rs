@@ -34,7 +34,7 @@ pub fn run(action: WeightsAction) -> Result<()> {
             python,
             force,
         } => {
-            let dir = crate::weights_dir(dir);
+            let dir = crate::cli::weights_dir(dir);
             for variant in &variants {
                 let (path, built) = weights::fetch(variant, &dir, &python, force)?;
                 if built {
