@@ -491,13 +491,21 @@ fn a_full_escalation_budget_drops_old_frames_but_keeps_every_result() {
         results(),
         agent.log()
     );
-    let (_, metrics) = http("GET", http_port, "/metrics", b"");
-    let dropped: usize = metrics
-        .lines()
-        .find(|l| l.starts_with("insp_edge_spool_dropped_total{queue=\"escalations\"}"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{metrics}"));
+    let dropped_now = || {
+        let (_, metrics) = http("GET", http_port, "/metrics", b"");
+        let dropped: usize = metrics
+            .lines()
+            .find(|l| l.starts_with("insp_edge_spool_dropped_total{queue=\"escalations\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{metrics}"));
+        (dropped, metrics)
+    };
+    // Results go out first; the kept escalations follow.
+    wait_until(30, || {
+        of_kind::<Escalation>(&inbox, "escalation").len() + dropped_now().0 >= frames.len()
+    });
+    let (dropped, metrics) = dropped_now();
     let escalations = of_kind::<Escalation>(&inbox, "escalation");
     assert!(dropped > 0, "{metrics}");
     assert!(!escalations.is_empty(), "the newest escalations are kept");
