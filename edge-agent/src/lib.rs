@@ -17,6 +17,7 @@ pub mod journal;
 pub mod link;
 pub mod model_args;
 pub mod outbox;
+pub mod router;
 pub mod run_cmd;
 pub mod score_cmd;
 pub mod scorer;

@@ -1,5 +1,6 @@
 //! The scorer: one thread that takes frames off the queue, decodes and scores them with
-//! the PatchCore model, puts each into its band and hands the messages to the outbox.
+//! the PatchCore model, has the [`crate::router`] band them and make their messages, and
+//! hands those to the outbox.
 //! UNCERTAIN frames are escalated with their original bytes (lossless, native size) and
 //! the edge map, so the hub reproduces the edge score exactly.
 //!
@@ -9,15 +10,14 @@
 
 use crate::clock::{unix_ms, unix_us};
 use crate::config::{AgentConfig, RoutingConfig};
-use crate::decisions::{DecidedBy, Decision, DecisionBook};
+use crate::decisions::DecisionBook;
 use crate::frame::{Frame, Handled};
 use crate::outbox::{Envelope, Item, Outbox, Queue};
+use crate::router::{route, Routable, Route, Unsent};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
-use insp_core::memory_bank::Search;
 use insp_core::patchcore::{PatchCore, Scored, Timings};
-use insp_core::routing::{Band, Thresholds};
-use insp_proto::v1::{self, AnomalyMap, Escalation, FrameResult};
+use insp_core::routing::Thresholds;
 use insp_proto::{Message, TopicKind};
 use std::path::Path;
 use std::sync::mpsc::{channel, Receiver};
@@ -56,14 +56,6 @@ impl ActiveModel {
     /// The bundle version.
     pub fn version(&self) -> &str {
         &self.model.manifest().version
-    }
-}
-
-/// The bank search as sent with escalations, so the hub reproduces the score.
-fn wire_search(search: Search) -> v1::BankSearch {
-    match search {
-        Search::Exact => v1::BankSearch::every_row(),
-        Search::Probes(n) => v1::BankSearch::lists(n),
     }
 }
 
@@ -306,93 +298,66 @@ impl Scorer {
         };
         let latency = frame.arrived.elapsed();
         self.telemetry.observe_score_latency(latency.as_secs_f64());
-        let band = self.active.thresholds.band(scored.score);
-        self.telemetry.frame_scored(band);
-        let model_version = self.active.version().to_string();
-        let result = FrameResult {
-            site: self.site.clone(),
-            device: self.device.clone(),
-            frame_id: frame.id.to_string(),
-            source: frame.source.clone(),
-            captured_unix_ms: frame.captured_unix_ms,
-            scored_unix_ms: unix_ms(),
-            score: scored.score,
-            band: wire_band(band) as i32,
-            model_version: model_version.clone(),
-            latency_ms: latency.as_secs_f32() * 1e3,
-            // Numbered by the link as it publishes.
-            delivery: None,
-        };
+        let routed = route(
+            Routable {
+                id: frame.id,
+                source: &frame.source,
+                bytes: std::mem::take(&mut frame.bytes),
+                captured_unix_ms: frame.captured_unix_ms,
+                scored_unix_ms: unix_ms(),
+                latency_ms: latency.as_secs_f32() * 1e3,
+            },
+            &scored,
+            &Route {
+                site: &self.site,
+                device: &self.device,
+                model_version: self.active.version(),
+                thresholds: self.active.thresholds,
+                search: self.active.model.search(),
+                max_payload: self.max_payload,
+                disk_low: self.telemetry.disk_low(),
+            },
+        );
+        self.telemetry.frame_scored(routed.band);
         let arrived_unix_us = unix_us() - latency.as_micros() as i64;
-        let decision = Decision {
-            frame_id: frame.id,
-            source: frame.source.clone(),
-            edge_score: scored.score,
-            edge_band: band,
-            band,
-            decided_by: (band != Band::Uncertain).then_some(DecidedBy::Edge),
-            cloud_score: None,
-            model_version,
-        };
         // Register before publishing, so a fast verdict finds its frame waiting.
-        self.book.scored(decision.clone());
-        let mut escalated = true;
-        let mut unsent = "escalation too large to send";
-        if band == Band::Uncertain && self.telemetry.disk_low() {
-            // Escalation images are the first thing shed when the disk runs low.
-            self.telemetry.disk_shed("escalations", 1);
-            escalated = false;
-            unsent = "the disk is low (spool.min_free_bytes): its escalation is not kept";
-        } else if band == Band::Uncertain {
-            let map = AnomalyMap {
-                height: scored.map.height as u32,
-                width: scored.map.width as u32,
-                data: scored.map.data.clone(),
-            };
-            let mut escalation = Escalation {
-                result: Some(result.clone()),
-                frame_format: sniff_format(&frame.bytes),
-                frame: std::mem::take(&mut frame.bytes),
-                edge_map: Some(map),
-                search: Some(wire_search(self.active.model.search())),
-                delivery: None,
-            };
-            let mut payload = escalation.encode_to_vec();
-            if payload.len() > self.max_payload {
-                tracing::warn!("{origin}: escalation of {} bytes exceeds the {} byte payload limit; sending it without the edge map", payload.len(), self.max_payload);
-                escalation.edge_map = None;
-                payload = escalation.encode_to_vec();
-            }
-            if payload.len() > self.max_payload {
+        self.book.scored(routed.decision.clone());
+        if routed.map_left_out {
+            tracing::warn!("{origin}: escalation exceeds the {} byte payload limit; sending it without the edge map", self.max_payload);
+        }
+        match &routed.unsent {
+            Some(Unsent::DiskLow) => self.telemetry.disk_shed("escalations", 1),
+            Some(Unsent::Oversized { frame_bytes }) => {
                 self.telemetry.escalation_oversized();
-                tracing::error!("{origin}: frame of {} bytes cannot be escalated within the {} byte payload limit (raise mqtt.max_payload_bytes and the broker's limit)", escalation.frame.len(), self.max_payload);
-                escalated = false;
-            } else {
-                self.outbox.send(Item {
-                    queue: Queue::Escalations,
-                    envelope: Envelope {
-                        topic: self.topics.1.clone(),
-                        arrived_unix_us,
-                        payload,
-                    },
-                    on_durable: None,
-                });
+                tracing::error!("{origin}: frame of {frame_bytes} bytes cannot be escalated within the {} byte payload limit (raise mqtt.max_payload_bytes and the broker's limit)", self.max_payload);
             }
+            None => {}
+        }
+        if let Some(payload) = routed.escalation {
+            self.outbox.send(Item {
+                queue: Queue::Escalations,
+                envelope: Envelope {
+                    topic: self.topics.1.clone(),
+                    arrived_unix_us,
+                    payload,
+                },
+                on_durable: None,
+            });
         }
         self.outbox.send(Item {
             queue: Queue::Results,
             envelope: Envelope {
                 topic: self.topics.0.clone(),
                 arrived_unix_us,
-                payload: result.encode_to_vec(),
+                payload: routed.result.encode_to_vec(),
             },
             on_durable: frame
                 .reply
                 .take()
-                .map(|tx| (tx, Handled::Scored(decision.clone()))),
+                .map(|tx| (tx, Handled::Scored(routed.decision.clone()))),
         });
-        if !escalated {
-            self.book.decide_now(frame.id, unsent);
+        if let Some(unsent) = routed.unsent {
+            self.book.decide_now(frame.id, unsent.reason());
         }
     }
 }
@@ -466,27 +431,6 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, Refusal>) -> Result<T, Refusal> {
             Err(Refusal::Panicked(message))
         }
     }
-}
-
-/// The wire form of a band.
-pub fn wire_band(band: Band) -> v1::Band {
-    match band {
-        Band::Ok => v1::Band::Ok,
-        Band::Uncertain => v1::Band::Uncertain,
-        Band::Ng => v1::Band::Ng,
-    }
-}
-
-/// Names the encoding of image bytes from their signature.
-pub fn sniff_format(bytes: &[u8]) -> String {
-    match image::guess_format(bytes) {
-        Ok(image::ImageFormat::Png) => "png",
-        Ok(image::ImageFormat::Jpeg) => "jpeg",
-        Ok(image::ImageFormat::Bmp) => "bmp",
-        Ok(image::ImageFormat::Tiff) => "tiff",
-        _ => "unknown",
-    }
-    .to_string()
 }
 
 #[cfg(test)]
@@ -643,7 +587,5 @@ mod tests {
         assert!(thresholds(None, &r).is_err());
         r.ok_below = Some(4.0);
         assert!(thresholds(None, &r).is_err(), "ok_below above ng_above");
-        assert_eq!(sniff_format(b"\x89PNG\r\n\x1a\n...."), "png");
-        assert_eq!(sniff_format(b"garbage"), "unknown");
     }
 }
