@@ -38,7 +38,7 @@ pub struct HubConfig {
     /// Escalation scoring workers.
     pub scoring: ScoringConfig,
     /// How model scores become a verdict.
-    pub fusion: FusionConfig,
+    pub fusion: insp_core::judge::FusionSettings,
     /// gRPC and HTTP listeners.
     pub api: ApiConfig,
     /// Finding records a broker lost and asking the devices for them again.
@@ -57,7 +57,7 @@ impl Default for HubConfig {
             ingest: IngestConfig::default(),
             models: ModelsConfig::default(),
             scoring: ScoringConfig::default(),
-            fusion: FusionConfig::default(),
+            fusion: insp_core::judge::FusionSettings::default(),
             api: ApiConfig::default(),
             delivery: DeliveryConfig::default(),
         }
@@ -266,29 +266,6 @@ impl Default for ScoringConfig {
             workers: 1,
             queue: 256,
             retry_after_s: 60.0,
-        }
-    }
-}
-
-/// The fused verdict (README, "Cloud hub"; [`crate::fusion`]): each model's score is
-/// normalised by its own held-out good scores and the z-scores are combined by `rule`;
-/// NG above the `quantile` of the fused held-out good scores. The same rule
-/// `cloud-hub eval` measures.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FusionConfig {
-    /// `mean` (default) or `max` of the members' z-scores.
-    pub rule: insp_core::fusion::Rule,
-    /// Quantile of the fused held-out good scores used as the NG threshold (1.0: the
-    /// largest; lower catches more defects and raises more false alarms).
-    pub quantile: f64,
-}
-
-impl Default for FusionConfig {
-    fn default() -> Self {
-        Self {
-            rule: insp_core::fusion::Rule::Mean,
-            quantile: 1.0,
         }
     }
 }

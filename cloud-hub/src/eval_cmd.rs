@@ -11,19 +11,22 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use insp_core::cloud_tier::{CloudTier, TierConfig, TierModel};
 use insp_core::evaluation::{score_predictions, ContractWriter, EvalReport};
 use insp_core::fusion::{Fusion, Rule};
+use insp_core::judge::{FusionSettings, Judge, Judgement};
+use insp_core::model::FrameModel;
 use insp_core::routing::{Band, Thresholds};
 use serde::Serialize;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Arguments of `eval`.
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Bundle folders (recon, flow, patchcore), fused in this order; repeat the flag or
-    /// list several after it.
+    /// Bundle folders (patchcore, recon, flow): the first PatchCore bundle is the edge's
+    /// (the member the hub reproduces), the others are the cloud models in this order, as
+    /// the hub's `models.heavy_bundles`; repeat the flag or list several after it.
     #[arg(long = "bundle", required = true, num_args = 1..)]
     bundles: Vec<PathBuf>,
     /// MVTec-AD-layout data set folder (test/ and ground_truth/ are used).
@@ -36,7 +39,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "mean")]
     rule: String,
     /// Verdict threshold: this quantile of the fused scores of held-out good images.
-    #[arg(long, default_value_t = TierConfig::default().quantile)]
+    #[arg(long, default_value_t = FusionSettings::default().quantile)]
     quantile: f64,
     /// FPR limit of AUPRO.
     #[arg(long, default_value_t = 0.3)]
@@ -127,22 +130,25 @@ fn fmt(v: Option<f64>) -> String {
 
 /// Runs `eval`.
 pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
-    let config = TierConfig {
+    let config = FusionSettings {
         rule: args.rule.parse()?,
         quantile: args.quantile,
     };
-    let tier = CloudTier::open(&args.bundles, device, &config)?;
-    let names = folder_names(tier.models());
+    let tier = Tier::open(&args.bundles, device)?;
+    let judge = Judge::new(config);
+    let names = folder_names(&tier.models);
     let items = insp_core::dataset::test_images(&args.data)?;
     let mut writers = names
         .iter()
         .map(|n| ContractWriter::new(&args.out.join(n)))
         .collect::<insp_core::Result<Vec<_>>>()?;
     let mut fused_writer = ContractWriter::new(&args.out.join("fused"))?;
+    let mut verdicts = VerdictsCsv::new(&args.out.join("fused"))?;
     // Per scored frame: raw scores in member order, fused score, label.
     let mut rows: Vec<(Vec<f32>, f32, bool)> = Vec::with_capacity(items.len());
     let mut seconds = vec![0f64; names.len()];
     let mut unreadable = 0usize;
+    let mut last: Option<Judgement> = None;
     let bar = indicatif::ProgressBar::new(items.len() as u64);
     let started = Instant::now();
     for item in &items {
@@ -155,23 +161,28 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
                 continue;
             }
         };
-        let (verdict, scored) = tier
-            .judge_with_maps(&image)
+        let verdict = judge
+            .judge(tier.edge.as_deref(), &tier.cloud, &image)
             .with_context(|| format!("scoring {}", item.relative))?;
-        for ((writer, s), (total, m)) in writers
+        for m in verdict.members.iter().filter_map(|m| m.left_out.as_ref()) {
+            bar.suspend(|| eprintln!("{}: {m}: left out of the verdict", item.relative));
+        }
+        for ((writer, m), total) in writers
             .iter_mut()
-            .zip(&scored)
-            .zip(seconds.iter_mut().zip(&verdict.models))
+            .zip(&verdict.members)
+            .zip(seconds.iter_mut())
         {
-            writer.add(item, s.score, &s.map)?;
+            writer.add(item, m.score, &m.map)?;
             *total += m.seconds;
         }
-        fused_writer.add(item, verdict.fused_score, &verdict.map)?;
+        fused_writer.add(item, verdict.fused_score, &verdict.fused_map()?)?;
+        verdicts.add(&item.relative, &verdict)?;
         rows.push((
-            scored.iter().map(|s| s.score).collect(),
+            verdict.members.iter().map(|m| m.score).collect(),
             verdict.fused_score,
             item.label == 1,
         ));
+        last = Some(verdict);
     }
     bar.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64();
@@ -179,6 +190,10 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
         w.finish()?;
     }
     fused_writer.finish()?;
+    verdicts.finish()?;
+    let fusion = last
+        .map(|v| v.fusion)
+        .context("no test image could be read: nothing to evaluate")?;
 
     // Metrics from the written files, per model and fused.
     let n = rows.len().max(1) as f64;
@@ -226,7 +241,7 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
         models.push(ModelSummary {
             name: name.clone(),
             version: tier
-                .models()
+                .models
                 .get(i)
                 .map(|m| m.version().to_string())
                 .unwrap_or_else(|| format!("{:?} of {}", config.rule, names.join("+"))),
@@ -234,7 +249,6 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
             mean_ms: ms,
         });
     }
-    let fusion = tier.fusion();
     println!(
         "  fusion: {:?} of z-scores, threshold {:.3} (quantile {} of {} held-out good images; on average about {:.1} % of good frames fuse above it)",
         fusion.rule,
@@ -244,7 +258,7 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
         100.0 * fusion.expected_false_alarm_rate()
     );
 
-    let ablations = ablations(&tier, &names, &rows, &config)?;
+    let ablations = ablations(&tier, &rows, &config)?;
     println!("  fusion ablation (image AUROC, accuracy at the calibrated threshold):");
     for a in &ablations {
         println!(
@@ -256,7 +270,7 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
         );
     }
 
-    let tiers = tier_report(&tier, fusion, &rows);
+    let tiers = tier_report(&tier, &fusion, &rows);
     if let Some(t) = &tiers {
         println!(
             "  two tiers (edge {}: OK < {:.3} <= UNCERTAIN <= {:.3} < NG, midpoint {:.3}):",
@@ -289,7 +303,7 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
     let summary = serde_json::json!({
         "data": args.data.display().to_string(),
         "models": models,
-        "fusion": fusion,
+        "fusion": &*fusion,
         "expected_false_alarm_rate": fusion.expected_false_alarm_rate(),
         "ablations": ablations,
         "tiers": tiers,
@@ -307,8 +321,93 @@ pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
     Ok(())
 }
 
+/// The bundles of an evaluation as the hub's judge takes them: the edge's PatchCore
+/// bundle (the first PatchCore bundle given) and the cloud models in the order given.
+struct Tier {
+    edge: Option<Arc<dyn FrameModel>>,
+    cloud: Vec<Arc<dyn FrameModel>>,
+    /// Every model in member order (edge first).
+    models: Vec<Arc<dyn FrameModel>>,
+    /// Member names in the same order.
+    members: Vec<String>,
+}
+
+impl Tier {
+    fn open(bundles: &[PathBuf], device: &candle_core::Device) -> Result<Tier> {
+        let mut edge = None;
+        let mut cloud = Vec::new();
+        for dir in bundles {
+            let model = insp_core::model::open(dir, device)?;
+            if edge.is_none() && model.kind() == "patchcore" {
+                edge = Some(model);
+            } else {
+                cloud.push(model);
+            }
+        }
+        let models: Vec<Arc<dyn FrameModel>> = edge.iter().chain(&cloud).cloned().collect();
+        let members = edge
+            .iter()
+            .map(|_| insp_core::judge::EDGE_MEMBER.to_string())
+            .chain(
+                cloud
+                    .iter()
+                    .map(|m| insp_core::judge::cloud_member(m.kind())),
+            )
+            .collect();
+        Ok(Tier {
+            edge,
+            cloud,
+            models,
+            members,
+        })
+    }
+}
+
+/// `fused/verdicts.csv`: per frame the fused score, the threshold, the verdict and each
+/// member's raw score, as the hub stores them (scores written exactly: they parse back to
+/// the same bits).
+struct VerdictsCsv {
+    path: PathBuf,
+    text: String,
+}
+
+impl VerdictsCsv {
+    fn new(dir: &std::path::Path) -> Result<VerdictsCsv> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(VerdictsCsv {
+            path: dir.join("verdicts.csv"),
+            text: "path,fused,threshold,band,members\n".to_string(),
+        })
+    }
+
+    fn add(&mut self, relative: &str, v: &Judgement) -> Result<()> {
+        anyhow::ensure!(
+            !relative.contains(',') && !relative.contains('\n'),
+            "image path {relative:?} cannot be written to a CSV line"
+        );
+        let members: Vec<String> = v
+            .members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.score))
+            .collect();
+        self.text.push_str(&format!(
+            "{relative},{},{},{},{}\n",
+            v.fused_score,
+            v.threshold(),
+            if v.defective { "NG" } else { "OK" },
+            members.join(" ")
+        ));
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        std::fs::write(&self.path, self.text)
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
 /// Output folder per model: its kind, numbered when a kind repeats.
-fn folder_names(models: &[TierModel]) -> Vec<String> {
+fn folder_names(models: &[Arc<dyn FrameModel>]) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for m in models {
         let kind = m.kind();
@@ -328,12 +427,11 @@ fn folder_names(models: &[TierModel]) -> Vec<String> {
 /// Image AUROC and accuracy of the fusion for both rules over all members, and with each
 /// member left out.
 fn ablations(
-    tier: &CloudTier,
-    names: &[String],
+    tier: &Tier,
     rows: &[(Vec<f32>, f32, bool)],
-    config: &TierConfig,
+    config: &FusionSettings,
 ) -> Result<Vec<Ablation>> {
-    let m = tier.models().len();
+    let m = tier.models.len();
     let mut subsets: Vec<Vec<usize>> = vec![(0..m).collect()];
     if m > 1 {
         for leave in 0..m {
@@ -341,13 +439,22 @@ fn ablations(
         }
     }
     let mut out = Vec::new();
-    for subset in subsets {
-        for rule in [Rule::Mean, Rule::Max] {
-            let members: Vec<(String, &insp_core::bundle::Calibration)> = subset
+    let judges = [Rule::Mean, Rule::Max].map(|rule| Judge::new(FusionSettings { rule, ..*config }));
+    for subset in &subsets {
+        for judge in &judges {
+            let rule = judge.settings().rule;
+            let members: Vec<(&str, &str, &insp_core::bundle::Calibration)> = subset
                 .iter()
-                .map(|&i| (names[i].clone(), tier.models()[i].calibration()))
+                .map(|&i| {
+                    let model = &tier.models[i];
+                    (
+                        tier.members[i].as_str(),
+                        model.version(),
+                        model.calibration(),
+                    )
+                })
                 .collect();
-            let fusion = Fusion::calibrate(&members, rule, config.quantile)?;
+            let fusion = judge.fusion_of(&members)?;
             let fused: Vec<f32> = rows
                 .iter()
                 .map(|(raw, _, _)| {
@@ -357,7 +464,7 @@ fn ablations(
                 .collect::<insp_core::Result<_>>()?;
             let labels: Vec<bool> = rows.iter().map(|r| r.2).collect();
             out.push(Ablation {
-                members: members.iter().map(|(n, _)| n.clone()).collect(),
+                members: members.iter().map(|(n, _, _)| n.to_string()).collect(),
                 rule,
                 image_auroc: insp_core::metrics::auroc(&fused, &labels),
                 threshold: fusion.threshold,
@@ -373,21 +480,13 @@ fn ablations(
     Ok(out)
 }
 
-/// The two-tier analysis with the first PatchCore bundle that has routing thresholds as
-/// the edge.
-fn tier_report(
-    tier: &CloudTier,
-    fusion: &Fusion,
-    rows: &[(Vec<f32>, f32, bool)],
-) -> Option<TierReport> {
-    let (edge_index, edge, thresholds) =
-        tier.models()
-            .iter()
-            .enumerate()
-            .find_map(|(i, m)| match m {
-                TierModel::PatchCore(p) => p.manifest().thresholds.map(|t| (i, p, t)),
-                TierModel::Heavy(_) => None,
-            })?;
+/// The two-tier analysis, with the edge's bundle (the first PatchCore bundle) as the edge
+/// when it has routing thresholds.
+fn tier_report(tier: &Tier, fusion: &Fusion, rows: &[(Vec<f32>, f32, bool)]) -> Option<TierReport> {
+    let edge = tier.edge.as_ref()?;
+    let thresholds = edge.thresholds()?;
+    // The edge is the first member.
+    let edge_index = 0;
     let midpoint = thresholds.midpoint();
     let band = |r: &(Vec<f32>, f32, bool)| thresholds.band(r.0[edge_index]);
     let cloud = |r: &(Vec<f32>, f32, bool)| fusion.is_defective(r.1);
@@ -395,7 +494,7 @@ fn tier_report(
     let uncertain: Vec<&(Vec<f32>, f32, bool)> =
         rows.iter().filter(|r| band(r) == Band::Uncertain).collect();
     Some(TierReport {
-        edge_bundle: edge.manifest().version.clone(),
+        edge_bundle: edge.version().to_string(),
         thresholds,
         midpoint,
         frames: rows.len(),

@@ -14,7 +14,6 @@ mod decode;
 mod delivery;
 mod device;
 mod eval_cmd;
-mod fusion;
 mod grpc;
 mod http;
 mod ingest;

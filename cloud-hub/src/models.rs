@@ -1,17 +1,15 @@
 //! Model bundles at the hub: the edge bundles that escalations name by version (found in
 //! the models folder, verified and loaded on first use, a few kept in memory), and the
-//! cloud's re-scoring models behind the [`CloudModel`] trait, so that heavier model
-//! families plug in beside PatchCore without touching the scoring pipeline.
+//! cloud models the judge ([`insp_core::judge`]) runs beside them, any
+//! [`FrameModel`] (PatchCore, recon, flow).
 
 use crate::db::api::ModelRow;
 use anyhow::{Context, Result};
-use image::DynamicImage;
-use insp_core::anomaly_map::AnomalyMap;
-use insp_core::bundle::{Calibration, Manifest, MANIFEST};
+use insp_core::bundle::{Manifest, MANIFEST};
 use insp_core::heavy::HeavyModel;
 use insp_core::memory_bank::Search;
-use insp_core::patchcore::{PatchCore, SearchParams, Timings};
-use insp_core::routing::Thresholds;
+use insp_core::model::FrameModel;
+use insp_core::patchcore::{PatchCore, SearchParams};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,105 +17,29 @@ use std::sync::{Arc, Mutex};
 /// Edge models kept loaded at once.
 const LOADED: usize = 4;
 
-/// A cloud model's score of a frame.
-#[derive(Debug, Clone)]
-pub struct CloudScore {
-    /// Image score (higher is more anomalous).
-    pub score: f32,
-    /// Anomaly map over the frame.
-    pub map: AnomalyMap,
-}
-
-impl From<insp_core::patchcore::Scored> for CloudScore {
-    fn from(s: insp_core::patchcore::Scored) -> Self {
-        CloudScore {
-            score: s.score,
-            map: s.map,
-        }
-    }
-}
-
-/// A model the hub re-scores escalated frames with.
-pub trait CloudModel: Send + Sync {
-    /// Name in inferences and metrics (e.g. `cloud-patchcore`).
-    fn name(&self) -> &str;
-    /// Bundle version.
-    fn version(&self) -> &str;
-    /// Held-out good scores (fusion normalises the score by them).
-    fn calibration(&self) -> &Calibration;
-    /// Routing thresholds, where the bundle has them (PatchCore bundles do).
-    fn thresholds(&self) -> Option<Thresholds>;
-    /// Scores a decoded frame.
-    fn score(&self, image: &DynamicImage) -> Result<CloudScore>;
-}
-
-/// PatchCore as a cloud model (a heavier bundle than the edge's: a bigger backbone,
-/// higher resolution, a larger bank).
-pub struct PatchCoreCloud {
-    model: PatchCore,
-    thresholds: Thresholds,
-    name: String,
-}
-
-impl PatchCoreCloud {
-    /// Opens and verifies a bundle; it must carry calibrated thresholds.
-    pub fn open(dir: &Path, device: &candle_core::Device) -> Result<PatchCoreCloud> {
+/// Opens and verifies a cloud bundle (`models.heavy_bundles` or `models.cloud_bundle`):
+/// a recon or flow bundle from `cloud-hub train`, which must carry held-out good scores,
+/// or a PatchCore bundle, which must carry calibrated thresholds. Returns the model and
+/// its registry row.
+pub fn open_cloud(
+    dir: &Path,
+    device: &candle_core::Device,
+) -> Result<(Arc<dyn FrameModel>, ModelRow)> {
+    if insp_core::bundle::model_kind(dir)? == "patchcore" {
         let model = PatchCore::open(dir, device).with_context(|| {
             format!(
                 "cannot load the cloud bundle {} (make one with `edge-agent fit`)",
                 dir.display()
             )
         })?;
-        let thresholds = model.manifest().thresholds.with_context(|| {
-            format!(
-                "the cloud bundle {} has no calibrated thresholds; refit it",
-                dir.display()
-            )
-        })?;
-        Ok(PatchCoreCloud {
-            model,
-            thresholds,
-            name: "cloud-patchcore".into(),
-        })
-    }
-
-    /// The manifest.
-    pub fn manifest(&self) -> &Manifest {
-        self.model.manifest()
-    }
-}
-
-impl CloudModel for PatchCoreCloud {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn version(&self) -> &str {
-        &self.model.manifest().version
-    }
-    fn calibration(&self) -> &Calibration {
-        &self.model.manifest().calibration
-    }
-    fn thresholds(&self) -> Option<Thresholds> {
-        Some(self.thresholds)
-    }
-    fn score(&self, image: &DynamicImage) -> Result<CloudScore> {
-        Ok(self
-            .model
-            .score_image(image, &mut Timings::default())?
-            .into())
-    }
-}
-
-/// A heavy model (feature reconstruction or normalizing flow, `cloud-hub train`) as a
-/// cloud model.
-pub struct HeavyCloud {
-    model: HeavyModel,
-    name: String,
-}
-
-impl HeavyCloud {
-    /// Opens and verifies a recon or flow bundle; it must carry held-out good scores.
-    pub fn open(dir: &Path, device: &candle_core::Device) -> Result<HeavyCloud> {
+        anyhow::ensure!(
+            model.manifest().thresholds.is_some(),
+            "the cloud bundle {} has no calibrated thresholds; refit it",
+            dir.display()
+        );
+        let row = model_row(model.manifest(), dir, "cloud");
+        Ok((Arc::new(model), row))
+    } else {
         let model = HeavyModel::open(dir, device).with_context(|| {
             format!(
                 "cannot load the heavy bundle {} (make one with `cloud-hub train`)",
@@ -129,36 +51,12 @@ impl HeavyCloud {
             "the heavy bundle {} has no held-out good scores to normalise with; retrain it with --holdout above 0",
             dir.display()
         );
-        let name = format!("cloud-{}", model.kind());
-        Ok(HeavyCloud { model, name })
-    }
-
-    /// The registry row of the bundle.
-    pub fn row(&self, dir: &Path) -> ModelRow {
-        let m = self.model.manifest();
-        ModelRow {
-            kind: self.model.kind().to_string(),
+        let row = ModelRow {
+            kind: model.kind().to_string(),
             bank_rows: 0,
-            ..row_of(m, dir, "cloud")
-        }
-    }
-}
-
-impl CloudModel for HeavyCloud {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn version(&self) -> &str {
-        &self.model.manifest().version
-    }
-    fn calibration(&self) -> &Calibration {
-        &self.model.manifest().calibration
-    }
-    fn thresholds(&self) -> Option<Thresholds> {
-        self.model.manifest().thresholds
-    }
-    fn score(&self, image: &DynamicImage) -> Result<CloudScore> {
-        Ok(self.model.score_image(image)?.into())
+            ..row_of(model.manifest(), dir, "cloud")
+        };
+        Ok((Arc::new(model), row))
     }
 }
 

@@ -14,23 +14,19 @@
 
 use crate::db::verdicts::{InferenceRow, PendingEscalation, VerdictRow};
 use crate::db::{unix_ms, Db};
-use crate::fusion::{Fusions, Member};
-use crate::models::{CloudModel, EdgeBundles};
+use crate::models::EdgeBundles;
 use crate::objects::{self, Objects};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
-use insp_core::anomaly_map::AnomalyMap;
-use insp_core::patchcore::Timings;
+use insp_core::judge::Judge;
+use insp_core::model::FrameModel;
 use insp_proto::v1::{Band, Verdict};
 use insp_proto::{Message, TopicKind};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-/// Name of the reproduced edge score among a frame's inferences.
-pub const EDGE_MODEL: &str = "edge-reproduced";
+use std::time::Duration;
 
 /// Marks an error worth retrying (object store or database unavailable): the escalation
 /// stays pending and the periodic sweep offers it again, instead of being marked failed.
@@ -44,7 +40,7 @@ impl std::fmt::Display for Temporary {
 }
 
 /// The cloud models in use, in fusion order.
-pub type CloudSet = Arc<Vec<Arc<dyn CloudModel>>>;
+pub type CloudSet = Arc<Vec<Arc<dyn FrameModel>>>;
 
 /// What the workers need.
 pub struct ScoringContext {
@@ -56,8 +52,8 @@ pub struct ScoringContext {
     pub edge: Arc<EdgeBundles>,
     /// Cloud models; replaced as a whole when they are reloaded (SIGHUP).
     pub cloud: std::sync::RwLock<CloudSet>,
-    /// Calibrated fusions of the models.
-    pub fusions: Fusions,
+    /// The judge: member naming, calibrated fusions, the verdict.
+    pub judge: Judge,
     /// Metrics.
     pub telemetry: Arc<Telemetry>,
     /// MQTT client for verdicts.
@@ -311,14 +307,9 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         })?;
     let origin = format!("frame {} ({})", e.frame_id, e.source);
     let image = insp_core::image::decode(&bytes, &origin)?;
-    let mut inferences = Vec::new();
-    let mut maps: Vec<(String, AnomalyMap)> = Vec::new();
-    // The fusion's members and their raw scores, in the same order.
-    let mut members = Vec::new();
-    let mut scores = Vec::new();
 
-    // The edge score, reproduced exactly as the edge computed it.
-    let mut reproduced = f32::NAN;
+    // The edge score is reproduced exactly as the edge computed it, with the bundle and
+    // the bank search the escalation names.
     let edge = match ctx.edge.model(&e.model_version, e.edge_search) {
         Ok(model) => Some(model),
         Err(err) => {
@@ -329,133 +320,75 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
             None
         }
     };
-    if let Some(model) = &edge {
-        let t0 = Instant::now();
-        let s = model.score_image(&image, &mut Timings::default())?;
-        let seconds = t0.elapsed().as_secs_f64();
-        ctx.telemetry.model_latency(EDGE_MODEL, seconds);
-        reproduced = s.score;
-        let t = model.manifest().thresholds;
-        inferences.push(InferenceRow {
-            model: EDGE_MODEL.into(),
-            model_version: e.model_version.clone(),
-            score: s.score,
-            ok_below: t.map_or(-1.0, |t| t.ok_below),
-            ng_above: t.map_or(-1.0, |t| t.ng_above),
-            map_key: Some(objects::map_key(
-                &e.site,
-                &e.device,
-                &e.frame_id,
-                EDGE_MODEL,
-            )),
-            latency_ms: (seconds * 1e3) as f32,
-        });
-        maps.push((EDGE_MODEL.into(), s.map));
-    }
-
     // One consistent set for the whole frame, even if a reload swaps it meanwhile.
     let cloud: CloudSet = ctx
         .cloud
         .read()
         .map(|c| c.clone())
         .map_err(|_| anyhow::anyhow!("the cloud model set is poisoned"))?;
-    // The first cloud model's score, when it gave a finite one.
-    let mut cloud_score = None;
-    for (i, m) in cloud.iter().enumerate() {
-        let t0 = Instant::now();
-        let s = m.score(&image)?;
-        let seconds = t0.elapsed().as_secs_f64();
-        ctx.telemetry.model_latency(m.name(), seconds);
-        if i == 0 && s.score.is_finite() {
-            cloud_score = Some(s.score);
-        }
-        let t = m.thresholds();
-        inferences.push(InferenceRow {
-            model: m.name().to_string(),
-            model_version: m.version().to_string(),
-            score: s.score,
-            ok_below: t.map_or(-1.0, |t| t.ok_below),
-            ng_above: t.map_or(-1.0, |t| t.ng_above),
-            map_key: Some(objects::map_key(&e.site, &e.device, &e.frame_id, m.name())),
-            latency_ms: (seconds * 1e3) as f32,
-        });
-        maps.push((m.name().to_string(), s.map));
-    }
-
-    // Members in inference order (edge first, then the cloud models); one without
-    // held-out good scores or with a non-finite score is left out of the verdict.
-    let calibrations = edge
-        .iter()
-        .map(|m| {
-            (
-                EDGE_MODEL,
-                e.model_version.as_str(),
-                &m.manifest().calibration,
+    let judgement = ctx
+        .judge
+        .judge(
+            edge.as_deref().map(|m| m as &dyn FrameModel),
+            &cloud,
+            &image,
+        )
+        .with_context(|| {
+            format!(
+                "edge bundle {:?} missing or uncalibrated, and no usable cloud model",
+                e.model_version
             )
-        })
-        .chain(
-            cloud
-                .iter()
-                .map(|m| (m.name(), m.version(), m.calibration())),
-        );
-    for ((name, version, calibration), inference) in calibrations.zip(&inferences) {
-        if calibration.good_scores.is_empty() {
-            tracing::warn!(
-                "escalation {}: {name} {version} has no held-out good scores (refit it with --holdout above 0): left out of the verdict",
-                e.frame_id
-            );
-        } else if !inference.score.is_finite() {
-            tracing::warn!(
-                "escalation {}: {name} {version} gave the score {}: left out of the verdict",
-                e.frame_id,
-                inference.score
-            );
-        } else {
-            members.push(Member {
-                name,
-                version,
-                calibration,
-            });
-            scores.push(inference.score);
+        })?;
+    for m in judgement.members.iter() {
+        ctx.telemetry.model_latency(&m.name, m.seconds);
+        if let Some(why) = &m.left_out {
+            tracing::warn!("escalation {}: {why}: left out of the verdict", e.frame_id);
         }
     }
-    anyhow::ensure!(
-        !members.is_empty(),
-        "no model could judge it (edge bundle {:?} missing or uncalibrated, and no usable cloud model)",
-        e.model_version
-    );
-    let fusion = ctx.fusions.of(&members)?;
-    let fused = fusion.fuse(&scores)?;
+    let inferences: Vec<InferenceRow> = judgement
+        .members
+        .iter()
+        .map(|m| InferenceRow {
+            model: m.name.clone(),
+            model_version: m.version.clone(),
+            score: m.score,
+            ok_below: m.thresholds.map_or(-1.0, |t| t.ok_below),
+            ng_above: m.thresholds.map_or(-1.0, |t| t.ng_above),
+            map_key: Some(objects::map_key(&e.site, &e.device, &e.frame_id, &m.name)),
+            latency_ms: (m.seconds * 1e3) as f32,
+        })
+        .collect();
+    let reproduced = judgement
+        .members
+        .iter()
+        .find(|m| m.name == insp_core::judge::EDGE_MEMBER)
+        .map_or(f32::NAN, |m| m.score);
     let mut versions = vec![e.model_version.clone()];
     versions.extend(cloud.iter().map(|m| m.version().to_string()));
     let verdict = VerdictRow {
         frame_id: e.frame_id.clone(),
         site: e.site.clone(),
         device: e.device.clone(),
-        band: if fusion.is_defective(fused) {
-            "NG"
-        } else {
-            "OK"
-        }
-        .into(),
-        fused,
-        cloud_score,
+        band: if judgement.defective { "NG" } else { "OK" }.into(),
+        fused: judgement.fused_score,
+        cloud_score: judgement.cloud_score(),
         edge_score_reported: e.edge_score,
         edge_score_reproduced: reproduced,
         edge_exact: reproduced.to_bits() == e.edge_score.to_bits(),
         model_versions: versions.join("+"),
-        rule: ctx.fusions.describe(&fusion),
+        rule: judgement.fusion.describe(),
         received_unix_ms: e.received_unix_ms,
         decided_unix_ms: unix_ms(),
     };
+    let maps = &judgement.members;
     let stored = ctx
         .runtime
         .block_on(async {
-            for (model, map) in &maps {
+            for m in maps {
                 ctx.objects
                     .put(
-                        &objects::map_key(&e.site, &e.device, &e.frame_id, model),
-                        objects::npy_bytes(map),
+                        &objects::map_key(&e.site, &e.device, &e.frame_id, &m.name),
+                        objects::npy_bytes(&m.map),
                     )
                     .await?;
             }

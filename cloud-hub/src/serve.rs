@@ -5,13 +5,13 @@
 use crate::config::{HubConfig, ServeOverrides};
 use crate::db::api::ModelRow;
 use crate::db::Db;
-use crate::fusion::Fusions;
 use crate::ingest::{Budget, Ingest, IngestHandle};
-use crate::models::{model_row, CloudModel, EdgeBundles, HeavyCloud, PatchCoreCloud};
+use crate::models::{model_row, open_cloud, EdgeBundles};
 use crate::objects::Objects;
 use crate::scoring::{Scoring, ScoringContext};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
+use insp_core::model::FrameModel;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -132,7 +132,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         objects: objects.clone(),
         edge: edge.clone(),
         cloud: std::sync::RwLock::new(Arc::new(cloud)),
-        fusions: Fusions::new(config.fusion.clone()),
+        judge: insp_core::judge::Judge::new(config.fusion),
         telemetry: telemetry.clone(),
         mqtt: client.clone(),
         runtime: tokio::runtime::Handle::current(),
@@ -281,46 +281,29 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// A bundle of `models.heavy_bundles`: recon or flow, or a PatchCore bundle to run beside
-/// them.
-fn open_tier_bundle(
-    dir: &std::path::Path,
-    device: &candle_core::Device,
-) -> Result<(Arc<dyn CloudModel>, crate::db::api::ModelRow)> {
-    if insp_core::bundle::model_kind(dir)? == "patchcore" {
-        let model = PatchCoreCloud::open(dir, device)?;
-        let row = model_row(model.manifest(), dir, "cloud");
-        Ok((Arc::new(model), row))
-    } else {
-        let model = HeavyCloud::open(dir, device)?;
-        let row = model.row(dir);
-        Ok((Arc::new(model), row))
-    }
-}
-
 /// The heavy bundles of `models.heavy_bundles`, opened and verified, with their registry
 /// rows; the inner error says why one of them cannot be used.
 #[allow(clippy::type_complexity)]
 async fn load_heavy(
     config: &HubConfig,
     device: &candle_core::Device,
-) -> Result<std::result::Result<(Vec<Arc<dyn CloudModel>>, Vec<ModelRow>), String>> {
-    let mut cloud: Vec<Arc<dyn CloudModel>> = Vec::new();
+) -> Result<std::result::Result<(Vec<Arc<dyn FrameModel>>, Vec<ModelRow>), String>> {
+    let mut cloud: Vec<Arc<dyn FrameModel>> = Vec::new();
     let mut rows = Vec::new();
     for path in &config.models.heavy_bundles {
         let (d, p) = (device.clone(), path.clone());
-        match tokio::task::spawn_blocking(move || open_tier_bundle(&p, &d)).await? {
-            Ok((model, _)) if cloud.iter().any(|m| m.name() == model.name()) => {
+        match tokio::task::spawn_blocking(move || open_cloud(&p, &d)).await? {
+            Ok((model, _)) if cloud.iter().any(|m| m.kind() == model.kind()) => {
                 return Ok(Err(format!(
                     "{} is a second {} model: list one bundle of each kind in models.heavy_bundles",
                     path.display(),
-                    model.name()
+                    insp_core::judge::cloud_member(model.kind())
                 )));
             }
             Ok((model, row)) => {
                 tracing::info!(
                     "cloud model {} {} from {}",
-                    model.name(),
+                    insp_core::judge::cloud_member(model.kind()),
                     model.version(),
                     path.display()
                 );
@@ -375,7 +358,7 @@ async fn load_cloud_models(
     config: &HubConfig,
     device: &candle_core::Device,
     db: &crate::db::Db,
-) -> Result<Vec<Arc<dyn CloudModel>>> {
+) -> Result<Vec<Arc<dyn FrameModel>>> {
     let (mut cloud, rows, heavy_failed) = match load_heavy(config, device).await? {
         Ok((cloud, rows)) => (cloud, rows, None),
         Err(reason) => (Vec::new(), Vec::new(), Some(reason)),
@@ -405,11 +388,10 @@ async fn load_cloud_models(
     if cloud.is_empty() {
         if let Some(path) = config.models.cloud_bundle.clone() {
             let (d, p) = (device.clone(), path.clone());
-            let model = tokio::task::spawn_blocking(move || PatchCoreCloud::open(&p, &d)).await??;
-            db.upsert_model(&model_row(model.manifest(), &path, "cloud"))
-                .await?;
+            let (model, row) = tokio::task::spawn_blocking(move || open_cloud(&p, &d)).await??;
+            db.upsert_model(&row).await?;
             tracing::info!("cloud model {} from {}", model.version(), path.display());
-            cloud.push(Arc::new(model));
+            cloud.push(model);
         } else if heavy_failed.is_none() {
             tracing::warn!(
                 "no cloud model configured (models.heavy_bundles, models.cloud_bundle): verdicts use the reproduced edge score alone"

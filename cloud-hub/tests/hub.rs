@@ -944,3 +944,123 @@ async fn each_devices_bank_search_is_reproduced_exactly() {
     assert_eq!(hub.metric("hub_edge_score_mismatches_total"), 0.0);
     dev.close().await;
 }
+
+/// One cloud verdict: the frames a running hub judged and the same frames through
+/// `cloud-hub eval` (same bundles, the edge's first) get bit-identical member scores,
+/// fused scores and verdicts, because both call the library's judge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_and_a_running_hub_give_bit_identical_verdicts() {
+    let f = fixture();
+    let (recon, flow) = heavy_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let setup = HubSetup {
+        dir: dir.path(),
+        broker: None,
+        embedded_port: port,
+        database: None,
+        client_id: "hub-same",
+        group: "hubs",
+        site: "plant-s",
+    };
+    let hub =
+        HubProcess::start_with_models(&setup, &format!("heavy_bundles = [{recon:?}, {flow:?}]"));
+    let mut dev = Device::connect(("127.0.0.1", port), "plant-s", "cam-1").await;
+    let data = f.root.join("data");
+    // Frame id -> the image's path relative to the data set, as eval names it.
+    let mut sent = std::collections::HashMap::new();
+    for image in &f.images {
+        let (id, _) = dev.escalate(image).await;
+        let relative = image
+            .strip_prefix(&data)
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        sent.insert(id, relative);
+    }
+    for i in 0..sent.len() {
+        let verdict = tokio::time::timeout(Duration::from_secs(300), dev.verdicts.recv()).await;
+        assert!(
+            matches!(verdict, Ok(Some(_))),
+            "verdict {i} of {} did not arrive; hub log:\n{}",
+            sent.len(),
+            hub.log_text()
+        );
+    }
+    let pool = pool(&format!(
+        "sqlite://{}",
+        dir.path().join("data/hub.db").display()
+    ))
+    .await;
+    let out = dir.path().join("eval");
+    cli(&[
+        "eval",
+        "--bundle",
+        f.edge.to_str().unwrap(),
+        recon.to_str().unwrap(),
+        flow.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let csv = std::fs::read_to_string(out.join("fused/verdicts.csv")).unwrap();
+    // path -> (fused, band, member=score ...)
+    let evaluated: std::collections::HashMap<String, (f32, String, String)> = csv
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let cols: Vec<&str> = line.split(',').collect();
+            (
+                cols[0].to_string(),
+                (
+                    cols[1].parse().unwrap(),
+                    cols[3].to_string(),
+                    cols[4].to_string(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(evaluated.len(), f.images.len(), "{csv}");
+    let mut defective = 0;
+    for (id, relative) in &sent {
+        let (fused, band, exact): (f64, String, i64) =
+            sqlx::query("SELECT fused, band, edge_exact FROM verdicts WHERE frame_id = $1")
+                .bind(id.clone())
+                .fetch_one(&pool)
+                .await
+                .map(|r| {
+                    use sqlx::Row;
+                    (r.get(0), r.get(1), r.get(2))
+                })
+                .unwrap();
+        assert_eq!(exact, 1, "{id}: the edge score was not reproduced");
+        let (eval_fused, eval_band, eval_members) = &evaluated[relative];
+        assert_eq!(
+            (fused as f32).to_bits(),
+            eval_fused.to_bits(),
+            "{relative}: hub fused {fused}, eval {eval_fused}"
+        );
+        assert_eq!(&band, eval_band, "{relative}");
+        defective += usize::from(band == "NG");
+        // Every member's raw score, bit for bit, under the same name.
+        let mut stored: Vec<String> = inferences(&pool, id)
+            .await
+            .iter()
+            .map(|(model, _, score, _)| format!("{model}={}", *score as f32))
+            .collect();
+        let mut members: Vec<String> = eval_members.split(' ').map(str::to_string).collect();
+        stored.sort();
+        members.sort();
+        assert_eq!(stored, members, "{relative}");
+    }
+    // The frames are not all judged alike, so the comparison covers both verdicts.
+    assert!(
+        defective > 0 && defective < sent.len(),
+        "{defective} of {} defective",
+        sent.len()
+    );
+    dev.close().await;
+    pool.close().await;
+    drop(hub);
+}

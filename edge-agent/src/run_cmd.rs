@@ -12,7 +12,7 @@
 //! still waiting for a verdict and hooks not run yet stay in the decision journal, and the
 //! next start takes them over (see [`crate::decisions`]).
 
-use crate::config::{AgentConfig, SourceKind};
+use crate::config::AgentConfig;
 use crate::decisions::DecisionBook;
 use crate::journal::Journal;
 use crate::outbox::{Outbox, Queue, Spools};
@@ -192,27 +192,8 @@ pub async fn run_pipeline(
         }))
     };
 
-    let source = {
-        let (cfg, dev, tx, stop) = (
-            config.source.clone(),
-            config.device.id.clone(),
-            frames_tx.clone(),
-            stop_rx.clone(),
-        );
-        match config.source.kind {
-            SourceKind::None => None,
-            SourceKind::Watch => Some(tokio::spawn(crate::sources::watch_folder(
-                cfg,
-                dev,
-                tx,
-                telemetry.clone(),
-                stop,
-            ))),
-            SourceKind::Replay => Some(tokio::spawn(crate::sources::replay_folder(
-                cfg, dev, tx, stop,
-            ))),
-        }
-    };
+    let source = crate::sources::from_config(&config.source, &config.device.id, telemetry.clone())
+        .map(|s| tokio::spawn(s.run(frames_tx.clone(), stop_rx.clone())));
 
     let mut source = source;
     // Why the pipeline stops.

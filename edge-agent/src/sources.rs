@@ -1,7 +1,8 @@
 //! Frame sources that read files: a watched folder (each new image once, in arrival
-//! order) and a replayed folder (every image at a set rate, for demos and load). Both
-//! wait when the scorer's queue is full, so no file is skipped under load. (Cameras that
-//! push frames use the HTTP endpoint instead.)
+//! order) and a replayed folder (every image at a set rate, for demos and load), both
+//! behind the [`Source`] trait. Both wait when the scorer's queue is full, so no file is
+//! skipped under load. (Cameras that push frames use the HTTP endpoint instead, which
+//! feeds the same queue.)
 
 use crate::clock::unix_ms;
 use crate::config::{AfterScoring, SourceConfig};
@@ -13,6 +14,74 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
+
+/// A source of frames: feeds the scorer's queue until it has nothing more (a finished
+/// replay) or `stop` turns true.
+pub trait Source: Send {
+    /// Runs the source.
+    fn run(
+        self: Box<Self>,
+        frames: mpsc::Sender<Frame>,
+        stop: watch::Receiver<bool>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+}
+
+/// The source `config.kind` names, for the device `device`; `None` for `none`.
+pub fn from_config(
+    config: &SourceConfig,
+    device: &str,
+    telemetry: Arc<Telemetry>,
+) -> Option<Box<dyn Source>> {
+    let (config, device) = (config.clone(), device.to_string());
+    match config.kind {
+        crate::config::SourceKind::None => None,
+        crate::config::SourceKind::Watch => Some(Box::new(WatchedFolder {
+            config,
+            device,
+            telemetry,
+        })),
+        crate::config::SourceKind::Replay => Some(Box::new(ReplayedFolder { config, device })),
+    }
+}
+
+/// Each new image of a folder once ([`watch_folder`]).
+pub struct WatchedFolder {
+    config: SourceConfig,
+    device: String,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Source for WatchedFolder {
+    fn run(
+        self: Box<Self>,
+        frames: mpsc::Sender<Frame>,
+        stop: watch::Receiver<bool>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>> {
+        Box::pin(watch_folder(
+            self.config,
+            self.device,
+            frames,
+            self.telemetry,
+            stop,
+        ))
+    }
+}
+
+/// Every image of a folder at a set rate ([`replay_folder`]).
+pub struct ReplayedFolder {
+    config: SourceConfig,
+    device: String,
+}
+
+impl Source for ReplayedFolder {
+    fn run(
+        self: Box<Self>,
+        frames: mpsc::Sender<Frame>,
+        stop: watch::Receiver<bool>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>> {
+        Box::pin(replay_folder(self.config, self.device, frames, stop))
+    }
+}
 
 /// Subfolder of the watched folder for scored files (with `after = "move"`).
 pub const DONE_DIR: &str = "done";

@@ -266,6 +266,21 @@ impl Fusion {
         (self.calibration_above + 1) as f64 / (self.calibration_images + 1) as f64
     }
 
+    /// The rule in words (stored with every verdict): the rule, the members, the
+    /// threshold and what it was calibrated on.
+    pub fn describe(&self) -> String {
+        let names: Vec<&str> = self.members.iter().map(|(n, _)| n.as_str()).collect();
+        format!(
+            "{:?} of z = (score - median) / spread of each model's held-out good scores over [{}]; NG above {:.4} (quantile {} of {} held-out good images)",
+            self.rule,
+            names.join(", "),
+            self.threshold,
+            self.quantile,
+            self.calibration_images
+        )
+        .to_lowercase()
+    }
+
     /// True if a fused score means defective.
     pub fn is_defective(&self, fused: f32) -> bool {
         fused > self.threshold

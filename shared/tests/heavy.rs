@@ -3,9 +3,9 @@
 
 use candle_core::Device;
 use insp_core::bundle::{self, Bundle};
-use insp_core::cloud_tier::{CloudTier, TierConfig};
 use insp_core::flow::FlowConfig;
 use insp_core::heavy::{Architecture, HeavyModel, HeavyParams};
+use insp_core::judge::{FusionSettings, Judge, EDGE_MEMBER};
 use insp_core::patchcore::{self, FitConfig, PatchCore};
 use insp_core::recon::ReconConfig;
 use insp_core::synthetic::{generate, SynthConfig};
@@ -280,34 +280,40 @@ fn edge_and_heavy_models_hold_out_the_same_images_and_fuse() {
     b.sort();
     assert_eq!(a, b, "the edge and the flow held out different images");
 
-    let tier = CloudTier::open(
-        &[edge.clone(), flow.clone()],
-        &Device::Cpu,
-        &TierConfig::default(),
-    )
-    .unwrap();
-    assert_eq!(tier.fusion().calibration_images, 4);
+    let edge_model = insp_core::model::open(&edge, &Device::Cpu).unwrap();
+    let flow_model = insp_core::model::open(&flow, &Device::Cpu).unwrap();
+    let judge = Judge::new(FusionSettings::default());
+    let mut threshold = f32::NAN;
     // The threshold is the largest fused held-out score: no held-out image is defective,
     // each gets its stored scores back and the fused score is their normalised mean.
     let mut fused_max = f32::NEG_INFINITY;
     for name in &m.calibration.images {
         let image = insp_core::image::open(&data.join(name)).unwrap();
-        let v = tier.judge(&image).unwrap();
-        assert_eq!(v.models.len(), 2);
-        assert_eq!((v.models[0].kind, v.models[1].kind), ("patchcore", "flow"));
+        let v = judge
+            .judge(Some(edge_model.as_ref()), &[flow_model.clone()], &image)
+            .unwrap();
+        assert_eq!(v.fusion.calibration_images, 4);
+        threshold = v.threshold();
+        assert_eq!(v.members.len(), 2);
+        assert_eq!(
+            (v.members[0].kind, v.members[1].kind),
+            ("patchcore", "flow")
+        );
+        assert_eq!(
+            (v.members[0].name.as_str(), v.members[1].name.as_str()),
+            (EDGE_MEMBER, "cloud-flow")
+        );
         assert!(
             !v.defective,
             "held-out good image {name} judged defective: {v:?}"
         );
-        let mean_z = (v.models[0].z + v.models[1].z) / 2.0;
+        let mean_z = (v.members[0].z.unwrap() + v.members[1].z.unwrap()) / 2.0;
         assert!((v.fused_score - mean_z).abs() < 1e-5);
-        assert!(v.models.iter().all(|o| o.seconds > 0.0));
-        let edge_map = tier.models()[0].score(&image).unwrap().map;
-        assert_eq!(
-            (v.map.height, v.map.width),
-            (edge_map.height, edge_map.width)
-        );
+        assert!(v.members.iter().all(|o| o.seconds > 0.0));
+        let edge_map = edge_model.score_frame(&image).unwrap().map;
+        let map = v.fused_map().unwrap();
+        assert_eq!((map.height, map.width), (edge_map.height, edge_map.width));
         fused_max = fused_max.max(v.fused_score);
     }
-    assert!((fused_max - tier.fusion().threshold).abs() < 1e-4);
+    assert!((fused_max - threshold).abs() < 1e-4);
 }

@@ -620,7 +620,7 @@ pub struct Device {
     /// Name.
     pub name: String,
     client: AsyncClient,
-    verdicts: tokio::sync::mpsc::UnboundedReceiver<Verdict>,
+    pub verdicts: tokio::sync::mpsc::UnboundedReceiver<Verdict>,
     acks: tokio::sync::mpsc::UnboundedReceiver<u16>,
     task: tokio::task::JoinHandle<()>,
 }
