@@ -273,7 +273,7 @@ pub async fn reviews(cmd: ReviewsCommand) -> Result<()> {
                             map.width as usize,
                             map.data,
                         );
-                        std::fs::write(&path, crate::objects::npy_bytes(&map))?;
+                        std::fs::write(&path, map.to_npy())?;
                         println!("wrote     {}", path.display());
                     }
                 }
@@ -392,7 +392,8 @@ pub async fn models(cmd: ModelsCommand) -> Result<()> {
                     insp_core::bundle::Bundle::<insp_core::heavy::HeavyParams>::open_kind(&out)
                         .map(|b| b.manifest.version)
                 }
-                _ => insp_core::bundle::Bundle::open(&out).map(|b| b.manifest.version),
+                _ => insp_core::patchcore::PatchCoreBundle::open_kind(&out)
+                    .map(|b| b.manifest.version),
             };
             let fetched = verified.with_context(|| {
                 format!("the fetched bundle in {} does not verify", out.display())

@@ -5,7 +5,8 @@ use crate::config::HubConfig;
 use crate::db::api::{DeviceRow, EscalationSummaryRow, ReviewRow};
 use crate::db::Db;
 use crate::models::EdgeBundles;
-use crate::objects::{npy_parse, Objects};
+use crate::objects::Objects;
+use insp_core::anomaly_map::AnomalyMap;
 use insp_proto::hub::devices_server::{Devices, DevicesServer};
 use insp_proto::hub::models_server::{Models, ModelsServer};
 use insp_proto::hub::reviews_server::{Reviews, ReviewsServer};
@@ -226,7 +227,12 @@ impl Reviews for Api {
                         .filter_map(|i| i.map_key.clone().map(|k| (i.model.clone(), k))),
                 );
             for (model, key) in keys {
-                match self.objects.get(&key).await.and_then(|b| npy_parse(&b)) {
+                match self
+                    .objects
+                    .get(&key)
+                    .await
+                    .and_then(|b| AnomalyMap::from_npy(&b).map_err(anyhow::Error::msg))
+                {
                     Ok(m) => detail.maps.push(MapData {
                         model,
                         map: Some(WireMap {

@@ -477,7 +477,7 @@ impl Ingest {
                         }
                         if let Some(m) = &e.edge_map {
                             let key = objects::map_key(&f.site, &f.device, &f.frame_id, "edge");
-                            match self.put_object(&key, objects::npy_bytes(m).into()).await? {
+                            match self.put_object(&key, m.to_npy().into()).await? {
                                 Ok(()) => edge_map_key = Some(key),
                                 // The frame is stored: keep it, without this map.
                                 Err(why) => tracing::warn!(

@@ -9,6 +9,7 @@ use insp_core::bundle::{Manifest, MANIFEST};
 use insp_core::heavy::HeavyModel;
 use insp_core::memory_bank::Search;
 use insp_core::model::FrameModel;
+use insp_core::patchcore::PatchCoreManifest;
 use insp_core::patchcore::{PatchCore, SearchParams};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -61,7 +62,7 @@ pub fn open_cloud(
 }
 
 /// The registry row of a PatchCore bundle.
-pub fn model_row(manifest: &Manifest, dir: &Path, role: &str) -> ModelRow {
+pub fn model_row(manifest: &PatchCoreManifest, dir: &Path, role: &str) -> ModelRow {
     ModelRow {
         kind: manifest.model.kind.clone(),
         bank_rows: manifest.model.bank_rows as i64,
@@ -99,7 +100,7 @@ fn row_of<M>(manifest: &Manifest<M>, dir: &Path, role: &str) -> ModelRow {
 }
 
 /// Reads a bundle's manifest (without verifying its files).
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+pub fn read_manifest(dir: &Path) -> Result<PatchCoreManifest> {
     let path = dir.join(MANIFEST);
     let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_slice(&text).with_context(|| format!("{} is not a manifest", path.display()))
@@ -137,7 +138,7 @@ impl EdgeBundles {
     }
 
     /// Re-reads the folder: every sub-folder (and the folder itself) with a manifest.
-    pub fn scan(&self) -> Vec<(Manifest, PathBuf)> {
+    pub fn scan(&self) -> Vec<(PatchCoreManifest, PathBuf)> {
         let mut found = Vec::new();
         let mut candidates = vec![self.dir.clone()];
         if let Ok(entries) = std::fs::read_dir(&self.dir) {

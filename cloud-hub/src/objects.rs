@@ -16,7 +16,6 @@
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use insp_core::anomaly_map::AnomalyMap;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use std::path::Path;
@@ -295,80 +294,9 @@ pub fn map_key(site: &str, device: &str, frame_id: &str, model: &str) -> String 
     format!("maps/{site}/{device}/{frame_id}/{model}.npy")
 }
 
-/// A map as a little-endian float32 `.npy` file (NumPy format 1.0), in memory.
-pub fn npy_bytes(map: &AnomalyMap) -> Vec<u8> {
-    let header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}",
-        map.height, map.width
-    );
-    let unpadded = 10 + header.len() + 1;
-    let pad = (64 - unpadded % 64) % 64;
-    let mut bytes = Vec::with_capacity(unpadded + pad + 4 * map.data.len());
-    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
-    bytes.extend_from_slice(&((header.len() + pad + 1) as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend(std::iter::repeat_n(b' ', pad));
-    bytes.push(b'\n');
-    for v in &map.data {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    bytes
-}
-
-/// Parses what [`npy_bytes`] wrote.
-pub fn npy_parse(bytes: &[u8]) -> Result<AnomalyMap> {
-    anyhow::ensure!(
-        bytes.len() >= 10 && &bytes[..6] == b"\x93NUMPY",
-        "not a .npy file"
-    );
-    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = std::str::from_utf8(bytes.get(10..10 + hlen).context("truncated header")?)?;
-    anyhow::ensure!(header.contains("'<f4'"), "not a float32 map");
-    let shape = header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .context("no shape")?;
-    let dims: Vec<usize> = shape
-        .split(',')
-        .filter_map(|d| d.trim().parse().ok())
-        .collect();
-    let [h, w] = dims[..] else {
-        anyhow::bail!("map shape ({shape}) is not 2-D")
-    };
-    let body = &bytes[10 + hlen..];
-    anyhow::ensure!(
-        body.len() == 4 * h * w,
-        "data size does not match the shape"
-    );
-    let data = body
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok(AnomalyMap {
-        height: h,
-        width: w,
-        data,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn npy_matches_the_core_reader_and_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let map = AnomalyMap::new(3, 5, (0..15).map(|i| i as f32 * 0.25).collect());
-        let path = dir.path().join("m.npy");
-        std::fs::write(&path, npy_bytes(&map)).unwrap();
-        assert_eq!(AnomalyMap::read_npy(&path).unwrap(), map);
-        let core = dir.path().join("core.npy");
-        map.write_npy(&core).unwrap();
-        assert_eq!(std::fs::read(&core).unwrap(), npy_bytes(&map));
-        assert_eq!(npy_parse(&npy_bytes(&map)).unwrap(), map);
-        assert!(npy_parse(b"garbage").is_err());
-    }
 
     #[tokio::test]
     async fn folder_store_round_trip_and_bad_keys() {

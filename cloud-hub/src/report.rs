@@ -60,11 +60,7 @@ fn label(source: &str) -> Option<bool> {
 }
 
 fn percentile(values: &mut [f64], q: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    values[((values.len() - 1) as f64 * q).round() as usize]
+    insp_core::quantile::nearest_rank(values, q)
 }
 
 /// Correct decisions, missed defects and false alarms.
@@ -404,8 +400,10 @@ async fn overlay(
     let map_key: Option<String> = row.try_get("edge_map_key")?;
     let bytes = objects.get(&frame_key).await?;
     let image = insp_core::image::decode(&bytes, &frame_key)?;
-    let map =
-        crate::objects::npy_parse(&objects.get(&map_key.context("no edge map stored")?).await?)?;
+    let map = insp_core::anomaly_map::AnomalyMap::from_npy(
+        &objects.get(&map_key.context("no edge map stored")?).await?,
+    )
+    .map_err(anyhow::Error::msg)?;
     let range = t.map_or((0.0, f.edge_score.max(1e-6)), |t| {
         (0.5 * t.ok_below, t.ng_above)
     });

@@ -388,7 +388,7 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
                 ctx.objects
                     .put(
                         &objects::map_key(&e.site, &e.device, &e.frame_id, &m.name),
-                        objects::npy_bytes(&m.map),
+                        m.map.to_npy(),
                     )
                     .await?;
             }

@@ -10,6 +10,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use insp_core::patchcore::{PatchCore, Timings};
+use insp_proto::clock::unix_ms;
 use insp_proto::v1::{AnomalyMap as WireMap, Band, DeviceState, Escalation, FrameResult, Verdict};
 use insp_proto::{Message, TopicKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -146,10 +147,6 @@ pub fn load_frames(
         });
     }
     Ok((model.manifest().version.clone(), frames))
-}
-
-fn unix_ms() -> i64 {
-    crate::db::unix_ms()
 }
 
 /// Runs the fleet and reports.
@@ -391,12 +388,7 @@ pub async fn run_fleet(
 
 /// The `p`-quantile (0..1) of `v` (sorted in place); NaN when empty.
 pub fn quantile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
+    insp_core::quantile::nearest_rank(v, p)
 }
 
 /// `cloud-hub simulate`.

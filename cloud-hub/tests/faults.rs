@@ -648,7 +648,7 @@ async fn sigterm_with_the_database_down_exits_within_the_grace_period() {
 /// one is judged and its verdict reaches the device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_leaves_queued_escalations_pending_and_a_restart_judges_them_all() {
-    const N: usize = 10;
+    const N: usize = 30;
     require_mosquitto();
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();

@@ -53,9 +53,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn percentile(values: &mut [f64], q: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let pos = ((values.len() - 1) as f64 * q).round() as usize;
-    values[pos]
+    insp_core::quantile::nearest_rank(values, q)
 }
 
 /// Peak resident memory of this process, bytes (Linux; 0 elsewhere).

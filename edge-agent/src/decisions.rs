@@ -14,11 +14,11 @@
 //! through the broker's persistent session); a verdict that comes after the fallback is
 //! counted as late and changes nothing.
 
-use crate::clock::unix_ms;
 use crate::config::Fallback;
 use crate::journal::{Entry, Journal, Recovered};
 use crate::telemetry::Telemetry;
 use insp_core::routing::Band;
+use insp_proto::clock::unix_ms;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -12,7 +12,6 @@
 //! A `source` label with control characters (a NUL byte, a newline) or longer than 1 KiB
 //! is refused with 400 (see [`check_source`]).
 
-use crate::clock::unix_ms;
 use crate::decisions::{Decision, DecisionBook};
 use crate::frame::{check_source, fresh_frame_id, Frame, Handled};
 use crate::telemetry::Telemetry;
@@ -22,6 +21,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use insp_proto::clock::unix_ms;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;

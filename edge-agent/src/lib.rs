@@ -4,7 +4,6 @@
 
 pub mod bench_cmd;
 pub mod cli;
-pub mod clock;
 pub mod config;
 pub mod decisions;
 pub mod disk;

@@ -257,7 +257,7 @@ async fn drive(
     loop {
         if !connected {
             // The next poll connects: the will names this connection.
-            connected_unix_ms = crate::clock::unix_ms();
+            connected_unix_ms = insp_proto::clock::unix_ms();
             eventloop
                 .mqtt_options
                 .set_last_will(will(connected_unix_ms));
@@ -540,7 +540,7 @@ impl Link {
                         }
                     } else {
                         self.cursors[queue as usize].ack(seq);
-                        let us = (crate::clock::unix_us() - arrived_unix_us).max(0);
+                        let us = (insp_proto::clock::unix_us() - arrived_unix_us).max(0);
                         self.telemetry.observe_publish_latency(us as f64 / 1e6);
                     }
                 }
@@ -904,7 +904,7 @@ impl Link {
                 &self.device,
                 Status::Offline,
                 self.telemetry.model_version(),
-                crate::clock::unix_ms(),
+                insp_proto::clock::unix_ms(),
                 self.connected_unix_ms,
             );
             self.publish_control(self.topics.state.clone(), QoS::AtLeastOnce, true, state);

@@ -8,7 +8,6 @@
 //! bundle off the frame path, and the scorer swaps it in between two frames. A bundle
 //! that fails to verify is refused and the running model kept.
 
-use crate::clock::{unix_ms, unix_us};
 use crate::config::{AgentConfig, RoutingConfig};
 use crate::decisions::DecisionBook;
 use crate::frame::{Frame, Handled};
@@ -18,6 +17,7 @@ use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
 use insp_core::patchcore::{PatchCore, Scored, Timings};
 use insp_core::routing::Thresholds;
+use insp_proto::clock::{unix_ms, unix_us};
 use insp_proto::{Message, TopicKind};
 use std::path::Path;
 use std::sync::mpsc::{channel, Receiver};

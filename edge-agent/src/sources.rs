@@ -4,11 +4,11 @@
 //! skipped under load. (Cameras that push frames use the HTTP endpoint instead, which
 //! feeds the same queue.)
 
-use crate::clock::unix_ms;
 use crate::config::{AfterScoring, SourceConfig};
 use crate::frame::{check_source, file_frame_id, Frame, Handled};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
+use insp_proto::clock::unix_ms;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

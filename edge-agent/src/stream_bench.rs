@@ -55,8 +55,7 @@ fn percentile_ms(samples: &[(std::time::Instant, f64)], q: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * q).round() as usize]
+    insp_core::quantile::nearest_rank(&mut v, q)
 }
 
 /// Runs the benchmark and prints the figures.

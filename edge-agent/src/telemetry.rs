@@ -589,7 +589,7 @@ impl Telemetry {
         };
         insp_proto::v1::DeviceMetrics {
             device: device.to_string(),
-            sent_unix_ms: crate::clock::unix_ms(),
+            sent_unix_ms: insp_proto::clock::unix_ms(),
             model_version: self.model_version(),
             frames_ok: self.frames_in(Band::Ok),
             frames_uncertain: self.frames_in(Band::Uncertain),

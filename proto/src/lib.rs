@@ -2,6 +2,8 @@
 //! topic layout they travel on. The `.proto` file in `proto/` is the contract; other
 //! languages generate their types from it.
 
+pub mod clock;
+
 /// Generated message types (`insp.v1`).
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/insp.v1.rs"));

@@ -132,8 +132,9 @@ impl AnomalyMap {
         }
     }
 
-    /// Writes the map as a little-endian float32 `.npy` file (NumPy format 1.0).
-    pub fn write_npy(&self, path: &std::path::Path) -> std::io::Result<()> {
+    /// The map as a little-endian float32 `.npy` file (NumPy format 1.0), in memory: the
+    /// one encoder of maps, for files and the object store alike.
+    pub fn to_npy(&self) -> Vec<u8> {
         let header = format!(
             "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}",
             self.height, self.width
@@ -149,12 +150,12 @@ impl AnomalyMap {
         for v in &self.data {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        std::fs::write(path, bytes)
+        bytes
     }
 
-    /// Reads a 2-D float32 `.npy` file written by [`AnomalyMap::write_npy`] or NumPy.
-    pub fn read_npy(path: &std::path::Path) -> Result<AnomalyMap, String> {
-        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    /// Parses a 2-D (or 1 x H x W) C-order little-endian float32 `.npy` file, as
+    /// [`AnomalyMap::to_npy`] or NumPy writes it: the one decoder of maps.
+    pub fn from_npy(bytes: &[u8]) -> Result<AnomalyMap, String> {
         if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
             return Err("not a .npy file".into());
         }
@@ -178,7 +179,7 @@ impl AnomalyMap {
             _ => return Err(format!("map shape ({shape}) is not 2-D")),
         };
         let body = &bytes[10 + hlen..];
-        if body.len() != 4 * h * w {
+        if Some(body.len()) != h.checked_mul(w).and_then(|n| n.checked_mul(4)) {
             return Err("data size does not match the shape".into());
         }
         let data = body
@@ -190,6 +191,17 @@ impl AnomalyMap {
             width: w,
             data,
         })
+    }
+
+    /// Writes the map as a `.npy` file ([`AnomalyMap::to_npy`]).
+    pub fn write_npy(&self, path: &std::path::Path) -> std::io::Result<()> {
+        std::fs::write(path, self.to_npy())
+    }
+
+    /// Reads a `.npy` file ([`AnomalyMap::from_npy`]).
+    pub fn read_npy(path: &std::path::Path) -> Result<AnomalyMap, String> {
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+        Self::from_npy(&bytes)
     }
 }
 
@@ -243,5 +255,14 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         assert_eq!((bytes.len() - 60) % 4, 0);
         assert_eq!(AnomalyMap::read_npy(&p).unwrap(), m);
+        // The in-memory codec is the same one; bad input is refused, not a panic.
+        assert_eq!(bytes, m.to_npy());
+        assert_eq!(AnomalyMap::from_npy(&m.to_npy()).unwrap(), m);
+        assert!(AnomalyMap::from_npy(b"garbage").is_err());
+        assert!(AnomalyMap::from_npy(&bytes[..bytes.len() - 4]).is_err());
+        let mut fortran = bytes.clone();
+        let at = fortran.windows(5).position(|w| w == b"False").unwrap();
+        fortran[at..at + 5].copy_from_slice(b"True ");
+        assert!(AnomalyMap::from_npy(&fortran).is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! (Signatures over the manifest arrive with the rollout work; the manifest already lists
 //! every file's hash so that signing it covers the whole bundle.)
 
+pub use crate::calibration::Calibration;
 use crate::error::{Error, Result};
 use crate::image::Preprocessing;
 use serde::{Deserialize, Serialize};
@@ -25,32 +26,6 @@ pub struct BackboneSpec {
     pub stages: Vec<usize>,
     /// Weights file inside the bundle.
     pub weights_file: String,
-}
-
-/// Scores of held-out good images, from which thresholds are calibrated.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Calibration {
-    /// Image scores of the held-out good images, ascending.
-    pub good_scores: Vec<f32>,
-    /// The held-out images (relative to the fit's data folder), in the order of
-    /// `good_scores`: they are never part of the memory bank.
-    #[serde(default)]
-    pub images: Vec<String>,
-}
-
-impl Calibration {
-    /// The `q`-quantile (0..=1) of the held-out good scores (linear interpolation).
-    pub fn quantile(&self, q: f64) -> Option<f32> {
-        let s = &self.good_scores;
-        if s.is_empty() {
-            return None;
-        }
-        let pos = q.clamp(0.0, 1.0) * (s.len() - 1) as f64;
-        let lo = pos.floor() as usize;
-        let hi = pos.ceil() as usize;
-        let t = (pos - lo as f64) as f32;
-        Some(s[lo] * (1.0 - t) + s[hi] * t)
-    }
 }
 
 /// What the fit saw and how long it took.
@@ -77,11 +52,11 @@ pub struct FitReport {
     pub calibration_seconds: f64,
 }
 
-/// The manifest of a bundle. `M` is the model kind's parameters: PatchCore's by default,
-/// [`crate::heavy::HeavyParams`] for the cloud models. Every kind has the same layout
+/// The manifest of a bundle. `M` is the model kind's parameters:
+/// [`crate::patchcore::PatchCoreParams`] or [`crate::heavy::HeavyParams`]. Every kind has the same layout
 /// (`model.kind` names the kind), so tools read any bundle's common fields alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest<M = crate::patchcore::PatchCoreParams> {
+pub struct Manifest<M> {
     /// Manifest layout version ([`FORMAT_VERSION`]).
     pub format_version: u32,
     /// Unique id of this bundle, e.g. `patchcore-1763900000-3fa9c2d1`.
@@ -144,10 +119,6 @@ pub trait ModelKind {
     const KINDS: &'static [&'static str];
 }
 
-impl ModelKind for crate::patchcore::PatchCoreParams {
-    const KINDS: &'static [&'static str] = &["patchcore"];
-}
-
 /// The model kind (`model.kind`) a bundle's manifest declares, read without verifying the
 /// bundle, to choose the loader.
 pub fn model_kind(dir: &Path) -> Result<String> {
@@ -174,21 +145,13 @@ pub fn model_kind(dir: &Path) -> Result<String> {
 
 /// A bundle read from disk with every file verified.
 #[derive(Debug, Clone)]
-pub struct Bundle<M = crate::patchcore::PatchCoreParams> {
+pub struct Bundle<M> {
     /// Folder it was read from.
     pub dir: PathBuf,
     /// Its manifest.
     pub manifest: Manifest<M>,
     /// Verified contents of every listed file.
     pub files: BTreeMap<String, Vec<u8>>,
-}
-
-impl Bundle {
-    /// Reads a PatchCore bundle: `dir/manifest.json` and every file it lists, checking
-    /// each sha256.
-    pub fn open(dir: &Path) -> Result<Bundle> {
-        Self::open_kind(dir)
-    }
 }
 
 impl<M: serde::de::DeserializeOwned + ModelKind> Bundle<M> {

@@ -9,6 +9,7 @@
 pub mod anomaly_map;
 pub mod backbone;
 pub mod bundle;
+pub mod calibration;
 pub mod coreset;
 pub mod corruption;
 pub mod dataset;
@@ -29,6 +30,7 @@ pub mod overlay;
 pub mod patchcore;
 pub mod patches;
 pub mod pointwise;
+pub mod quantile;
 pub mod recon;
 pub mod rng;
 pub mod routing;

@@ -7,7 +7,8 @@
 
 use crate::anomaly_map::AnomalyMap;
 use crate::backbone::{EfficientNetLite, LiteConfig};
-use crate::bundle::{BackboneSpec, Bundle, Calibration, FitReport, Manifest, FORMAT_VERSION};
+use crate::bundle::{BackboneSpec, Bundle, FitReport, Manifest, ModelKind, FORMAT_VERSION};
+use crate::calibration::Calibration;
 use crate::coreset;
 use crate::dataset;
 use crate::error::{Error, Result};
@@ -66,6 +67,16 @@ pub struct PatchCoreParams {
     #[serde(default)]
     pub search: SearchParams,
 }
+
+impl ModelKind for PatchCoreParams {
+    const KINDS: &'static [&'static str] = &["patchcore"];
+}
+
+/// The manifest of a PatchCore bundle.
+pub type PatchCoreManifest = Manifest<PatchCoreParams>;
+
+/// A verified PatchCore bundle.
+pub type PatchCoreBundle = Bundle<PatchCoreParams>;
 
 /// How the memory bank is searched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -225,7 +236,7 @@ fn embed(
 
 /// A PatchCore model ready to score frames.
 pub struct PatchCore {
-    manifest: Manifest,
+    manifest: PatchCoreManifest,
     backbone: EfficientNetLite,
     bank: MemoryBank,
     device: Device,
@@ -234,11 +245,11 @@ pub struct PatchCore {
 impl PatchCore {
     /// Opens and verifies a bundle folder and loads its model on `device`.
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
-        Self::from_bundle(&Bundle::open(dir)?, device)
+        Self::from_bundle(&PatchCoreBundle::open_kind(dir)?, device)
     }
 
     /// Loads the model of an already verified bundle.
-    pub fn from_bundle(bundle: &Bundle, device: &Device) -> Result<Self> {
+    pub fn from_bundle(bundle: &PatchCoreBundle, device: &Device) -> Result<Self> {
         let m = &bundle.manifest;
         if m.model.kind != "patchcore" {
             return Err(Error::Bundle {
@@ -277,7 +288,7 @@ impl PatchCore {
     }
 
     /// The bundle manifest.
-    pub fn manifest(&self) -> &Manifest {
+    pub fn manifest(&self) -> &PatchCoreManifest {
         &self.manifest
     }
 
@@ -438,7 +449,7 @@ pub fn fit(
     out: &Path,
     device: &Device,
     progress: &mut dyn FnMut(FitStage, usize, usize),
-) -> Result<Manifest> {
+) -> Result<PatchCoreManifest> {
     let started = Instant::now();
     validate(config)?;
     let mut rng = SplitMix64::new(config.seed);

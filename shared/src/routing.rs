@@ -6,7 +6,7 @@
 //! margin over the largest good score. Scores of defective validation images, when a
 //! user has them, can only make the OK band stricter (fewer defects passed as OK).
 
-use crate::bundle::Calibration;
+use crate::calibration::Calibration;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 

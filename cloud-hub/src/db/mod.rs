@@ -306,13 +306,7 @@ pub(crate) fn sql(text: String) -> AssertSqlSafe<String> {
     AssertSqlSafe(text)
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use insp_proto::clock::unix_ms;
 
 #[cfg(test)]
 mod tests {

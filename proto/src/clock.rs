@@ -1,6 +1,7 @@
-//! The wall clock, as the timestamps on the wire and on disk count it.
+//! The wall clock, as the timestamps on the wire (`*_unix_ms`) and on disk count it: the
+//! one clock both binaries read.
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch (0 if the clock is set before it).
 pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -8,7 +9,7 @@ pub fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Microseconds since the Unix epoch.
+/// Microseconds since the Unix epoch (0 if the clock is set before it).
 pub fn unix_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
