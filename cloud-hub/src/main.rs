@@ -5,6 +5,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod admin_cmd;
+mod audit;
+mod auth;
 mod bench;
 mod broker;
 mod client;
@@ -18,6 +21,7 @@ mod fusion;
 mod grpc;
 mod http;
 mod ingest;
+mod labels;
 mod models;
 mod mqtt;
 mod objects;
@@ -63,6 +67,21 @@ enum Command {
     Models {
         #[command(subcommand)]
         command: client::ModelsCommand,
+    },
+    /// Users of the API and the web pages (on the hub's database).
+    Users {
+        #[command(subcommand)]
+        command: admin_cmd::UsersCommand,
+    },
+    /// API tokens (on the hub's database).
+    Tokens {
+        #[command(subcommand)]
+        command: admin_cmd::TokensCommand,
+    },
+    /// The tamper-evident audit trail: list it, verify its hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: admin_cmd::AuditCommand,
     },
     /// What the fleet did: bands, verdicts, accuracy against ground truth, overlays.
     Report(report::ReportArgs),
@@ -119,6 +138,9 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Devices(args) => client::devices(args).await,
             Command::Reviews { command } => client::reviews(command).await,
             Command::Models { command } => client::models(command).await,
+            Command::Users { command } => admin_cmd::users(command).await,
+            Command::Tokens { command } => admin_cmd::tokens(command).await,
+            Command::Audit { command } => admin_cmd::audit(command).await,
             Command::Report(args) => report::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Bench(args) => bench::run(args).await,

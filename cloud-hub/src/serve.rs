@@ -103,6 +103,9 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     }
     let db = Db::open(&config.database_url(), config.database.max_connections).await?;
     tracing::info!("database: {}", crate::db::redact(&config.database_url()));
+    if config.auth.bootstrap_admin {
+        bootstrap_admin(&db, &data_dir).await?;
+    }
     let objects = Objects::open(config.storage.url.as_deref(), &data_dir)?;
     tracing::info!("objects: {}", objects.describe);
     let telemetry = Arc::new(Telemetry::new());
@@ -195,6 +198,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         db.clone(),
         objects.clone(),
         edge.clone(),
+        telemetry.clone(),
         config.clone(),
         stopped(stop_rx),
     ));
@@ -247,6 +251,37 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         listeners_stop,
         listeners: vec![http, grpc],
     })
+}
+
+/// With no user in the database: makes the user `admin` (role admin, no password) and
+/// writes an API token of it to `<data_dir>/admin.token` (`auth.bootstrap_admin`).
+/// Another hub on the same database that made it first wins; this one leaves it be.
+async fn bootstrap_admin(db: &Db, data_dir: &std::path::Path) -> Result<()> {
+    if db.user_count().await? > 0 {
+        return Ok(());
+    }
+    const ACTOR: &str = "hub:bootstrap";
+    match db
+        .add_user(ACTOR, "admin", crate::auth::Role::Admin, None)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if db.refused(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let token = db
+        .create_token(ACTOR, "admin", "bootstrap", None)
+        .await?
+        .context("the bootstrap user vanished")?;
+    let path = data_dir.join(crate::config::ADMIN_TOKEN_FILE);
+    crate::auth::write_secret_file(&path, &token.token)
+        .with_context(|| format!("cannot write the admin token to {}", path.display()))?;
+    tracing::warn!(
+        "no users yet: made the user admin and wrote its API token to {} (auth.bootstrap_admin); \
+         add people with `cloud-hub users add NAME --role ROLE`",
+        path.display()
+    );
+    Ok(())
 }
 
 /// Runs `serve` until Ctrl-C or SIGTERM.
