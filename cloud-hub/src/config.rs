@@ -302,7 +302,8 @@ impl Default for FusionConfig {
 pub struct ApiConfig {
     /// gRPC API.
     pub grpc_listen: SocketAddr,
-    /// Health (`/healthz`), readiness (`/readyz`) and Prometheus metrics (`/metrics`).
+    /// Health (`/healthz`), readiness (`/readyz`), Prometheus metrics (`/metrics`) and the
+    /// review pages (`/login`, `/review`).
     pub http_listen: SocketAddr,
 }
 
@@ -326,6 +327,9 @@ pub struct AuthConfig {
     pub bootstrap_admin: bool,
     /// Seconds a web session may stay unused before it is signed out.
     pub session_idle_s: f64,
+    /// Mark the web pages' cookies `Secure` (sent over HTTPS only): on whenever the HTTP
+    /// listener is reached through TLS.
+    pub cookie_secure: bool,
 }
 
 impl Default for AuthConfig {
@@ -333,6 +337,7 @@ impl Default for AuthConfig {
         Self {
             bootstrap_admin: true,
             session_idle_s: 1800.0,
+            cookie_secure: false,
         }
     }
 }

@@ -32,6 +32,7 @@ mod simulate;
 mod table;
 mod telemetry;
 mod train_cmd;
+mod web;
 
 /// Cloud hub of the inspection system.
 #[derive(Parser)]

@@ -175,7 +175,14 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         db.clone(),
         telemetry.clone(),
         Duration::from_secs_f64(config.ingest.stall_after_s),
-    );
+    )
+    .merge(crate::web::router(crate::web::WebState {
+        db: db.clone(),
+        objects: objects.clone(),
+        telemetry: telemetry.clone(),
+        idle_ms: (config.auth.session_idle_s * 1000.0) as i64,
+        secure_cookies: config.auth.cookie_secure,
+    }));
     let http_stop = stopped(stop_rx.clone());
     let http = tokio::spawn(async move {
         if let Err(e) = axum::serve(http, router)
@@ -232,7 +239,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     .start(eventloop);
     let (host, port) = config.broker_address();
     tracing::info!(
-        "hub up: MQTT {host}:{port} ({}), gRPC {}, HTTP {}",
+        "hub up: MQTT {host}:{port} ({}), gRPC {}, HTTP {} (review pages at /review)",
         if config.embedded_broker() {
             "embedded"
         } else {

@@ -10,6 +10,7 @@ pub mod api;
 pub mod audit;
 pub mod delivery;
 pub mod ingest;
+pub mod queue;
 pub mod users;
 pub mod verdicts;
 

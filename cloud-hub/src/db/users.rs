@@ -409,8 +409,14 @@ impl Db {
     }
 
     /// The session of a cookie's secret, if it exists, its user is enabled and it was used
-    /// within `idle_ms` (an idle one is deleted); its last use becomes now.
-    pub async fn session(&self, secret: &SecretText, idle_ms: i64) -> Result<Option<Session>> {
+    /// within `idle_ms` (an idle one is deleted); with `touch` (a person's request, not a
+    /// page's background polling) its last use becomes now.
+    pub async fn session(
+        &self,
+        secret: &SecretText,
+        idle_ms: i64,
+        touch: bool,
+    ) -> Result<Option<Session>> {
         let id_hash = sha256_hex(secret.expose());
         let row = sqlx::query(
             "SELECT s.csrf_token, s.last_seen_unix_ms, u.name, u.role, u.disabled \
@@ -426,7 +432,7 @@ impl Db {
             self.delete_session(secret).await?;
             return Ok(None);
         }
-        if now - last > 5_000 {
+        if touch && now - last > 5_000 {
             sqlx::query("UPDATE sessions SET last_seen_unix_ms = $1 WHERE id_hash = $2")
                 .bind(now)
                 .bind(id_hash)
@@ -509,10 +515,16 @@ mod tests {
             Err(AuthError::Malformed)
         );
         let (secret, csrf) = db.create_session("ana").await.unwrap();
-        let s = db.session(&secret, 60_000).await.unwrap().unwrap();
+        let s = db.session(&secret, 60_000, true).await.unwrap().unwrap();
         assert_eq!((s.principal.user.as_str(), s.csrf), ("ana", csrf));
-        assert!(db.session(&secret, -1).await.unwrap().is_none(), "idle");
-        assert!(db.session(&secret, 60_000).await.unwrap().is_none(), "gone");
+        assert!(
+            db.session(&secret, -1, true).await.unwrap().is_none(),
+            "idle"
+        );
+        assert!(
+            db.session(&secret, 60_000, true).await.unwrap().is_none(),
+            "gone"
+        );
 
         assert!(db.revoke_token("cli:test", &t.id).await.unwrap());
         assert!(!db.revoke_token("cli:test", &t.id).await.unwrap());
