@@ -307,9 +307,9 @@ pub async fn item(
         .iter()
         .map(|i| {
             format!(
-                "<tr><td>{}</td><td class=\"version\">{}</td><td class=\"num\">{:.4}</td><td class=\"num\">{:.4}</td><td class=\"num\">{:.4}</td><td>{}</td><td class=\"num\">{:.1} ms</td></tr>",
-                esc(&i.model),
+                "<tr><td title=\"{}\">{}</td><td class=\"num\">{:.4}</td><td class=\"num\">{:.4}</td><td class=\"num\">{:.4}</td><td>{}</td><td class=\"num\">{:.1} ms</td></tr>",
                 esc(&i.model_version),
+                esc(&i.model),
                 i.score,
                 i.ok_below,
                 i.ng_above,
@@ -370,14 +370,15 @@ pub async fn item(
     let body = format!(
         "<main class=\"item\"><nav class=\"pager\">{prev} · <a href=\"{back}\">queue</a> · {next}</nav>\
          <h1>Frame <code>{id}</code></h1>\
-         <div class=\"layout\"><section class=\"viewer\"><div class=\"stage\" id=\"stage\"><img id=\"frame\" alt=\"frame\" src=\"/review/{enc_id}/frame\">{overlay}</div>\
-         <div class=\"controls\"><label>Heatmap opacity <input type=\"range\" id=\"opacity\" min=\"0\" max=\"100\" value=\"55\"></label> <span class=\"models\">{model_switch}</span> <label>Zoom <input type=\"range\" id=\"zoom\" min=\"100\" max=\"400\" value=\"100\"></label></div></section>\
+         <div class=\"layout\"><section class=\"viewer\"><div class=\"controls\"><label>Heatmap opacity <input type=\"range\" id=\"opacity\" min=\"0\" max=\"100\" value=\"55\"></label> <span class=\"models\">{model_switch}</span> <label>Zoom <input type=\"range\" id=\"zoom\" min=\"100\" max=\"400\" value=\"100\"></label></div><div class=\"stage\" id=\"stage\"><div class=\"canvas\" id=\"canvas\"><img id=\"frame\" alt=\"frame\" src=\"/review/{enc_id}/frame\">{overlay}</div></div>\
+         </section>\
          <section class=\"facts\">{verdict_html}\
-         <table class=\"scores\"><thead><tr><th>Model</th><th>Version</th><th>Score</th><th>OK below</th><th>NG above</th><th>Scale</th><th>Latency</th></tr></thead><tbody>{scores}</tbody></table>\
-         <dl><dt>Device</dt><dd>{site}/{device}</dd><dt>Source</dt><dd class=\"source\">{source}</dd><dt>Captured</dt><dd>{captured}</dd><dt>Edge score</dt><dd>{edge:.6} with {model}</dd><dt>State</dt><dd>{state}</dd><dt>Models</dt><dd class=\"version\">{versions}</dd></dl>\
-         <h2>Labels</h2>{disagreement}<ul class=\"labels\" id=\"labels\">{labels}</ul>\
          <form method=\"post\" action=\"/review/{enc_id}/label\" id=\"label-form\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><input type=\"hidden\" name=\"filter\" value=\"{filter}\">\
-         <label class=\"note\">Note <input name=\"note\" id=\"note\" maxlength=\"4096\"></label><div class=\"buttons\">{buttons}</div></form>{why}</section></div></main>",
+         <label class=\"note\">Note <input name=\"note\" id=\"note\" maxlength=\"4096\"></label><div class=\"buttons\">{buttons}</div></form>{why}\
+         <h2>Labels</h2>{disagreement}<ul class=\"labels\" id=\"labels\">{labels}</ul>\
+         <h2>Models</h2><table class=\"scores\"><thead><tr><th>Model</th><th>Score</th><th>OK below</th><th>NG above</th><th>Scale</th><th>Latency</th></tr></thead><tbody>{scores}</tbody></table>\
+         <dl><dt>Device</dt><dd>{site}/{device}</dd><dt>Source</dt><dd class=\"source\">{source}</dd><dt>Captured</dt><dd>{captured}</dd><dt>Edge score</dt><dd>{edge:.6} with {model}</dd><dt>State</dt><dd>{state}</dd><dt>Models</dt><dd class=\"version\">{versions}</dd></dl>\
+         </section></div></main>",
         prev = link(&prev, "prev", "&larr; previous (k)"),
         next = link(&next, "next", "next (j) &rarr;"),
         back = esc(&with_query("/review", &q)),

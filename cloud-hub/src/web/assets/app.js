@@ -42,12 +42,9 @@ function reviewItem() {
   }
   const zoom = document.getElementById("zoom");
   const stage = document.getElementById("stage");
-  const frame = document.getElementById("frame");
-  if (zoom && frame) {
-    zoom.addEventListener("input", () => {
-      const s = Number(zoom.value) / 100;
-      for (const img of [frame, overlay]) if (img) img.style.transform = "scale(" + s + ")";
-    });
+  const canvas = document.getElementById("canvas");
+  if (zoom && canvas) {
+    zoom.addEventListener("input", () => { canvas.style.width = zoom.value + "%"; });
   }
   if (stage) {
     let drag = null;
