@@ -3,7 +3,7 @@
 //! device on its embedded broker. An operator signs in, opens the queue and an item, labels
 //! it with the key `g`; the label lands in the database and the audit trail as that user.
 //! A viewer sees the queue, but the label buttons are disabled and say why, and the key
-//! records nothing; a POST without the session's CSRF token is refused; an idle session
+//! records nothing; a source with markup shows as text; a POST without the session's CSRF token is refused; an idle session
 //! is signed out. Screenshots of each page go to the test output folder
 //! (`target/tmp/browser-screenshots/`).
 
@@ -261,6 +261,32 @@ async fn an_operator_labels_with_a_key_and_a_viewer_cannot() {
         assert_eq!(dev.verdict(60).await.frame_id, id);
         frames.push(id);
     }
+    // A source with markup (an edge may send any text without control characters).
+    const HOSTILE: &str = "<script>alert(1)</script><img src=x onerror=alert(2)>";
+    let (bytes, score, map, version) = edge_score(&f.images[1]);
+    let hostile_id = uuid::Uuid::new_v4().to_string();
+    let mut r = dev.result(
+        &hostile_id,
+        score,
+        insp_proto::v1::Band::Uncertain,
+        &version,
+    );
+    r.source = HOSTILE.into();
+    let e = insp_proto::v1::Escalation {
+        result: Some(r),
+        frame: bytes,
+        frame_format: "png".into(),
+        edge_map: Some(map),
+        search: Some(insp_proto::v1::BankSearch::lists(EDGE_PROBES)),
+        delivery: None,
+    };
+    dev.publish(
+        insp_proto::TopicKind::Escalation,
+        insp_proto::Message::encode_to_vec(&e),
+    )
+    .await;
+    assert_eq!(dev.verdict(60).await.frame_id, hostile_id);
+    frames.push(hostile_id.clone());
     dev.close().await;
     add_user(&pg.url, "ana", "operator", "ana-password-1");
     add_user(&pg.url, "vic", "viewer", "vic-password-1");
@@ -308,12 +334,33 @@ async fn an_operator_labels_with_a_key_and_a_viewer_cannot() {
     let listed = b
         .script("return document.querySelectorAll('#queue-rows tr[data-frame]').length")
         .await;
-    assert_eq!(listed, json!(2));
-    b.screenshot("queue").await;
-    let first = b
-        .script("return document.querySelector('#queue-rows tr[data-frame]').dataset.frame")
+    assert_eq!(listed, json!(3));
+    // The hostile source is text on the page, not markup: no script ran, no element made.
+    let shown = b
+        .script("return document.getElementById('queue-rows').textContent")
         .await;
-    let first = first.as_str().unwrap().to_string();
+    assert!(shown.as_str().unwrap().contains(HOSTILE), "{shown}");
+    assert_eq!(
+        b.script("return document.querySelectorAll('#queue-rows script, #queue-rows img').length")
+            .await,
+        json!(0)
+    );
+    let alert = b
+        .http
+        .get(format!("{}/alert/text", b.base))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(alert["value"]["error"], json!("no such alert"), "{alert}");
+    b.screenshot("queue").await;
+    let order = b
+        .script("return [...document.querySelectorAll('#queue-rows tr[data-frame]')].map(r => r.dataset.frame)")
+        .await;
+    let order: Vec<String> = serde_json::from_value(order).unwrap();
+    let first = order[0].clone();
     assert!(frames.contains(&first), "{first}");
     b.click("#queue-rows a.open").await;
     b.wait_for(
@@ -357,8 +404,8 @@ async fn an_operator_labels_with_a_key_and_a_viewer_cannot() {
         details.contains(&first) && details.contains("\"good\""),
         "{details}"
     );
-    // After the label the page moved on to the other waiting frame.
-    let other = frames.iter().find(|f| **f != first).unwrap().clone();
+    // After the label the page moved on to the next waiting frame of the queue.
+    let other = order[1].clone();
     b.wait_for(
         "the next item",
         &format!("return window.location.pathname === '/review/{other}'"),
@@ -371,7 +418,7 @@ async fn an_operator_labels_with_a_key_and_a_viewer_cannot() {
     assert_eq!(
         v.script("return document.querySelectorAll('#queue-rows tr[data-frame]').length")
             .await,
-        json!(1)
+        json!(2)
     );
     v.goto(&format!("{site}/review/{other}")).await;
     let why = v
