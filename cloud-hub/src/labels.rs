@@ -67,3 +67,20 @@ pub async fn submit(
     );
     Ok(review)
 }
+
+/// Takes back `who`'s latest label on `frame_id` (an operator's own, never another's);
+/// the removed review's id, or None if they gave none.
+pub async fn undo(db: &Db, who: &Principal, frame_id: &str) -> Result<Option<i64>, LabelError> {
+    who.require(Role::Operator)?;
+    let undone = db
+        .undo_review(frame_id, &who.user)
+        .await
+        .map_err(LabelError::Database)?;
+    if let Some((id, label)) = &undone {
+        tracing::info!(
+            "label {label} on {frame_id} taken back by {} (review {id})",
+            who.user
+        );
+    }
+    Ok(undone.map(|(id, _)| id))
+}

@@ -3,7 +3,7 @@
 //! device on its embedded broker. An operator signs in, opens the queue and an item, labels
 //! it with the key `g`; the label lands in the database and the audit trail as that user.
 //! A viewer sees the queue, but the label buttons are disabled and say why, and the key
-//! records nothing; a source with markup shows as text; a POST without the session's CSRF token is refused; an idle session
+//! records nothing; the operator takes her label back; a source with markup shows as text; a POST without the session's CSRF token is refused; an idle session
 //! is signed out. Screenshots of each page go to the test output folder
 //! (`target/tmp/browser-screenshots/`).
 
@@ -470,5 +470,22 @@ async fn an_operator_labels_with_a_key_and_a_viewer_cannot() {
         .map(|r| sqlx::Row::get(&r, 0))
         .unwrap();
     assert_eq!(left, 0, "the idle session is deleted");
+
+    // The operator takes her label back: gone from the database, in the audit trail.
+    b.goto(&format!("{site}/review/{first}")).await;
+    b.click("#undo").await;
+    b.wait_for(
+        "the item without the label",
+        "return document.getElementById('undo') === null && document.getElementById('labels') !== null",
+    )
+    .await;
+    assert_eq!(count(&pool, "reviews").await, 0);
+    let last: String =
+        sqlx::query("SELECT action FROM audit WHERE actor = 'ana' ORDER BY seq DESC LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .map(|r| sqlx::Row::get(&r, 0))
+            .unwrap();
+    assert_eq!(last, "review.undo");
     pool.close().await;
 }

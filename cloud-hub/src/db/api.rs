@@ -274,6 +274,39 @@ impl Db {
         })
     }
 
+    /// Takes back the latest label `operator` gave `frame_id` (with an audit row); the id
+    /// and label of the review removed, or None if they gave none.
+    pub async fn undo_review(
+        &self,
+        frame_id: &str,
+        operator: &str,
+    ) -> Result<Option<(i64, String)>> {
+        let (f, o) = (frame_id.to_string(), escape_text(operator).into_owned());
+        let done = self
+            .audited(
+                || {
+                    sqlx::query(
+                        "DELETE FROM reviews WHERE id = (SELECT MAX(id) FROM reviews \
+                         WHERE frame_id = $1 AND operator = $2) RETURNING id, label",
+                    )
+                    .bind(f.clone())
+                    .bind(o.clone())
+                },
+                |row| {
+                    let id: i64 = row.try_get(0)?;
+                    let label: String = row.try_get(1)?;
+                    Ok(super::audit::AuditEntry::new(
+                        operator,
+                        "review.undo",
+                        serde_json::json!({"frame_id": frame_id, "review": id, "label": label}),
+                    ))
+                },
+            )
+            .await?;
+        done.map(|(row, _)| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .transpose()
+    }
+
     /// The labels of a frame, oldest first.
     pub async fn reviews(&self, frame_id: &str) -> Result<Vec<ReviewRow>> {
         let rows = sqlx::query(

@@ -542,6 +542,37 @@ mod tests {
             db.authenticate_token(t2.token.expose()).await.unwrap(),
             Err(AuthError::Disabled("ana".into()))
         );
+        // Labels: one's own last label can be taken back, never another's.
+        sqlx::query(
+            "INSERT INTO escalations (frame_id, site, device, source, captured_unix_ms, edge_score, \
+             model_version, frame_key, frame_format, received_unix_ms) \
+             VALUES ('f1', 's', 'd', 'src', 0, 1.0, 'm', 'k', 'png', 0)",
+        )
+        .execute(db.pool())
+        .await
+        .unwrap();
+        db.add_review("f1", "good", "ana", "").await.unwrap();
+        let mine = db.add_review("f1", "defect", "ana", "").await.unwrap();
+        db.add_review("f1", "unsure", "bob", "").await.unwrap();
+        assert_eq!(db.undo_review("f1", "eve").await.unwrap(), None);
+        assert_eq!(
+            db.undo_review("f1", "ana").await.unwrap(),
+            Some((mine.id, "defect".to_string()))
+        );
+        let left: Vec<(String, String)> = db
+            .reviews("f1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.operator, r.label))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                ("ana".into(), "good".into()),
+                ("bob".into(), "unsure".into())
+            ]
+        );
         let actions: Vec<String> = db
             .audit_rows(0, 100)
             .await
@@ -557,7 +588,11 @@ mod tests {
                 "token.create",
                 "token.revoke",
                 "token.create",
-                "user.disable"
+                "user.disable",
+                "review.label",
+                "review.label",
+                "review.label",
+                "review.undo"
             ]
         );
     }

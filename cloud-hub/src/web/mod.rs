@@ -54,6 +54,7 @@ pub fn router(state: WebState) -> Router {
         .route("/review/{frame_id}/frame", get(review::frame))
         .route("/review/{frame_id}/map/{model}", get(review::map))
         .route("/review/{frame_id}/label", post(review::label))
+        .route("/review/{frame_id}/undo", post(review::undo))
         .with_state(state)
 }
 

@@ -3,7 +3,8 @@
 //! with its frame, the heatmaps of the edge and of each cloud model as overlays, scores
 //! against thresholds, the verdict, its metadata and earlier labels, labelled with a
 //! click or a key (g, d, c, u; j / k for the next and previous item of the same filter)
-//! through [`crate::labels::submit`], the code path of the gRPC `SubmitReview`.
+//! through [`crate::labels::submit`], the code path of the gRPC `SubmitReview`; an
+//! operator can take back their own last label.
 
 use super::{check_csrf, esc, html, page, signed_in, url_encode, PageError, WebState};
 use crate::auth::Role;
@@ -367,6 +368,15 @@ pub async fn item(
         )
     })
     .collect();
+    let undo = if allowed.is_ok() && reviews.iter().any(|r| r.operator == session.principal.user) {
+        format!(
+            "<form method=\"post\" action=\"/review/{enc_id}/undo\" class=\"undo\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"filter\" value=\"{}\"><button type=\"submit\" id=\"undo\">Undo my last label</button></form>",
+            esc(&session.csrf),
+            esc(&q)
+        )
+    } else {
+        String::new()
+    };
     let body = format!(
         "<main class=\"item\"><nav class=\"pager\">{prev} · <a href=\"{back}\">queue</a> · {next}</nav>\
          <h1>Frame <code>{id}</code></h1>\
@@ -375,7 +385,7 @@ pub async fn item(
          <section class=\"facts\">{verdict_html}\
          <form method=\"post\" action=\"/review/{enc_id}/label\" id=\"label-form\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><input type=\"hidden\" name=\"filter\" value=\"{filter}\">\
          <label class=\"note\">Note <input name=\"note\" id=\"note\" maxlength=\"4096\"></label><div class=\"buttons\">{buttons}</div></form>{why}\
-         <h2>Labels</h2>{disagreement}<ul class=\"labels\" id=\"labels\">{labels}</ul>\
+         <h2>Labels</h2>{disagreement}<ul class=\"labels\" id=\"labels\">{labels}</ul>{undo}\
          <h2>Models</h2><table class=\"scores\"><thead><tr><th>Model</th><th>Score</th><th>OK below</th><th>NG above</th><th>Scale</th><th>Latency</th></tr></thead><tbody>{scores}</tbody></table>\
          <dl><dt>Device</dt><dd>{site}/{device}</dd><dt>Source</dt><dd class=\"source\">{source}</dd><dt>Captured</dt><dd>{captured}</dd><dt>Edge score</dt><dd>{edge:.6} with {model}</dd><dt>State</dt><dd>{state}</dd><dt>Models</dt><dd class=\"version\">{versions}</dd></dl>\
          </section></div></main>",
@@ -451,6 +461,38 @@ pub async fn label(
         None => with_query("/review", &q),
     };
     Ok(Redirect::to(&to).into_response())
+}
+
+/// The undo form.
+#[derive(serde::Deserialize)]
+pub struct UndoForm {
+    csrf: String,
+    #[serde(default)]
+    filter: String,
+}
+
+/// `POST /review/{frame_id}/undo`: takes back the signed-in operator's latest label on
+/// this frame (with an audit row) and shows the item again.
+pub async fn undo(
+    State(s): State<WebState>,
+    headers: HeaderMap,
+    Path(frame_id): Path<String>,
+    Form(form): Form<UndoForm>,
+) -> Result<Response, PageError> {
+    let here = format!("/review/{}", url_encode(&frame_id));
+    let session = signed_in(&s, &headers, &here, true).await?;
+    check_csrf(&session, &form.csrf)?;
+    let q = filter_query(&serde_urlencoded_filter(&form.filter));
+    match crate::labels::undo(&s.db, &session.principal, &frame_id).await {
+        Ok(Some(_)) => Ok(Redirect::to(&with_query(&here, &q)).into_response()),
+        Ok(None) => Err(PageError::Status(
+            StatusCode::NOT_FOUND,
+            "you gave this frame no label to take back".into(),
+        )),
+        Err(LabelError::Denied(e)) => Err(PageError::Status(StatusCode::FORBIDDEN, e.to_string())),
+        Err(LabelError::Database(e)) => Err(e.into()),
+        Err(e) => Err(PageError::Status(StatusCode::BAD_REQUEST, e.to_string())),
+    }
 }
 
 /// The filter of a query string (unknown keys ignored, bad encoding: no filter).
