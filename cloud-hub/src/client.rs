@@ -1,5 +1,7 @@
 //! The command-line client of the gRPC API: `devices`, `reviews list|show|label`,
-//! `models list|fetch`, printing readable tables.
+//! `models list|fetch`, printing readable tables. Every call carries the API token from
+//! `HUB_TOKEN`, else the file `--token-file` / `HUB_TOKEN_FILE`, else
+//! `<HUB_DATA_DIR or hub-data>/admin.token` (what a hub on the embedded defaults writes).
 
 use crate::grpc::MAX_MESSAGE;
 use crate::table::{time, Table};
@@ -11,9 +13,11 @@ use insp_proto::hub::reviews_client::ReviewsClient;
 use insp_proto::hub::*;
 use insp_proto::v1::Band;
 use std::path::PathBuf;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// Where the hub's gRPC API is.
+/// Where the hub's gRPC API is, and the token to call it with.
 #[derive(Args, Debug, Clone)]
 pub struct ApiAddress {
     /// gRPC address of the hub.
@@ -24,10 +28,69 @@ pub struct ApiAddress {
         global = true
     )]
     pub api: String,
+    /// File holding the API token (`cloud-hub tokens create`); the token itself may be in
+    /// `HUB_TOKEN` instead. Default: `admin.token` in `HUB_DATA_DIR` (or `hub-data`), which
+    /// a hub with `auth.bootstrap_admin` writes.
+    #[arg(long, env = "HUB_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
 }
 
-async fn channel(a: &ApiAddress) -> Result<Channel> {
-    Channel::from_shared(a.api.clone())
+/// Sends the bearer token with every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+/// The token to send: `HUB_TOKEN`, the token file, or none (the hub then answers
+/// UNAUTHENTICATED with what to do).
+fn bearer(a: &ApiAddress) -> Result<Bearer> {
+    let token = match std::env::var("HUB_TOKEN") {
+        Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+        _ => {
+            let (path, explicit) = match &a.token_file {
+                Some(p) => (p.clone(), true),
+                None => (
+                    std::env::var_os("HUB_DATA_DIR")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| PathBuf::from("hub-data"))
+                        .join(crate::config::ADMIN_TOKEN_FILE),
+                    false,
+                ),
+            };
+            match std::fs::read_to_string(&path) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(e) if explicit => {
+                    anyhow::bail!("cannot read the token file {}: {e}", path.display())
+                }
+                Err(_) => None,
+            }
+        }
+    };
+    match token {
+        None => Ok(Bearer(None)),
+        Some(t) => {
+            let value = format!("Bearer {t}").parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "the API token has characters a header cannot carry: it is not a token of `cloud-hub tokens create`"
+                )
+            })?;
+            Ok(Bearer(Some(value)))
+        }
+    }
+}
+
+async fn channel(a: &ApiAddress) -> Result<Authed> {
+    let bearer = bearer(a)?;
+    let channel = Channel::from_shared(a.api.clone())
         .with_context(|| format!("{:?} is not a URL like http://HOST:PORT", a.api))?
         .connect()
         .await
@@ -36,11 +99,21 @@ async fn channel(a: &ApiAddress) -> Result<Channel> {
                 "cannot reach the hub's API at {} (is `cloud-hub serve` running?)",
                 a.api
             )
-        })
+        })?;
+    Ok(InterceptedService::new(channel, bearer))
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}: {}", e.code(), e.message())
+    match e.code() {
+        tonic::Code::Unauthenticated => anyhow::anyhow!(
+            "{}: {} (the client sends the token in HUB_TOKEN, or in the file --token-file / \
+             HUB_TOKEN_FILE, or in <HUB_DATA_DIR>/admin.token; make one with \
+             `cloud-hub tokens create --user NAME`)",
+            e.code(),
+            e.message()
+        ),
+        _ => anyhow::anyhow!("{}: {}", e.code(), e.message()),
+    }
 }
 
 /// `cloud-hub devices`.
@@ -131,15 +204,13 @@ pub enum ReviewsCommand {
         #[command(flatten)]
         api: ApiAddress,
     },
-    /// Labels an escalation `good` or `defect`.
+    /// Labels an escalation `good`, `defect`, `camera-fault` or `unsure`, as the token's
+    /// user.
     Label {
         /// Frame id.
         frame_id: String,
-        /// `good` or `defect`.
+        /// `good`, `defect`, `camera-fault` or `unsure`.
         label: String,
-        /// Who labels.
-        #[arg(long, env = "USER", default_value = "operator")]
-        operator: String,
         /// A note.
         #[arg(long, default_value = "")]
         note: String,
@@ -282,7 +353,6 @@ pub async fn reviews(cmd: ReviewsCommand) -> Result<()> {
         ReviewsCommand::Label {
             frame_id,
             label,
-            operator,
             note,
             api,
         } => {
@@ -291,15 +361,14 @@ pub async fn reviews(cmd: ReviewsCommand) -> Result<()> {
                 .submit_review(SubmitReviewRequest {
                     frame_id,
                     label,
-                    operator,
                     note,
                 })
                 .await
                 .map_err(status)?
                 .into_inner();
             println!(
-                "label {} recorded for {} (review {})",
-                r.label, r.frame_id, r.id
+                "label {} recorded for {} by {} (review {})",
+                r.label, r.frame_id, r.operator, r.id
             );
         }
     }

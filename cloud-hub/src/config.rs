@@ -43,6 +43,8 @@ pub struct HubConfig {
     pub api: ApiConfig,
     /// Finding records a broker lost and asking the devices for them again.
     pub delivery: DeliveryConfig,
+    /// Users, tokens and web sessions.
+    pub auth: AuthConfig,
 }
 
 impl Default for HubConfig {
@@ -60,6 +62,7 @@ impl Default for HubConfig {
             fusion: insp_core::judge::FusionSettings::default(),
             api: ApiConfig::default(),
             delivery: DeliveryConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -276,7 +279,8 @@ impl Default for ScoringConfig {
 pub struct ApiConfig {
     /// gRPC API.
     pub grpc_listen: SocketAddr,
-    /// Health (`/healthz`), readiness (`/readyz`) and Prometheus metrics (`/metrics`).
+    /// Health (`/healthz`), readiness (`/readyz`), Prometheus metrics (`/metrics`) and the
+    /// review pages (`/login`, `/review`).
     pub http_listen: SocketAddr,
 }
 
@@ -288,6 +292,35 @@ impl Default for ApiConfig {
         }
     }
 }
+
+/// Users, API tokens and web sessions ([`crate::auth`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// When the database has no user at all, create the user `admin` (role admin, no
+    /// password) and write an API token of it to `<data_dir>/admin.token` (mode 0600),
+    /// where the `cloud-hub` client finds it: the zero-configuration demo. Off: the first
+    /// user is made with `cloud-hub users add`.
+    pub bootstrap_admin: bool,
+    /// Seconds a web session may stay unused before it is signed out.
+    pub session_idle_s: f64,
+    /// Mark the web pages' cookies `Secure` (sent over HTTPS only): on whenever the HTTP
+    /// listener is reached through TLS.
+    pub cookie_secure: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_admin: true,
+            session_idle_s: 1800.0,
+            cookie_secure: false,
+        }
+    }
+}
+
+/// The file the bootstrap admin token is written to, in the data folder.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// End-to-end delivery checks ([`crate::delivery`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -432,6 +465,10 @@ impl HubConfig {
             (0.0..=1.0).contains(&self.fusion.quantile),
             "fusion.quantile {} must be within 0 and 1",
             self.fusion.quantile
+        );
+        anyhow::ensure!(
+            self.auth.session_idle_s.is_finite() && self.auth.session_idle_s > 0.0,
+            "auth.session_idle_s must be a number of seconds above 0"
         );
         let url = self.database_url();
         anyhow::ensure!(

@@ -1,11 +1,16 @@
 //! The gRPC API (tonic; services in `proto/proto/hub.proto`): devices, the review queue
-//! with frames and maps, review labels, and model bundles.
+//! with frames and maps, review labels, and model bundles. Every call carries an API
+//! token (`authorization: Bearer insp_...`): none, a malformed, unknown, revoked or
+//! expired one, or a disabled user's, is `UNAUTHENTICATED`; a role below the call's
+//! ([`required_role`]) is `PERMISSION_DENIED`.
 
+use crate::auth::{AuthError, Principal, Role};
 use crate::config::HubConfig;
 use crate::db::api::{DeviceRow, EscalationSummaryRow, ReviewRow};
 use crate::db::Db;
 use crate::models::EdgeBundles;
 use crate::objects::Objects;
+use crate::telemetry::Telemetry;
 use insp_core::anomaly_map::AnomalyMap;
 use insp_proto::hub::devices_server::{Devices, DevicesServer};
 use insp_proto::hub::models_server::{Models, ModelsServer};
@@ -28,10 +33,30 @@ fn internal(e: anyhow::Error) -> Status {
     Status::internal(format!("{e:#}"))
 }
 
+/// The role each call needs: viewers read devices, escalations and verdicts; operators
+/// also label; fleet managers also read and fetch models; admins may do everything.
+pub fn required_role(call: &str) -> Role {
+    match call {
+        "SubmitReview" => Role::Operator,
+        "ListModels" | "FetchModel" => Role::FleetManager,
+        _ => Role::Viewer,
+    }
+}
+
+/// The status of a refused credential or role.
+pub fn refusal_status(e: &AuthError) -> Status {
+    match e {
+        AuthError::Forbidden { .. } => Status::permission_denied(e.to_string()),
+        AuthError::UnknownRole(_) | AuthError::DamagedHash(_) => Status::internal(e.to_string()),
+        _ => Status::unauthenticated(e.to_string()),
+    }
+}
+
 /// The services' shared state.
 #[derive(Clone)]
 pub struct Api {
     db: Db,
+    telemetry: Arc<Telemetry>,
     objects: Objects,
     edge: Arc<EdgeBundles>,
     /// The cloud's own bundles (heavy and PatchCore fallback), served by version.
@@ -71,11 +96,13 @@ pub async fn serve(
     db: Db,
     objects: Objects,
     edge: Arc<EdgeBundles>,
+    telemetry: Arc<Telemetry>,
     config: HubConfig,
     stop: impl std::future::Future<Output = ()> + Send,
 ) {
     let api = Api {
         db,
+        telemetry,
         objects,
         edge,
         cloud_bundles: config
@@ -94,6 +121,45 @@ pub async fn serve(
         .await;
     if let Err(e) = result {
         tracing::error!("gRPC server stopped: {e}");
+    }
+}
+
+impl Api {
+    /// The authenticated caller of `r`, if their role allows `call`; else the refusal
+    /// (counted in `hub_api_refused_total{code}` and logged).
+    async fn authorize<T>(&self, r: &Request<T>, call: &str) -> Result<Principal, Status> {
+        let header = r.metadata().get("authorization").map(|v| v.as_bytes());
+        let outcome = match crate::auth::bearer(header) {
+            Ok(token) => self.db.authenticate_token(&token).await.map_err(internal)?,
+            Err(e) => Err(e),
+        };
+        let checked = outcome.and_then(|p| p.require(required_role(call)).map(|()| p));
+        checked.map_err(|e| {
+            let status = refusal_status(&e);
+            let code = match status.code() {
+                tonic::Code::PermissionDenied => "permission_denied",
+                tonic::Code::Unauthenticated => "unauthenticated",
+                _ => "internal",
+            };
+            self.telemetry.api_refused(code);
+            tracing::info!("gRPC {call} refused: {e}");
+            status
+        })
+    }
+}
+
+fn label_status(e: crate::labels::LabelError) -> Status {
+    use crate::labels::LabelError;
+    match e {
+        LabelError::Denied(a) => refusal_status(&a),
+        LabelError::UnknownLabel(_) | LabelError::NoteTooLong(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        LabelError::NoEscalation(_) => Status::not_found(e.to_string()),
+        LabelError::Database(_) => {
+            tracing::error!("gRPC: {e}");
+            Status::internal(e.to_string())
+        }
     }
 }
 
@@ -154,8 +220,9 @@ fn review_msg(r: ReviewRow) -> Review {
 impl Devices for Api {
     async fn list_devices(
         &self,
-        _: Request<ListDevicesRequest>,
+        r: Request<ListDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
+        self.authorize(&r, "ListDevices").await?;
         let devices = self.db.devices().await.map_err(internal)?;
         Ok(Response::new(ListDevicesResponse {
             devices: devices.into_iter().map(device_msg).collect(),
@@ -163,6 +230,7 @@ impl Devices for Api {
     }
 
     async fn get_device(&self, r: Request<GetDeviceRequest>) -> Result<Response<Device>, Status> {
+        self.authorize(&r, "GetDevice").await?;
         let name = r.into_inner().device;
         match self.db.device(&name).await.map_err(internal)? {
             Some(d) => Ok(Response::new(device_msg(d))),
@@ -177,6 +245,7 @@ impl Reviews for Api {
         &self,
         r: Request<ListPendingRequest>,
     ) -> Result<Response<ListPendingResponse>, Status> {
+        self.authorize(&r, "ListPending").await?;
         let r = r.into_inner();
         let limit = if r.limit == 0 {
             100
@@ -198,6 +267,7 @@ impl Reviews for Api {
         &self,
         r: Request<GetEscalationRequest>,
     ) -> Result<Response<EscalationDetail>, Status> {
+        self.authorize(&r, "GetEscalation").await?;
         let r = r.into_inner();
         let Some(e) = self
             .db
@@ -265,32 +335,11 @@ impl Reviews for Api {
         &self,
         r: Request<SubmitReviewRequest>,
     ) -> Result<Response<Review>, Status> {
+        let who = self.authorize(&r, "SubmitReview").await?;
         let r = r.into_inner();
-        if r.label != "good" && r.label != "defect" {
-            return Err(Status::invalid_argument(format!(
-                "label {:?}: use \"good\" or \"defect\"",
-                r.label
-            )));
-        }
-        if self
-            .db
-            .escalation_summary(&r.frame_id)
+        let review = crate::labels::submit(&self.db, &who, &r.frame_id, &r.label, &r.note)
             .await
-            .map_err(internal)?
-            .is_none()
-        {
-            return Err(Status::not_found(format!("no escalation {:?}", r.frame_id)));
-        }
-        let operator = if r.operator.is_empty() {
-            "unknown"
-        } else {
-            &r.operator
-        };
-        let review = self
-            .db
-            .add_review(&r.frame_id, &r.label, operator, &r.note)
-            .await
-            .map_err(internal)?;
+            .map_err(label_status)?;
         Ok(Response::new(review_msg(review)))
     }
 }
@@ -301,8 +350,9 @@ type ChunkStream = Pin<Box<dyn futures::Stream<Item = Result<ModelChunk, Status>
 impl Models for Api {
     async fn list_models(
         &self,
-        _: Request<ListModelsRequest>,
+        r: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
+        self.authorize(&r, "ListModels").await?;
         let edge = self.edge.clone();
         let found = tokio::task::spawn_blocking(move || edge.scan())
             .await
@@ -342,6 +392,7 @@ impl Models for Api {
         &self,
         r: Request<FetchModelRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        self.authorize(&r, "FetchModel").await?;
         let version = r.into_inner().version;
         let cloud = self
             .cloud_bundles

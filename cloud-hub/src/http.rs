@@ -2,7 +2,8 @@
 //! process runs, `/readyz` only while the broker connection is up, the database answers,
 //! ingest makes progress (no messages waiting for `ingest.stall_after_s` without a stored
 //! batch) and the hub is not stopping (what a load balancer or Kubernetes probe should
-//! look at), `/metrics` the Prometheus text format.
+//! look at), `/metrics` the Prometheus text format. The review pages ([`crate::web`]) share
+//! the listener.
 
 use crate::db::Db;
 use crate::telemetry::{IngestHealth, Telemetry};

@@ -5,6 +5,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod admin_cmd;
+mod audit;
+mod auth;
 mod bench;
 mod broker;
 mod client;
@@ -17,6 +20,7 @@ mod eval_cmd;
 mod grpc;
 mod http;
 mod ingest;
+mod labels;
 mod models;
 mod mqtt;
 mod objects;
@@ -27,6 +31,7 @@ mod simulate;
 mod table;
 mod telemetry;
 mod train_cmd;
+mod web;
 
 /// Cloud hub of the inspection system.
 #[derive(Parser)]
@@ -62,6 +67,21 @@ enum Command {
     Models {
         #[command(subcommand)]
         command: client::ModelsCommand,
+    },
+    /// Users of the API and the web pages (on the hub's database).
+    Users {
+        #[command(subcommand)]
+        command: admin_cmd::UsersCommand,
+    },
+    /// API tokens (on the hub's database).
+    Tokens {
+        #[command(subcommand)]
+        command: admin_cmd::TokensCommand,
+    },
+    /// The tamper-evident audit trail: list it, verify its hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: admin_cmd::AuditCommand,
     },
     /// What the fleet did: bands, verdicts, accuracy against ground truth, overlays.
     Report(report::ReportArgs),
@@ -118,6 +138,9 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Devices(args) => client::devices(args).await,
             Command::Reviews { command } => client::reviews(command).await,
             Command::Models { command } => client::models(command).await,
+            Command::Users { command } => admin_cmd::users(command).await,
+            Command::Tokens { command } => admin_cmd::tokens(command).await,
+            Command::Audit { command } => admin_cmd::audit(command).await,
             Command::Report(args) => report::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Bench(args) => bench::run(args).await,

@@ -103,6 +103,9 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     }
     let db = Db::open(&config.database_url(), config.database.max_connections).await?;
     tracing::info!("database: {}", crate::db::redact(&config.database_url()));
+    if config.auth.bootstrap_admin {
+        bootstrap_admin(&db, &data_dir).await?;
+    }
     let objects = Objects::open(config.storage.url.as_deref(), &data_dir)?;
     tracing::info!("objects: {}", objects.describe);
     let telemetry = Arc::new(Telemetry::new());
@@ -172,7 +175,14 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         db.clone(),
         telemetry.clone(),
         Duration::from_secs_f64(config.ingest.stall_after_s),
-    );
+    )
+    .merge(crate::web::router(crate::web::WebState {
+        db: db.clone(),
+        objects: objects.clone(),
+        telemetry: telemetry.clone(),
+        idle_ms: (config.auth.session_idle_s * 1000.0) as i64,
+        secure_cookies: config.auth.cookie_secure,
+    }));
     let http_stop = stopped(stop_rx.clone());
     let http = tokio::spawn(async move {
         if let Err(e) = axum::serve(http, router)
@@ -195,6 +205,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         db.clone(),
         objects.clone(),
         edge.clone(),
+        telemetry.clone(),
         config.clone(),
         stopped(stop_rx),
     ));
@@ -228,7 +239,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     .start(eventloop);
     let (host, port) = config.broker_address();
     tracing::info!(
-        "hub up: MQTT {host}:{port} ({}), gRPC {}, HTTP {}",
+        "hub up: MQTT {host}:{port} ({}), gRPC {}, HTTP {} (review pages at /review)",
         if config.embedded_broker() {
             "embedded"
         } else {
@@ -247,6 +258,37 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         listeners_stop,
         listeners: vec![http, grpc],
     })
+}
+
+/// With no user in the database: makes the user `admin` (role admin, no password) and
+/// writes an API token of it to `<data_dir>/admin.token` (`auth.bootstrap_admin`).
+/// Another hub on the same database that made it first wins; this one leaves it be.
+async fn bootstrap_admin(db: &Db, data_dir: &std::path::Path) -> Result<()> {
+    if db.user_count().await? > 0 {
+        return Ok(());
+    }
+    const ACTOR: &str = "hub:bootstrap";
+    match db
+        .add_user(ACTOR, "admin", crate::auth::Role::Admin, None)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if db.refused(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let token = db
+        .create_token(ACTOR, "admin", "bootstrap", None)
+        .await?
+        .context("the bootstrap user vanished")?;
+    let path = data_dir.join(crate::config::ADMIN_TOKEN_FILE);
+    crate::auth::write_secret_file(&path, &token.token)
+        .with_context(|| format!("cannot write the admin token to {}", path.display()))?;
+    tracing::warn!(
+        "no users yet: made the user admin and wrote its API token to {} (auth.bootstrap_admin); \
+         add people with `cloud-hub users add NAME --role ROLE`",
+        path.display()
+    );
+    Ok(())
 }
 
 /// Runs `serve` until Ctrl-C or SIGTERM.

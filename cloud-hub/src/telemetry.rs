@@ -44,6 +44,8 @@ pub struct Telemetry {
     ingest_retries: Counter,
     inflight_messages: Gauge,
     inflight_bytes: Gauge,
+    api_refused: Family<Labels, Counter>,
+    logins: Family<Labels, Counter>,
     /// Messages received and not yet stored (or dead-lettered) and released.
     waiting: AtomicU64,
     /// When ingest last stored a batch, or began to wait with nothing waiting before
@@ -105,6 +107,8 @@ impl Telemetry {
             ingest_retries: Counter::default(),
             inflight_messages: Gauge::default(),
             inflight_bytes: Gauge::default(),
+            api_refused: Family::default(),
+            logins: Family::default(),
             waiting: AtomicU64::new(0),
             progress_unix_ms: AtomicI64::new(crate::db::unix_ms()),
             writer_stopped: AtomicBool::new(false),
@@ -226,7 +230,31 @@ impl Telemetry {
             "Payload bytes received and not yet acknowledged (ingest.max_inflight_bytes bounds them)",
             t.inflight_bytes.clone(),
         );
+        registry.register(
+            "api_refused",
+            "gRPC calls refused, by status code (unauthenticated, permission_denied)",
+            t.api_refused.clone(),
+        );
+        registry.register(
+            "web_logins",
+            "Web login attempts, by outcome (ok, refused)",
+            t.logins.clone(),
+        );
         Telemetry { registry, ..t }
+    }
+
+    /// A gRPC call was refused with `code`.
+    pub fn api_refused(&self, code: &str) {
+        self.api_refused
+            .get_or_create(&vec![("code".into(), code.into())])
+            .inc();
+    }
+
+    /// A web login attempt ended with `outcome` (`ok`, `refused`).
+    pub fn web_login(&self, outcome: &str) {
+        self.logins
+            .get_or_create(&vec![("outcome".into(), outcome.into())])
+            .inc();
     }
 
     /// Records missing from the delivery streams now.

@@ -177,12 +177,12 @@ async fn embedded_defaults_escalation_to_verdict_and_the_api() {
 
     // The gRPC API through the command-line client.
     let api = hub.api();
-    let devices = cli(&["devices", "--api", &api]);
+    let devices = hub.cli(&["devices"]);
     assert!(
         devices.contains("cam-1") && devices.contains("online"),
         "{devices}"
     );
-    let pending = cli(&["reviews", "list", "--api", &api]);
+    let pending = hub.cli(&["reviews", "list"]);
     let frame_id = pending
         .lines()
         .nth(2)
@@ -190,15 +190,7 @@ async fn embedded_defaults_escalation_to_verdict_and_the_api() {
         .expect("one escalation pending review")
         .to_string();
     let out = dir.path().join("review");
-    let shown = cli(&[
-        "reviews",
-        "show",
-        &frame_id,
-        "--api",
-        &api,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let shown = hub.cli(&["reviews", "show", &frame_id, "--out", out.to_str().unwrap()]);
     assert!(shown.contains("bit-identical"), "{shown}");
     assert!(
         shown.contains("cloud-patchcore") && shown.contains("edge-reproduced"),
@@ -214,18 +206,13 @@ async fn embedded_defaults_escalation_to_verdict_and_the_api() {
         out.join(format!("{frame_id}-edge.npy")).is_file(),
         "{shown}"
     );
-    let labelled = cli(&[
-        "reviews",
-        "label",
-        &frame_id,
-        "defect",
-        "--operator",
-        "ana",
-        "--api",
-        &api,
-    ]);
-    assert!(labelled.contains("defect"), "{labelled}");
-    let pending = cli(&["reviews", "list", "--api", &api]);
+    let labelled = hub.cli(&["reviews", "label", &frame_id, "defect"]);
+    // Recorded as the token's user (the bootstrap admin), with its audit row.
+    assert!(
+        labelled.contains("defect") && labelled.contains("by admin"),
+        "{labelled}"
+    );
+    let pending = hub.cli(&["reviews", "list"]);
     // The labelled frame left the queue; the escalation that failed to score waits.
     assert_eq!(pending.lines().count(), 3, "{pending}");
     assert!(!pending.contains(&frame_id), "{pending}");
@@ -235,25 +222,24 @@ async fn embedded_defaults_escalation_to_verdict_and_the_api() {
     );
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
         .args(["reviews", "label", &frame_id, "maybe", "--api", &api])
+        .env("HUB_TOKEN_FILE", hub.token_file())
         .output()
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("good"));
-    let models = cli(&["models", "list", "--api", &api]);
+    let models = hub.cli(&["models", "list"]);
     assert!(
         models.contains("edge") && models.contains("cloud") && models.contains("lite2"),
         "{models}"
     );
     let (_, _, _, version) = edge_score(&f.images[0]);
     let fetched = dir.path().join("fetched");
-    let text = cli(&[
+    let text = hub.cli(&[
         "models",
         "fetch",
         &version,
         "--out",
         fetched.to_str().unwrap(),
-        "--api",
-        &api,
     ]);
     assert!(text.contains("hashes verified"), "{text}");
     assert_eq!(
@@ -556,15 +542,7 @@ async fn heavy_models_judge_escalations_and_a_broken_one_falls_back_to_patchcore
     assert_eq!(hub.metric("hub_escalations_scored_total"), 1.0);
     // The heavy bundle in use can be fetched from the API, verified.
     let fetched = dir.path().join("fetched-recon");
-    let out = cli(&[
-        "models",
-        "fetch",
-        &rv,
-        "--out",
-        fetched.to_str().unwrap(),
-        "--api",
-        &hub.api(),
-    ]);
+    let out = hub.cli(&["models", "fetch", &rv, "--out", fetched.to_str().unwrap()]);
     assert!(out.contains("hashes verified"), "{out}");
     assert_eq!(
         std::fs::read(fetched.join("model.safetensors")).unwrap(),
@@ -774,7 +752,7 @@ async fn text_with_a_nul_byte_is_stored_losslessly_on_postgres() {
     .await;
     let v = dev.verdict(60).await;
     assert_eq!(v.frame_id, id);
-    let shown = cli(&["reviews", "show", &id, "--api", &hub.api()]);
+    let shown = hub.cli(&["reviews", "show", &id]);
     assert!(shown.contains("(line\01/cam \u{2400} 2)"), "{shown:?}");
     assert_eq!(hub.metric("hub_dead_letters_total"), 0.0);
     pool.close().await;

@@ -86,7 +86,7 @@ pub struct ReviewRow {
     pub id: i64,
     /// Frame UUID.
     pub frame_id: String,
-    /// `good` or `defect`.
+    /// `good`, `defect`, `camera-fault` or `unsure`.
     pub label: String,
     /// Who.
     pub operator: String,
@@ -224,7 +224,8 @@ impl Db {
         Ok(self.summaries(rows).await?.pop())
     }
 
-    /// Records a label; the frame must be an escalation.
+    /// Records a label given by `operator` (an authenticated user) with its audit row, in
+    /// one transaction; the frame must be an escalation ([`crate::labels::submit`] checks).
     pub async fn add_review(
         &self,
         frame_id: &str,
@@ -233,17 +234,36 @@ impl Db {
         note: &str,
     ) -> Result<ReviewRow> {
         let now = super::unix_ms();
-        let row = sqlx::query(
-            "INSERT INTO reviews (frame_id, label, operator, note, created_unix_ms) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
-        )
-        .bind(frame_id.to_string())
-        .bind(label.to_string())
-        .bind(escape_text(operator).into_owned())
-        .bind(escape_text(note).into_owned())
-        .bind(now)
-        .fetch_one(self.pool())
-        .await?;
+        let (f, l, o, n) = (
+            frame_id.to_string(),
+            label.to_string(),
+            escape_text(operator).into_owned(),
+            escape_text(note).into_owned(),
+        );
+        let done = self
+            .audited(
+                || {
+                    sqlx::query(
+                        "INSERT INTO reviews (frame_id, label, operator, note, created_unix_ms) \
+                         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                    )
+                    .bind(f.clone())
+                    .bind(l.clone())
+                    .bind(o.clone())
+                    .bind(n.clone())
+                    .bind(now)
+                },
+                |row| {
+                    let id: i64 = row.try_get(0)?;
+                    Ok(super::audit::AuditEntry::new(
+                        operator,
+                        "review.label",
+                        serde_json::json!({"frame_id": frame_id, "label": label, "note": note, "review": id}),
+                    ))
+                },
+            )
+            .await?;
+        let (row, _) = done.ok_or_else(|| anyhow::anyhow!("the insert returned no row"))?;
         Ok(ReviewRow {
             id: row.try_get(0)?,
             frame_id: frame_id.to_string(),
@@ -252,6 +272,39 @@ impl Db {
             note: note.to_string(),
             created_unix_ms: now,
         })
+    }
+
+    /// Takes back the latest label `operator` gave `frame_id` (with an audit row); the id
+    /// and label of the review removed, or None if they gave none.
+    pub async fn undo_review(
+        &self,
+        frame_id: &str,
+        operator: &str,
+    ) -> Result<Option<(i64, String)>> {
+        let (f, o) = (frame_id.to_string(), escape_text(operator).into_owned());
+        let done = self
+            .audited(
+                || {
+                    sqlx::query(
+                        "DELETE FROM reviews WHERE id = (SELECT MAX(id) FROM reviews \
+                         WHERE frame_id = $1 AND operator = $2) RETURNING id, label",
+                    )
+                    .bind(f.clone())
+                    .bind(o.clone())
+                },
+                |row| {
+                    let id: i64 = row.try_get(0)?;
+                    let label: String = row.try_get(1)?;
+                    Ok(super::audit::AuditEntry::new(
+                        operator,
+                        "review.undo",
+                        serde_json::json!({"frame_id": frame_id, "review": id, "label": label}),
+                    ))
+                },
+            )
+            .await?;
+        done.map(|(row, _)| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .transpose()
     }
 
     /// The labels of a frame, oldest first.

@@ -7,8 +7,11 @@
 //! integers, doubles, text, bytes), with times as Unix milliseconds and UUIDs as text.
 
 pub mod api;
+pub mod audit;
 pub mod delivery;
 pub mod ingest;
+pub mod queue;
+pub mod users;
 pub mod verdicts;
 
 use anyhow::{Context, Result};
@@ -62,6 +65,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         "delivery streams",
         include_str!("../../../migrations/postgres/0004_delivery.sql"),
     ),
+    (
+        5,
+        "users and audit",
+        include_str!("../../../migrations/postgres/0005_users_audit.sql"),
+    ),
 ];
 const SQLITE: &[(i64, &str, &str)] = &[
     (
@@ -83,6 +91,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         4,
         "delivery streams",
         include_str!("../../../migrations/sqlite/0004_delivery.sql"),
+    ),
+    (
+        5,
+        "users and audit",
+        include_str!("../../../migrations/sqlite/0005_users_audit.sql"),
     ),
 ];
 
@@ -322,7 +335,7 @@ mod tests {
         // The same migrations for both databases, numbered without gaps.
         let versions = |k| migrator(k).iter().map(|m| m.version).collect::<Vec<_>>();
         assert_eq!(versions(DbKind::Sqlite), versions(DbKind::Postgres));
-        assert_eq!(versions(DbKind::Sqlite), vec![1, 2, 3, 4]);
+        assert_eq!(versions(DbKind::Sqlite), vec![1, 2, 3, 4, 5]);
     }
 
     /// Migration 3 turns the -1 that stood for an absent score into NULL and keeps the

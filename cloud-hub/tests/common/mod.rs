@@ -292,6 +292,8 @@ pub struct HubProcess {
     pub http: u16,
     /// gRPC port.
     pub grpc: u16,
+    /// Its data folder (where it writes `admin.token`).
+    pub data_dir: PathBuf,
 }
 
 /// What varies between hubs.
@@ -368,6 +370,7 @@ impl HubProcess {
             log,
             http,
             grpc,
+            data_dir: s.dir.join("data"),
         }
     }
 
@@ -501,6 +504,38 @@ impl HubProcess {
     /// `http://127.0.0.1:<grpc>`.
     pub fn api(&self) -> String {
         format!("http://127.0.0.1:{}", self.grpc)
+    }
+
+    /// The admin token file the hub wrote at its first start (`auth.bootstrap_admin`).
+    pub fn token_file(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
+    }
+
+    /// The admin token itself.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.token_file())
+            .unwrap_or_else(|e| panic!("{}: {e}", self.token_file().display()))
+            .trim()
+            .to_string()
+    }
+
+    /// Runs `cloud-hub ARGS --api <this hub>` with its admin token and returns stdout
+    /// (asserting success).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+            .args(args)
+            .args(["--api", &self.api()])
+            .env("HUB_TOKEN_FILE", self.token_file())
+            .env_remove("HUB_TOKEN")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "cloud-hub {args:?} failed:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
     }
 }
 
