@@ -18,6 +18,7 @@ mod fusion;
 mod grpc;
 mod http;
 mod ingest;
+mod keys_cmd;
 mod models;
 mod mqtt;
 mod objects;
@@ -59,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: client::ReviewsCommand,
     },
+    /// Signing keys (ed25519) for bundles and verdicts: generate, list, show.
+    Keys {
+        #[command(subcommand)]
+        command: keys_cmd::KeysCommand,
+    },
     /// Model bundles known to the hub.
     Models {
         #[command(subcommand)]
@@ -99,6 +105,7 @@ fn main() {
         Command::Eval(args) => {
             device::resolve(cli.device.as_deref()).and_then(|d| eval_cmd::run(args, &d))
         }
+        Command::Keys { command } => keys_cmd::run(command),
         command => run_async(command),
     };
     if let Err(err) = result {
@@ -122,8 +129,8 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Report(args) => report::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Train(_) | Command::Eval(_) => {
-                anyhow::bail!("train and eval run without the async runtime")
+            Command::Train(_) | Command::Eval(_) | Command::Keys { .. } => {
+                anyhow::bail!("train, eval and keys run without the async runtime")
             }
         }
     });

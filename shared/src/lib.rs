@@ -31,6 +31,7 @@ pub mod pointwise;
 pub mod recon;
 pub mod rng;
 pub mod routing;
+pub mod signing;
 pub mod stem_conv;
 pub mod synthetic;
 pub mod training;
