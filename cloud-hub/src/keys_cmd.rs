@@ -1,5 +1,6 @@
 //! `cloud-hub keys`: ed25519 key pairs for signing bundles and verdicts
-//! ([`insp_core::signing`] describes the key files).
+//! ([`insp_core::signing`] describes the key files), and `cloud-hub models sign`, which
+//! signs a bundle's manifest.
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
@@ -24,7 +25,7 @@ pub enum KeysCommand {
         dir: PathBuf,
     },
     /// The public key and key id of a key file (a `.pub`, or a `.key`, whose secret is
-    /// never printed): the line devices put in `model.trusted_keys` or `mqtt.hub_keys`.
+    /// never printed): the line devices put in `model.trusted_keys`.
     Show {
         /// Key file.
         file: PathBuf,
@@ -79,4 +80,20 @@ fn read_any(file: &Path) -> Result<PublicKey> {
     } else {
         Ok(PublicKey::read(file)?)
     }
+}
+
+/// `cloud-hub models sign BUNDLE --key KEY`: checks the bundle's files against its
+/// manifest and writes `signature.json` over the manifest.
+pub fn sign_bundle(bundle: &Path, key: &Path) -> Result<()> {
+    let key = PrivateKey::read(key)
+        .with_context(|| format!("cannot read the signing key {}", key.display()))?;
+    let signature = insp_core::bundle::sign(bundle, &key)
+        .with_context(|| format!("cannot sign the bundle {}", bundle.display()))?;
+    println!(
+        "signed {} with key {} ({})",
+        bundle.display(),
+        signature.key_id,
+        bundle.join(insp_core::bundle::SIGNATURE).display()
+    );
+    Ok(())
 }

@@ -65,7 +65,7 @@ enum Command {
         #[command(subcommand)]
         command: keys_cmd::KeysCommand,
     },
-    /// Model bundles known to the hub.
+    /// Model bundles known to the hub, and signing them.
     Models {
         #[command(subcommand)]
         command: client::ModelsCommand,

@@ -209,6 +209,8 @@ pub struct Link {
     /// When the current connection began (device clock), 0 while down.
     connected_unix_ms: i64,
     metrics_every: Option<Duration>,
+    /// Number of the model status report last published on this connection (0: none).
+    model_status_sent: u64,
 }
 
 struct Topics {
@@ -216,6 +218,7 @@ struct Topics {
     verdict: String,
     resend: String,
     metrics: String,
+    model_status: String,
 }
 
 /// A `DeviceState` of the connection that began at `connected_unix_ms`; `since_unix_ms`
@@ -323,6 +326,7 @@ impl Link {
             verdict: topic(TopicKind::Verdict)?,
             resend: topic(TopicKind::Resend)?,
             metrics: topic(TopicKind::Metrics)?,
+            model_status: topic(TopicKind::ModelStatus)?,
         };
         let m = &config.mqtt;
         let mut options = MqttOptions::new(config.client_id(), m.host.clone(), m.port);
@@ -376,6 +380,7 @@ impl Link {
             streams,
             connected_unix_ms: 0,
             metrics_every,
+            model_status_sent: 0,
         })
     }
 
@@ -418,6 +423,9 @@ impl Link {
                     self.save_acks();
                     // A suspect's backoff may have passed.
                     self.fill_window();
+                    if self.connected {
+                        self.publish_model_status();
+                    }
                     if let Some(every) = self.metrics_every {
                         if self.connected && last_metrics.elapsed() >= every {
                             last_metrics = Instant::now();
@@ -642,6 +650,7 @@ impl Link {
             tracing::debug!("MQTT broker unreachable: {error}");
         }
         self.connected = false;
+        self.model_status_sent = 0;
         self.telemetry.set_connected(false);
         // An escalation that keeps breaking connections (too large for the broker, or for
         // the uplink within the write timeout) is set aside after a few tries alone, so
@@ -673,6 +682,23 @@ impl Link {
         if self.client.try_publish(topic, qos, retain, payload).is_ok() {
             self.unassigned.push_back(Tag::Control);
         }
+    }
+
+    /// Publishes the latest model status report (retained, QoS 1) if this connection has
+    /// not sent it yet.
+    fn publish_model_status(&mut self) {
+        let Some((n, mut status)) = self.telemetry.model_status_after(self.model_status_sent)
+        else {
+            return;
+        };
+        status.device = self.device.clone();
+        self.model_status_sent = n;
+        self.publish_control(
+            self.topics.model_status.clone(),
+            QoS::AtLeastOnce,
+            true,
+            status.encode_to_vec(),
+        );
     }
 
     fn publish_metrics(&mut self) {

@@ -16,6 +16,7 @@ use crate::outbox::{Envelope, Item, Outbox, Queue};
 use crate::router::{route, Routable, Route, Unsent};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
+use insp_core::bundle::Bundle;
 use insp_core::patchcore::{PatchCore, Scored, Timings};
 use insp_core::routing::Thresholds;
 use insp_proto::{Message, TopicKind};
@@ -34,16 +35,24 @@ pub struct ActiveModel {
 }
 
 impl ActiveModel {
-    /// Opens and verifies a bundle, applying the configuration's search and threshold
-    /// settings.
+    /// Opens and verifies a bundle (its signature too, with `model.trusted_keys`),
+    /// applying the configuration's search and threshold settings.
     pub fn load(config: &AgentConfig, device: &candle_core::Device) -> Result<ActiveModel> {
         let path = &config.model.bundle;
-        let mut model = PatchCore::open(path, device).with_context(|| {
-            format!(
-                "cannot load the model bundle {} (make one with `edge-agent fit`)",
-                path.display()
-            )
-        })?;
+        let keys = config.bundle_keys()?;
+        let mut model = Bundle::open_trusted(path, keys.as_ref())
+            .and_then(|bundle| PatchCore::from_bundle(&bundle, device))
+            .with_context(|| {
+                format!(
+                    "cannot load the model bundle {} (make one with `edge-agent fit`{})",
+                    path.display(),
+                    if keys.is_some() {
+                        " and sign it with `cloud-hub models sign` with a key of model.trusted_keys"
+                    } else {
+                        ""
+                    }
+                )
+            })?;
         model.set_exact_search(config.model.exact_search);
         if let Some(p) = config.model.probes {
             model.set_probes(p);
@@ -57,6 +66,18 @@ impl ActiveModel {
     pub fn version(&self) -> &str {
         &self.model.manifest().version
     }
+}
+
+/// Why a bundle did not load, as a metric label: the signature check's kind
+/// ([`insp_core::signing::SignatureError::kind`]) or `load` (files, manifest, model).
+pub fn refusal_kind(error: &anyhow::Error) -> &'static str {
+    error
+        .chain()
+        .find_map(|e| match e.downcast_ref::<insp_core::Error>() {
+            Some(insp_core::Error::Signature { error, .. }) => Some(error.kind()),
+            _ => None,
+        })
+        .unwrap_or("load")
 }
 
 /// The bundle's thresholds with the configuration's overrides.
@@ -89,6 +110,7 @@ pub fn watch_bundle(
     config: AgentConfig,
     device: candle_core::Device,
     current: String,
+    telemetry: Arc<Telemetry>,
 ) -> Option<Receiver<ActiveModel>> {
     if config.model.reload_check_s == 0 {
         return None;
@@ -123,9 +145,12 @@ pub fn watch_bundle(
                     }
                     Err(e) => {
                         if reloads.failed(&version, files) {
+                            let kind = refusal_kind(&e);
                             tracing::error!(
+                                reason = kind,
                                 "new bundle {version} refused, keeping the running model (its files did not change since the last try; it is tried again when they do): {e:#}"
                             );
+                            telemetry.bundle_refused(&version, kind, &format!("{e:#}"));
                         } else {
                             tracing::info!(
                                 "new bundle {version} does not load yet (still being copied?); trying again at the next check: {e:#}"
