@@ -43,6 +43,8 @@ pub struct HubConfig {
     pub api: ApiConfig,
     /// Finding records a broker lost and asking the devices for them again.
     pub delivery: DeliveryConfig,
+    /// The keys the hub signs with.
+    pub signing: SigningConfig,
 }
 
 impl Default for HubConfig {
@@ -60,6 +62,7 @@ impl Default for HubConfig {
             fusion: FusionConfig::default(),
             api: ApiConfig::default(),
             delivery: DeliveryConfig::default(),
+            signing: SigningConfig::default(),
         }
     }
 }
@@ -308,6 +311,31 @@ impl Default for ApiConfig {
         Self {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 9898)),
+        }
+    }
+}
+
+/// The keys the hub signs with ([`crate::verdict_signer`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SigningConfig {
+    /// Private key file (`cloud-hub keys generate`, mode 0600) that signs every verdict;
+    /// devices trust its public half (`mqtt.hub_keys` in edge.toml). Absent:
+    /// `<data_dir>/keys/hub-verdicts.key`, generated on the first start.
+    pub verdict_key: Option<PathBuf>,
+}
+
+impl HubConfig {
+    /// The verdict signing key's file, and whether it is the generated default.
+    pub fn verdict_key_path(&self) -> (PathBuf, bool) {
+        match &self.signing.verdict_key {
+            Some(p) => (p.clone(), false),
+            None => (
+                self.data_dir()
+                    .join("keys")
+                    .join(crate::verdict_signer::DEFAULT_KEY_FILE),
+                true,
+            ),
         }
     }
 }

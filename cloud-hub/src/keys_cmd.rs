@@ -25,7 +25,7 @@ pub enum KeysCommand {
         dir: PathBuf,
     },
     /// The public key and key id of a key file (a `.pub`, or a `.key`, whose secret is
-    /// never printed): the line devices put in `model.trusted_keys`.
+    /// never printed): the line devices put in `model.trusted_keys` or `mqtt.hub_keys`.
     Show {
         /// Key file.
         file: PathBuf,

@@ -29,6 +29,7 @@ mod simulate;
 mod table;
 mod telemetry;
 mod train_cmd;
+mod verdict_signer;
 
 /// Cloud hub of the inspection system.
 #[derive(Parser)]

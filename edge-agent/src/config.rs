@@ -293,6 +293,12 @@ pub struct MqttConfig {
     /// The slowest uplink to plan for: writing one packet may take as long as the largest
     /// payload needs at this rate before the connection counts as broken.
     pub min_uplink_bytes_per_s: u64,
+    /// Public keys of the hub's verdict signing key (`cloud-hub keys show`), each
+    /// `ed25519:<hex>` or the path of a public key file. When set, a verdict is applied
+    /// only if its signature verifies with one of them; others are ignored and counted
+    /// (`insp_edge_verdicts_rejected_total`), and the frame keeps waiting for a valid
+    /// verdict or gets its fallback.
+    pub hub_keys: Vec<String>,
 }
 
 impl Default for MqttConfig {
@@ -311,6 +317,7 @@ impl Default for MqttConfig {
             metrics_interval_s: 30,
             persistent_session: true,
             min_uplink_bytes_per_s: 256 << 10,
+            hub_keys: Vec::new(),
         }
     }
 }
@@ -468,6 +475,12 @@ impl AgentConfig {
         read_keys(&self.model.trusted_keys, "model.trusted_keys")
     }
 
+    /// The keys verdicts must be signed with (`mqtt.hub_keys`); `None` when unset (any
+    /// verdict on the device's topic is applied).
+    pub fn hub_keys(&self) -> Result<Option<insp_core::signing::TrustedKeys>> {
+        read_keys(&self.mqtt.hub_keys, "mqtt.hub_keys")
+    }
+
     /// The MQTT client id.
     pub fn client_id(&self) -> String {
         self.mqtt
@@ -580,13 +593,17 @@ mod tests {
         let (key, _, public) = insp_core::signing::generate_key_pair(dir.path(), "fleet").unwrap();
         let mut c = AgentConfig::default();
         c.model.trusted_keys = vec![public.display().to_string()];
+        c.mqtt.hub_keys = vec![key.public().to_text()];
         assert_eq!(c.bundle_keys().unwrap().unwrap().ids(), vec![key.id()]);
+        assert_eq!(c.hub_keys().unwrap().unwrap().ids(), vec![key.id()]);
         assert!(AgentConfig::default().bundle_keys().unwrap().is_none());
         c.model.trusted_keys = vec![dir.path().join("missing.pub").display().to_string()];
         let e = c.bundle_keys().unwrap_err();
         assert!(format!("{e:#}").contains("model.trusted_keys"), "{e:#}");
         c.model.trusted_keys = vec![key.public().to_text(), "ed25519:00".into()];
         assert!(c.bundle_keys().is_err());
+        c.mqtt.hub_keys = vec!["ed25519:00".into()];
+        assert!(c.hub_keys().is_err());
     }
 
     #[test]

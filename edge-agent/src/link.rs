@@ -35,6 +35,7 @@ use crate::config::AgentConfig;
 use crate::decisions::DecisionBook;
 use crate::outbox::{Envelope, Queue, Spools};
 use crate::telemetry::Telemetry;
+use insp_core::signing::TrustedKeys;
 use insp_proto::v1::{
     device_state::Status, stream_position, Band as WireBand, Delivery, DeviceState, Resend,
     StreamPosition, Verdict,
@@ -209,6 +210,9 @@ pub struct Link {
     /// When the current connection began (device clock), 0 while down.
     connected_unix_ms: i64,
     metrics_every: Option<Duration>,
+    /// The hub's verdict keys (`mqtt.hub_keys`): when set, only verdicts signed by one of
+    /// them are applied.
+    hub_keys: Option<TrustedKeys>,
     /// Number of the model status report last published on this connection (0: none).
     model_status_sent: u64,
 }
@@ -328,6 +332,14 @@ impl Link {
             metrics: topic(TopicKind::Metrics)?,
             model_status: topic(TopicKind::ModelStatus)?,
         };
+        let hub_keys = config.hub_keys()?;
+        if let Some(keys) = &hub_keys {
+            let ids: Vec<String> = keys.ids().iter().map(ToString::to_string).collect();
+            tracing::info!(
+                "verdicts are applied only when signed by hub key {}",
+                ids.join(" or ")
+            );
+        }
         let m = &config.mqtt;
         let mut options = MqttOptions::new(config.client_id(), m.host.clone(), m.port);
         options
@@ -380,6 +392,7 @@ impl Link {
             streams,
             connected_unix_ms: 0,
             metrics_every,
+            hub_keys,
             model_status_sent: 0,
         })
     }
@@ -575,6 +588,16 @@ impl Link {
                 return;
             }
         };
+        if let Some(keys) = &self.hub_keys {
+            if let Err(e) = crate::verdict_check::check(keys, topic, payload, &verdict) {
+                self.telemetry.verdict_rejected(e.kind());
+                tracing::warn!(
+                    frame = %verdict.frame_id.chars().take(64).collect::<String>(),
+                    "verdict ignored, not from the hub (mqtt.hub_keys): {e}"
+                );
+                return;
+            }
+        }
         let Ok(frame_id) = uuid::Uuid::parse_str(&verdict.frame_id) else {
             tracing::error!(
                 "verdict with a malformed frame id {:?} ignored",

@@ -70,6 +70,7 @@ pub struct Telemetry {
     model: Family<Label, Gauge<f64, AtomicU64>>,
     model_version: std::sync::Mutex<String>,
     bundles_refused: Family<Label, Counter>,
+    verdicts_rejected: Family<Label, Counter>,
     /// The latest model status report and its number (the link publishes each new one).
     model_status: std::sync::Mutex<(u64, Option<ModelStatus>)>,
 }
@@ -122,6 +123,7 @@ impl Telemetry {
             model: Family::default(),
             model_version: Default::default(),
             bundles_refused: Family::default(),
+            verdicts_rejected: Family::default(),
             model_status: Default::default(),
         };
         let r = &mut t.registry;
@@ -275,6 +277,11 @@ impl Telemetry {
             "bundles_refused",
             "New bundle versions refused (the running model kept), by reason: unsigned, unknown_key, bad_signature, malformed (signature), self_test, load (files, model)",
             t.bundles_refused.clone(),
+        );
+        r.register(
+            "verdicts_rejected",
+            "Verdicts ignored because their signature is missing, by an unknown key, bad or malformed (mqtt.hub_keys), by reason",
+            t.verdicts_rejected.clone(),
         );
         t
     }
@@ -598,6 +605,14 @@ impl Telemetry {
         self.bundles_refused
             .get_or_create(&label("reason", kind))
             .get()
+    }
+
+    /// A verdict was ignored for its signature (`kind`: `unsigned`, `unknown_key`,
+    /// `bad_signature`, `malformed`).
+    pub fn verdict_rejected(&self, kind: &str) {
+        self.verdicts_rejected
+            .get_or_create(&label("reason", kind))
+            .inc();
     }
 
     fn report_model_status(

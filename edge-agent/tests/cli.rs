@@ -192,9 +192,12 @@ fn the_shipped_edge_config_parses_and_overrides_apply() {
     assert_eq!(parsed["device"]["id"].as_str(), Some("line3-cam1"));
     assert_eq!(parsed["mqtt"]["port"].as_integer(), Some(2883));
     assert_eq!(parsed["source"]["kind"].as_str(), Some("watch"));
-    // Production loads signed bundles only.
+    // Production loads signed bundles only, and applies the hub's signed verdicts only.
     assert_eq!(parsed["model"]["require_signature"].as_bool(), Some(true));
     assert!(parsed["model"]["trusted_keys"]
+        .as_array()
+        .is_some_and(|k| !k.is_empty()));
+    assert!(parsed["mqtt"]["hub_keys"]
         .as_array()
         .is_some_and(|k| !k.is_empty()));
     // A typo is an error that names the key.

@@ -1,12 +1,17 @@
 //! Signatures end to end, with real processes: bundles signed by `cloud-hub models sign`
 //! are loaded by an `edge-agent` that trusts the key, while unsigned, foreign-key, badly
 //! signed and tampered bundles are refused (logged, counted, reported on model-status)
-//! and the running model keeps scoring frames.
+//! and the running model keeps scoring frames; verdicts signed by the hub are applied,
+//! while verdicts forged by another MQTT client are ignored and counted and the frame gets
+//! its fallback.
 
 mod common;
 
 use common::*;
-use insp_proto::v1::{model_status, Escalation, FrameResult, ModelStatus};
+use insp_core::signing::{PrivateKey, Purpose};
+use insp_proto::v1::{
+    model_status, Escalation, FrameResult, MessageSignature, ModelStatus, Verdict,
+};
 use insp_proto::Message;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -415,4 +420,123 @@ fn install(stage: &Path, live: &Path, pristine: &Path) {
     let tmp = live.join(".manifest.json.tmp");
     std::fs::copy(stage.join("manifest.json"), &tmp).unwrap();
     std::fs::rename(&tmp, live.join("manifest.json")).unwrap();
+}
+
+/// A verdict for `r` on `topic` with the given band, signed by `key` (unsigned if None).
+fn verdict_payload(topic: &str, r: &FrameResult, ok: bool, key: Option<&PrivateKey>) -> Vec<u8> {
+    let band = if ok {
+        insp_proto::v1::Band::Ok
+    } else {
+        insp_proto::v1::Band::Ng
+    };
+    let mut payload = Verdict {
+        frame_id: r.frame_id.clone(),
+        device: r.device.clone(),
+        band: band as i32,
+        cloud_score: Some(0.0),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    if let Some(key) = key {
+        let sig = key.sign(
+            Purpose::Verdict,
+            &insp_proto::verdict_signed_bytes(topic, &payload).unwrap(),
+        );
+        insp_proto::append_verdict_signature(
+            &mut payload,
+            &MessageSignature {
+                key_id: sig.key_id.as_bytes().to_vec(),
+                signature: sig.bytes.to_vec(),
+            },
+        );
+    }
+    payload
+}
+
+#[test]
+fn the_edge_applies_the_hubs_signed_verdicts_and_ignores_forged_ones() {
+    let scratch = Scratch::new("signed-verdicts");
+    let dir = &scratch.0;
+    let broker = Mosquitto::start(&dir.join("mosquitto"), "");
+    let mut hub = Hub::start(&dir.join("hub"), Some(broker.port), &[]);
+    // The hub generated its verdict key on its first start.
+    let hub_pub = dir
+        .join("hub")
+        .join("data")
+        .join("keys")
+        .join("hub-verdicts.pub");
+    assert!(hub_pub.is_file(), "{}", hub.log());
+    let settings = [
+        format!("mqtt.hub_keys=[{:?}]", s(&hub_pub)),
+        // Every frame is escalated; the fallback of a frame without a verdict is NG.
+        "routing.ok_below=0.0".to_string(),
+        "routing.ng_above=1e30".to_string(),
+        "routing.verdict_deadline_ms=15000".to_string(),
+        "routing.fallback=\"ng\"".to_string(),
+        "http.max_wait_ms=60000".to_string(),
+    ];
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let agent = Agent::start(
+        &dir.join("agent"),
+        "signing",
+        "cam-1",
+        broker.port,
+        &settings,
+    );
+
+    // The hub's verdict, signed: applied.
+    let answer = push(&agent, 60_000);
+    assert_eq!(answer["decided_by"], "cloud", "{answer}\n{}", agent.log());
+    assert_eq!(
+        metric(&agent.metrics(), "insp_edge_verdicts_rejected_total"),
+        0.0
+    );
+
+    // With the hub gone, another client answers the escalations with verdicts that pass
+    // the part: unsigned, signed by its own key, and the hub's signature of a verdict for
+    // another frame. All are ignored and counted; the frame gets its fallback (NG).
+    hub.kill();
+    let forger = PrivateKey::generate().unwrap();
+    let hub_key = PrivateKey::read(&hub_pub.with_extension("key")).unwrap();
+    let watcher = Watcher::start(
+        broker.port,
+        Some(Box::new(move |topic: &str, r: &FrameResult| {
+            let mut other = r.clone();
+            other.frame_id = "6f1c2a9e-0000-4000-8000-000000000001".into();
+            let mut replayed =
+                Verdict::decode(verdict_payload(topic, &other, true, Some(&hub_key)).as_slice())
+                    .unwrap();
+            replayed.frame_id = r.frame_id.clone();
+            vec![
+                verdict_payload(topic, r, true, None),
+                verdict_payload(topic, r, true, Some(&forger)),
+                replayed.encode_to_vec(),
+            ]
+        })),
+    );
+    let answer = push(&agent, 30_000);
+    assert_eq!(
+        answer["decided_by"],
+        "fallback",
+        "{answer}\n{}",
+        agent.log()
+    );
+    assert_eq!(answer["band"], "NG", "{answer}");
+    let m = agent.metrics();
+    for reason in ["unsigned", "unknown_key", "bad_signature"] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("insp_edge_verdicts_rejected_total{{reason=\"{reason}\"}}")
+            ),
+            1.0,
+            "{reason}:\n{m}"
+        );
+    }
+    assert_eq!(watcher.on("/verdict").len(), 3);
+    assert!(
+        agent.log().contains("verdict ignored, not from the hub"),
+        "{}",
+        agent.log()
+    );
 }
