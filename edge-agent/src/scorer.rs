@@ -35,13 +35,26 @@ pub struct ActiveModel {
 }
 
 impl ActiveModel {
-    /// Opens and verifies a bundle (its signature too, with `model.trusted_keys`),
-    /// applying the configuration's search and threshold settings.
+    /// Opens and verifies a bundle (its signature too, with `model.trusted_keys`), scores
+    /// its golden frames ([`insp_core::golden::self_test`]), and applies the
+    /// configuration's search and threshold settings.
     pub fn load(config: &AgentConfig, device: &candle_core::Device) -> Result<ActiveModel> {
         let path = &config.model.bundle;
         let keys = config.bundle_keys()?;
         let mut model = Bundle::open_trusted(path, keys.as_ref())
-            .and_then(|bundle| PatchCore::from_bundle(&bundle, device))
+            .and_then(|bundle| {
+                // The golden frames are scored with the bundle's own search settings,
+                // before the configuration's overrides.
+                let model = PatchCore::from_bundle(&bundle, device)?;
+                let checked = insp_core::golden::self_test(&model, &bundle)?;
+                if checked > 0 {
+                    tracing::info!(
+                        "bundle {}: self-test passed, {checked} golden frames scored bit for bit as in its manifest",
+                        bundle.manifest.version
+                    );
+                }
+                Ok(model)
+            })
             .with_context(|| {
                 format!(
                     "cannot load the model bundle {} (make one with `edge-agent fit`{})",
@@ -69,12 +82,14 @@ impl ActiveModel {
 }
 
 /// Why a bundle did not load, as a metric label: the signature check's kind
-/// ([`insp_core::signing::SignatureError::kind`]) or `load` (files, manifest, model).
+/// ([`insp_core::signing::SignatureError::kind`]), `self_test` (its golden frames do not
+/// score as its manifest says) or `load` (files, manifest, model).
 pub fn refusal_kind(error: &anyhow::Error) -> &'static str {
     error
         .chain()
         .find_map(|e| match e.downcast_ref::<insp_core::Error>() {
             Some(insp_core::Error::Signature { error, .. }) => Some(error.kind()),
+            Some(insp_core::Error::SelfTest { .. }) => Some("self_test"),
             _ => None,
         })
         .unwrap_or("load")

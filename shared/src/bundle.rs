@@ -113,6 +113,23 @@ pub struct Manifest<M = crate::patchcore::PatchCoreParams> {
     pub fit: FitReport,
     /// Every other file of the bundle and its sha256 (hex).
     pub files: BTreeMap<String, String>,
+    /// Frames with the scores this bundle gives them, which a device checks bit for bit
+    /// before it uses the bundle ([`crate::golden`]); empty in bundles made before them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub golden: Vec<GoldenFrame>,
+}
+
+/// A golden frame: a file of the bundle and the score and band the bundle gives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GoldenFrame {
+    /// The image file, listed in [`Manifest::files`].
+    pub file: String,
+    /// `good` (a held-out good image) or `defect` (a synthetic defect).
+    pub label: String,
+    /// Its image score (JSON numbers carry an f32 exactly).
+    pub score: f32,
+    /// Its band under the bundle's thresholds, if it has them.
+    pub band: Option<crate::routing::Band>,
 }
 
 /// sha256 of bytes, hex.

@@ -24,6 +24,9 @@ pub enum Error {
         path: PathBuf,
         error: crate::signing::SignatureError,
     },
+    /// A bundle's golden frames do not score as its manifest says.
+    #[error("bundle {path}: self-test failed: {reason}")]
+    SelfTest { path: PathBuf, reason: String },
     /// A configuration value is out of range.
     #[error("invalid setting: {0}")]
     Config(String),

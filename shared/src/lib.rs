@@ -18,6 +18,7 @@ pub mod error;
 pub mod evaluation;
 pub mod flow;
 pub mod fusion;
+pub mod golden;
 pub mod heavy;
 pub mod image;
 pub mod inverted_lists;

@@ -297,11 +297,37 @@ fn only_bundles_signed_by_a_trusted_key_are_loaded_and_the_old_model_keeps_scori
     // reason, counted and reported, and frames go on being scored by v1. Each is made in
     // a staging copy and installed with its manifest last (the watcher never sees a valid
     // v2 on the way).
+    // The fit made golden frames: held-out good images and synthetic defects.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    let labels: Vec<&str> = manifest["golden"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["label"].as_str().unwrap())
+        .collect();
+    assert!(
+        labels.contains(&"good") && labels.contains(&"defect"),
+        "{labels:?}"
+    );
     let pristine = dir.join("pristine");
     copy_bundle(&bundle, &pristine);
     let v2 = format!("{v1}-v2");
     type Spoil<'a> = Box<dyn Fn(&Path) + 'a>;
-    let cases: [(&str, &str, Spoil); 4] = [
+    let cases: [(&str, &str, Spoil); 5] = [
+        (
+            "a golden score altered and signed again",
+            "self_test",
+            Box::new(|b| {
+                let path = b.join("manifest.json");
+                let mut m: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+                let score = m["golden"][0]["score"].as_f64().unwrap() as f32;
+                m["golden"][0]["score"] = serde_json::json!(f32::from_bits(score.to_bits() + 1));
+                std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+                sign(b, "fleet");
+            }),
+        ),
         ("unsigned", "unsigned", Box::new(|_| ())),
         (
             "signed by an untrusted key",
@@ -367,6 +393,7 @@ fn only_bundles_signed_by_a_trusted_key_are_loaded_and_the_old_model_keeps_scori
     assert!(log.contains("not trusted here"), "{log}");
     assert!(log.contains("bad signature"), "{log}");
     assert!(log.contains("does not match the manifest"), "{log}");
+    assert!(log.contains("self-test failed: golden frame"), "{log}");
     // Results on the wire were all scored by v1.
     let versions = || -> Vec<String> {
         watcher
@@ -375,7 +402,7 @@ fn only_bundles_signed_by_a_trusted_key_are_loaded_and_the_old_model_keeps_scori
             .map(|p| FrameResult::decode(p.as_slice()).unwrap().model_version)
             .collect()
     };
-    assert!(wait_until(20, || versions().len() == 5), "{:?}", versions());
+    assert!(wait_until(20, || versions().len() == 6), "{:?}", versions());
     assert!(versions().iter().all(|v| *v == v1), "{:?}", versions());
 
     // Signed properly: swapped in.
