@@ -393,11 +393,21 @@ pub enum ModelsCommand {
         #[command(flatten)]
         api: ApiAddress,
     },
+    /// Signs a bundle folder: checks its files against the manifest and writes
+    /// `signature.json` (ed25519 over the manifest) with a private key file.
+    Sign {
+        /// Bundle folder.
+        bundle: PathBuf,
+        /// Private key file (`cloud-hub keys generate`).
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 /// Runs a `models` command.
 pub async fn models(cmd: ModelsCommand) -> Result<()> {
     match cmd {
+        ModelsCommand::Sign { bundle, key } => crate::keys_cmd::sign_bundle(&bundle, &key)?,
         ModelsCommand::List { api } => {
             let mut c = ModelsClient::new(channel(&api).await?);
             let list = c

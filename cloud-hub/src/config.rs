@@ -45,6 +45,8 @@ pub struct HubConfig {
     pub delivery: DeliveryConfig,
     /// Users, tokens and web sessions.
     pub auth: AuthConfig,
+    /// The keys the hub signs with.
+    pub signing: SigningConfig,
 }
 
 impl Default for HubConfig {
@@ -63,6 +65,7 @@ impl Default for HubConfig {
             api: ApiConfig::default(),
             delivery: DeliveryConfig::default(),
             auth: AuthConfig::default(),
+            signing: SigningConfig::default(),
         }
     }
 }
@@ -315,6 +318,31 @@ impl Default for AuthConfig {
             bootstrap_admin: true,
             session_idle_s: 1800.0,
             cookie_secure: false,
+        }
+    }
+}
+
+/// The keys the hub signs with ([`crate::verdict_signer`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SigningConfig {
+    /// Private key file (`cloud-hub keys generate`, mode 0600) that signs every verdict;
+    /// devices trust its public half (`mqtt.hub_keys` in edge.toml). Absent:
+    /// `<data_dir>/keys/hub-verdicts.key`, generated on the first start.
+    pub verdict_key: Option<PathBuf>,
+}
+
+impl HubConfig {
+    /// The verdict signing key's file, and whether it is the generated default.
+    pub fn verdict_key_path(&self) -> (PathBuf, bool) {
+        match &self.signing.verdict_key {
+            Some(p) => (p.clone(), false),
+            None => (
+                self.data_dir()
+                    .join("keys")
+                    .join(crate::verdict_signer::DEFAULT_KEY_FILE),
+                true,
+            ),
         }
     }
 }

@@ -135,6 +135,8 @@ pub struct Ingest {
     pub telemetry: Arc<Telemetry>,
     /// The MQTT client (acks, verdicts).
     pub client: Client,
+    /// Signs the verdicts sent again.
+    pub verdict_signer: Arc<crate::verdict_signer::VerdictSigner>,
     /// Largest payload ingested.
     pub max_payload: usize,
     /// Most messages per transaction.
@@ -567,7 +569,7 @@ impl Ingest {
                 if (v.site.as_str(), v.device.as_str()) != (f.site.as_str(), f.device.as_str()) {
                     continue;
                 }
-                if let Err(e) = publish_verdict(&self.client, &v).await {
+                if let Err(e) = publish_verdict(&self.client, &self.verdict_signer, &v).await {
                     tracing::warn!("cannot re-send the verdict of {id}: {e:#}");
                 }
             }

@@ -20,6 +20,7 @@ mod eval_cmd;
 mod grpc;
 mod http;
 mod ingest;
+mod keys_cmd;
 mod labels;
 mod models;
 mod mqtt;
@@ -31,6 +32,7 @@ mod simulate;
 mod table;
 mod telemetry;
 mod train_cmd;
+mod verdict_signer;
 mod web;
 
 /// Cloud hub of the inspection system.
@@ -63,7 +65,12 @@ enum Command {
         #[command(subcommand)]
         command: client::ReviewsCommand,
     },
-    /// Model bundles known to the hub.
+    /// Signing keys (ed25519) for bundles and verdicts: generate, list, show.
+    Keys {
+        #[command(subcommand)]
+        command: keys_cmd::KeysCommand,
+    },
+    /// Model bundles known to the hub, and signing them.
     Models {
         #[command(subcommand)]
         command: client::ModelsCommand,
@@ -118,6 +125,7 @@ fn main() {
         Command::Eval(args) => {
             device::resolve(cli.device.as_deref()).and_then(|d| eval_cmd::run(args, &d))
         }
+        Command::Keys { command } => keys_cmd::run(command),
         command => run_async(command),
     };
     if let Err(err) = result {
@@ -144,8 +152,8 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Report(args) => report::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Train(_) | Command::Eval(_) => {
-                anyhow::bail!("train and eval run without the async runtime")
+            Command::Train(_) | Command::Eval(_) | Command::Keys { .. } => {
+                anyhow::bail!("train, eval and keys run without the async runtime")
             }
         }
     });

@@ -58,6 +58,8 @@ pub struct ScoringContext {
     pub telemetry: Arc<Telemetry>,
     /// MQTT client for verdicts.
     pub mqtt: crate::mqtt::Client,
+    /// Signs every verdict published.
+    pub verdict_signer: Arc<crate::verdict_signer::VerdictSigner>,
     /// The async runtime (for storage and publishing from worker threads).
     pub runtime: tokio::runtime::Handle,
 }
@@ -416,13 +418,19 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
 /// Publishes a stored verdict; a failure (the client gone at a stop) leaves the decision
 /// as it is (decided, not failed): a redelivered escalation gets it again.
 fn send_verdict(ctx: &ScoringContext, v: &VerdictRow) {
-    if let Err(e) = ctx.runtime.block_on(publish_verdict(&ctx.mqtt, v)) {
+    if let Err(e) = ctx
+        .runtime
+        .block_on(publish_verdict(&ctx.mqtt, &ctx.verdict_signer, v))
+    {
         tracing::warn!("escalation {}: verdict stored, not sent: {e:#}", v.frame_id);
     }
 }
 
-/// The MQTT topic and payload of a verdict.
-pub fn verdict_message(v: &VerdictRow) -> Result<(String, Vec<u8>)> {
+/// The MQTT topic and payload of a verdict, signed by `signer`.
+pub fn verdict_message(
+    v: &VerdictRow,
+    signer: &crate::verdict_signer::VerdictSigner,
+) -> Result<(String, Vec<u8>)> {
     let topic =
         insp_proto::topic(&v.site, &v.device, TopicKind::Verdict).map_err(anyhow::Error::msg)?;
     let band = if v.band == "NG" { Band::Ng } else { Band::Ok };
@@ -434,14 +442,21 @@ pub fn verdict_message(v: &VerdictRow) -> Result<(String, Vec<u8>)> {
         edge_score_reproduced: v.edge_score_reproduced,
         model_versions: v.model_versions.clone(),
         decided_unix_ms: v.decided_unix_ms,
+        signature: None,
     }
     .encode_to_vec();
+    let mut payload = payload;
+    signer.sign(&topic, &mut payload)?;
     Ok((topic, payload))
 }
 
-/// Publishes a verdict to its device (QoS 1).
-pub async fn publish_verdict(client: &crate::mqtt::Client, v: &VerdictRow) -> Result<()> {
-    let (topic, payload) = verdict_message(v)?;
+/// Publishes a verdict to its device (QoS 1), signed by `signer`.
+pub async fn publish_verdict(
+    client: &crate::mqtt::Client,
+    signer: &crate::verdict_signer::VerdictSigner,
+    v: &VerdictRow,
+) -> Result<()> {
+    let (topic, payload) = verdict_message(v, signer)?;
     client
         .publish(topic, payload)
         .await

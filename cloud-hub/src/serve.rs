@@ -129,6 +129,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     }
     tracing::info!("{} edge bundles in {}", found.len(), models_dir.display());
     let cloud = load_cloud_models(&config, &device, &db).await?;
+    let verdict_signer = Arc::new(crate::verdict_signer::VerdictSigner::open(&config)?);
     let (client, eventloop) = crate::mqtt::connect(&config);
     let context = Arc::new(ScoringContext {
         db: db.clone(),
@@ -138,6 +139,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         judge: insp_core::judge::Judge::new(config.fusion),
         telemetry: telemetry.clone(),
         mqtt: client.clone(),
+        verdict_signer: verdict_signer.clone(),
         runtime: tokio::runtime::Handle::current(),
     });
     let mut background = Vec::new();
@@ -225,6 +227,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         scoring: scoring.clone(),
         telemetry: telemetry.clone(),
         client,
+        verdict_signer,
         max_payload: config.ingest.max_payload_bytes,
         max_batch: config.ingest.max_batch,
         keep_bytes: config.ingest.dead_letter_keep_bytes,

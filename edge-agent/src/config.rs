@@ -109,6 +109,14 @@ pub struct ModelConfig {
     /// Check the bundle folder this often and swap in a new version between frames
     /// (0 = never). A bundle that fails to verify is refused and the old one kept.
     pub reload_check_s: u64,
+    /// Public keys whose bundle signatures this agent accepts, each `ed25519:<hex>` or
+    /// the path of a public key file (`cloud-hub keys generate`); several during a key
+    /// rotation. When set, a bundle is loaded only if its `signature.json` (made by
+    /// `cloud-hub models sign`) verifies with one of them over its manifest.
+    pub trusted_keys: Vec<String>,
+    /// Refuse to start without `trusted_keys` (production). Off, an agent without trusted
+    /// keys loads unsigned bundles (the zero-configuration demo).
+    pub require_signature: bool,
 }
 
 impl Default for ModelConfig {
@@ -118,6 +126,8 @@ impl Default for ModelConfig {
             exact_search: false,
             probes: None,
             reload_check_s: 10,
+            trusted_keys: Vec::new(),
+            require_signature: false,
         }
     }
 }
@@ -283,6 +293,12 @@ pub struct MqttConfig {
     /// The slowest uplink to plan for: writing one packet may take as long as the largest
     /// payload needs at this rate before the connection counts as broken.
     pub min_uplink_bytes_per_s: u64,
+    /// Public keys of the hub's verdict signing key (`cloud-hub keys show`), each
+    /// `ed25519:<hex>` or the path of a public key file. When set, a verdict is applied
+    /// only if its signature verifies with one of them; others are ignored and counted
+    /// (`insp_edge_verdicts_rejected_total`), and the frame keeps waiting for a valid
+    /// verdict or gets its fallback.
+    pub hub_keys: Vec<String>,
 }
 
 impl Default for MqttConfig {
@@ -301,6 +317,7 @@ impl Default for MqttConfig {
             metrics_interval_s: 30,
             persistent_session: true,
             min_uplink_bytes_per_s: 256 << 10,
+            hub_keys: Vec::new(),
         }
     }
 }
@@ -427,6 +444,12 @@ impl AgentConfig {
         if self.routing.verdict_deadline_ms > 86_400_000 {
             bail!("routing.verdict_deadline_ms must be at most a day (86400000)");
         }
+        if self.model.require_signature && self.model.trusted_keys.is_empty() {
+            bail!(
+                "model.require_signature is set but model.trusted_keys is empty: list the public \
+                 key(s) bundles are signed with (`cloud-hub keys show`)"
+            );
+        }
         let limit = crate::spool::MAX_RECORD - (64 << 10);
         if self.mqtt.max_payload_bytes > limit {
             bail!("mqtt.max_payload_bytes must be at most {limit}");
@@ -446,6 +469,18 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// The keys bundles must be signed with (`model.trusted_keys`); `None` when unset
+    /// (unsigned bundles load).
+    pub fn bundle_keys(&self) -> Result<Option<insp_core::signing::TrustedKeys>> {
+        read_keys(&self.model.trusted_keys, "model.trusted_keys")
+    }
+
+    /// The keys verdicts must be signed with (`mqtt.hub_keys`); `None` when unset (any
+    /// verdict on the device's topic is applied).
+    pub fn hub_keys(&self) -> Result<Option<insp_core::signing::TrustedKeys>> {
+        read_keys(&self.mqtt.hub_keys, "mqtt.hub_keys")
+    }
+
     /// The MQTT client id.
     pub fn client_id(&self) -> String {
         self.mqtt
@@ -453,6 +488,16 @@ impl AgentConfig {
             .clone()
             .unwrap_or_else(|| format!("edge-{}-{}", self.device.site, self.device.id))
     }
+}
+
+/// Public keys of a configuration list (relative paths from the working directory).
+fn read_keys(entries: &[String], key: &str) -> Result<Option<insp_core::signing::TrustedKeys>> {
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    insp_core::signing::TrustedKeys::from_entries(entries, Path::new(""))
+        .map(Some)
+        .with_context(|| format!("{key}: cannot read a public key"))
 }
 
 /// Sets `dotted.key` in a TOML tree to `raw`, read as a TOML literal where it parses.
@@ -530,6 +575,35 @@ mod tests {
         assert!(AgentConfig::load(None, &["queue.capacity=0".into()]).is_err());
         assert!(AgentConfig::load(None, &["source.rate_fps=inf".into()]).is_err());
         assert!(AgentConfig::load(None, &["routing.verdict_deadline_ms=1e30".into()]).is_err());
+        let e = AgentConfig::load(None, &["model.require_signature=true".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("trusted_keys"), "{e:#}");
+        assert!(AgentConfig::load(
+            None,
+            &[
+                "model.require_signature=true".into(),
+                "model.trusted_keys=[\"keys/fleet.pub\"]".into()
+            ]
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn trusted_keys_are_read_from_text_or_files_and_bad_ones_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _, public) = insp_core::signing::generate_key_pair(dir.path(), "fleet").unwrap();
+        let mut c = AgentConfig::default();
+        c.model.trusted_keys = vec![public.display().to_string()];
+        c.mqtt.hub_keys = vec![key.public().to_text()];
+        assert_eq!(c.bundle_keys().unwrap().unwrap().ids(), vec![key.id()]);
+        assert_eq!(c.hub_keys().unwrap().unwrap().ids(), vec![key.id()]);
+        assert!(AgentConfig::default().bundle_keys().unwrap().is_none());
+        c.model.trusted_keys = vec![dir.path().join("missing.pub").display().to_string()];
+        let e = c.bundle_keys().unwrap_err();
+        assert!(format!("{e:#}").contains("model.trusted_keys"), "{e:#}");
+        c.model.trusted_keys = vec![key.public().to_text(), "ed25519:00".into()];
+        assert!(c.bundle_keys().is_err());
+        c.mqtt.hub_keys = vec!["ed25519:00".into()];
+        assert!(c.hub_keys().is_err());
     }
 
     #[test]

@@ -26,4 +26,5 @@ pub mod stream_bench;
 pub mod synth_cmd;
 pub mod takeover;
 pub mod telemetry;
+pub mod verdict_check;
 pub mod weights_cmd;

@@ -35,6 +35,7 @@ use crate::config::AgentConfig;
 use crate::decisions::DecisionBook;
 use crate::outbox::{Envelope, Queue, Spools};
 use crate::telemetry::Telemetry;
+use insp_core::signing::TrustedKeys;
 use insp_proto::v1::{
     device_state::Status, stream_position, Band as WireBand, Delivery, DeviceState, Resend,
     StreamPosition, Verdict,
@@ -209,6 +210,11 @@ pub struct Link {
     /// When the current connection began (device clock), 0 while down.
     connected_unix_ms: i64,
     metrics_every: Option<Duration>,
+    /// The hub's verdict keys (`mqtt.hub_keys`): when set, only verdicts signed by one of
+    /// them are applied.
+    hub_keys: Option<TrustedKeys>,
+    /// Number of the model status report last published on this connection (0: none).
+    model_status_sent: u64,
 }
 
 struct Topics {
@@ -216,6 +222,7 @@ struct Topics {
     verdict: String,
     resend: String,
     metrics: String,
+    model_status: String,
 }
 
 /// A `DeviceState` of the connection that began at `connected_unix_ms`; `since_unix_ms`
@@ -323,7 +330,16 @@ impl Link {
             verdict: topic(TopicKind::Verdict)?,
             resend: topic(TopicKind::Resend)?,
             metrics: topic(TopicKind::Metrics)?,
+            model_status: topic(TopicKind::ModelStatus)?,
         };
+        let hub_keys = config.hub_keys()?;
+        if let Some(keys) = &hub_keys {
+            let ids: Vec<String> = keys.ids().iter().map(ToString::to_string).collect();
+            tracing::info!(
+                "verdicts are applied only when signed by hub key {}",
+                ids.join(" or ")
+            );
+        }
         let m = &config.mqtt;
         let mut options = MqttOptions::new(config.client_id(), m.host.clone(), m.port);
         options
@@ -376,6 +392,8 @@ impl Link {
             streams,
             connected_unix_ms: 0,
             metrics_every,
+            hub_keys,
+            model_status_sent: 0,
         })
     }
 
@@ -418,6 +436,9 @@ impl Link {
                     self.save_acks();
                     // A suspect's backoff may have passed.
                     self.fill_window();
+                    if self.connected {
+                        self.publish_model_status();
+                    }
                     if let Some(every) = self.metrics_every {
                         if self.connected && last_metrics.elapsed() >= every {
                             last_metrics = Instant::now();
@@ -567,6 +588,16 @@ impl Link {
                 return;
             }
         };
+        if let Some(keys) = &self.hub_keys {
+            if let Err(e) = crate::verdict_check::check(keys, topic, payload, &verdict) {
+                self.telemetry.verdict_rejected(e.kind());
+                tracing::warn!(
+                    frame = %verdict.frame_id.chars().take(64).collect::<String>(),
+                    "verdict ignored, not from the hub (mqtt.hub_keys): {e}"
+                );
+                return;
+            }
+        }
         let Ok(frame_id) = uuid::Uuid::parse_str(&verdict.frame_id) else {
             tracing::error!(
                 "verdict with a malformed frame id {:?} ignored",
@@ -642,6 +673,7 @@ impl Link {
             tracing::debug!("MQTT broker unreachable: {error}");
         }
         self.connected = false;
+        self.model_status_sent = 0;
         self.telemetry.set_connected(false);
         // An escalation that keeps breaking connections (too large for the broker, or for
         // the uplink within the write timeout) is set aside after a few tries alone, so
@@ -673,6 +705,23 @@ impl Link {
         if self.client.try_publish(topic, qos, retain, payload).is_ok() {
             self.unassigned.push_back(Tag::Control);
         }
+    }
+
+    /// Publishes the latest model status report (retained, QoS 1) if this connection has
+    /// not sent it yet.
+    fn publish_model_status(&mut self) {
+        let Some((n, mut status)) = self.telemetry.model_status_after(self.model_status_sent)
+        else {
+            return;
+        };
+        status.device = self.device.clone();
+        self.model_status_sent = n;
+        self.publish_control(
+            self.topics.model_status.clone(),
+            QoS::AtLeastOnce,
+            true,
+            status.encode_to_vec(),
+        );
     }
 
     fn publish_metrics(&mut self) {

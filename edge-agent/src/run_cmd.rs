@@ -130,7 +130,8 @@ pub async fn run_pipeline(
     book.recover(recovered);
     tokio::spawn(book.clone().run_deadlines());
     let (frames_tx, frames_rx) = mpsc::channel(config.queue.capacity);
-    let updates = crate::scorer::watch_bundle(config.clone(), device.clone(), version);
+    let updates =
+        crate::scorer::watch_bundle(config.clone(), device.clone(), version, telemetry.clone());
     let scorer = Scorer::new(
         &config,
         active,

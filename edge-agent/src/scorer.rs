@@ -15,6 +15,7 @@ use crate::outbox::{Envelope, Item, Outbox, Queue};
 use crate::router::{route, Routable, Route, Unsent};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
+use insp_core::patchcore::PatchCoreBundle;
 use insp_core::patchcore::{PatchCore, Scored, Timings};
 use insp_core::routing::Thresholds;
 use insp_proto::clock::{unix_ms, unix_us};
@@ -34,16 +35,37 @@ pub struct ActiveModel {
 }
 
 impl ActiveModel {
-    /// Opens and verifies a bundle, applying the configuration's search and threshold
-    /// settings.
+    /// Opens and verifies a bundle (its signature too, with `model.trusted_keys`), scores
+    /// its golden frames ([`insp_core::golden::self_test`]), and applies the
+    /// configuration's search and threshold settings.
     pub fn load(config: &AgentConfig, device: &candle_core::Device) -> Result<ActiveModel> {
         let path = &config.model.bundle;
-        let mut model = PatchCore::open(path, device).with_context(|| {
-            format!(
-                "cannot load the model bundle {} (make one with `edge-agent fit`)",
-                path.display()
-            )
-        })?;
+        let keys = config.bundle_keys()?;
+        let mut model = PatchCoreBundle::open_trusted(path, keys.as_ref())
+            .and_then(|bundle| {
+                // The golden frames are scored with the bundle's own search settings,
+                // before the configuration's overrides.
+                let model = PatchCore::from_bundle(&bundle, device)?;
+                let checked = insp_core::golden::self_test(&model, &bundle)?;
+                if checked > 0 {
+                    tracing::info!(
+                        "bundle {}: self-test passed, {checked} golden frames scored bit for bit as in its manifest",
+                        bundle.manifest.version
+                    );
+                }
+                Ok(model)
+            })
+            .with_context(|| {
+                format!(
+                    "cannot load the model bundle {} (make one with `edge-agent fit`{})",
+                    path.display(),
+                    if keys.is_some() {
+                        " and sign it with `cloud-hub models sign` with a key of model.trusted_keys"
+                    } else {
+                        ""
+                    }
+                )
+            })?;
         model.set_exact_search(config.model.exact_search);
         if let Some(p) = config.model.probes {
             model.set_probes(p);
@@ -57,6 +79,20 @@ impl ActiveModel {
     pub fn version(&self) -> &str {
         &self.model.manifest().version
     }
+}
+
+/// Why a bundle did not load, as a metric label: the signature check's kind
+/// ([`insp_core::signing::SignatureError::kind`]), `self_test` (its golden frames do not
+/// score as its manifest says) or `load` (files, manifest, model).
+pub fn refusal_kind(error: &anyhow::Error) -> &'static str {
+    error
+        .chain()
+        .find_map(|e| match e.downcast_ref::<insp_core::Error>() {
+            Some(insp_core::Error::Signature { error, .. }) => Some(error.kind()),
+            Some(insp_core::Error::SelfTest { .. }) => Some("self_test"),
+            _ => None,
+        })
+        .unwrap_or("load")
 }
 
 /// The bundle's thresholds with the configuration's overrides.
@@ -89,6 +125,7 @@ pub fn watch_bundle(
     config: AgentConfig,
     device: candle_core::Device,
     current: String,
+    telemetry: Arc<Telemetry>,
 ) -> Option<Receiver<ActiveModel>> {
     if config.model.reload_check_s == 0 {
         return None;
@@ -123,9 +160,12 @@ pub fn watch_bundle(
                     }
                     Err(e) => {
                         if reloads.failed(&version, files) {
+                            let kind = refusal_kind(&e);
                             tracing::error!(
+                                reason = kind,
                                 "new bundle {version} refused, keeping the running model (its files did not change since the last try; it is tried again when they do): {e:#}"
                             );
+                            telemetry.bundle_refused(&version, kind, &format!("{e:#}"));
                         } else {
                             tracing::info!(
                                 "new bundle {version} does not load yet (still being copied?); trying again at the next check: {e:#}"

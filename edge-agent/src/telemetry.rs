@@ -4,6 +4,7 @@
 
 use crate::takeover::{Change, TakeoverWatch};
 use insp_core::routing::Band;
+use insp_proto::v1::{model_status, ModelStatus};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -68,6 +69,10 @@ pub struct Telemetry {
     client_id_conflict: Gauge,
     model: Family<Label, Gauge<f64, AtomicU64>>,
     model_version: std::sync::Mutex<String>,
+    bundles_refused: Family<Label, Counter>,
+    verdicts_rejected: Family<Label, Counter>,
+    /// The latest model status report and its number (the link publishes each new one).
+    model_status: std::sync::Mutex<(u64, Option<ModelStatus>)>,
 }
 
 impl Default for Telemetry {
@@ -117,6 +122,9 @@ impl Telemetry {
             client_id_conflict: Gauge::default(),
             model: Family::default(),
             model_version: Default::default(),
+            bundles_refused: Family::default(),
+            verdicts_rejected: Family::default(),
+            model_status: Default::default(),
         };
         let r = &mut t.registry;
         r.register("frames", "Frames scored, by edge band", t.frames.clone());
@@ -264,6 +272,16 @@ impl Telemetry {
             "model_info",
             "The model version in use (value 1)",
             t.model.clone(),
+        );
+        r.register(
+            "bundles_refused",
+            "New bundle versions refused (the running model kept), by reason: unsigned, unknown_key, bad_signature, malformed (signature), self_test, load (files, model)",
+            t.bundles_refused.clone(),
+        );
+        r.register(
+            "verdicts_rejected",
+            "Verdicts ignored because their signature is missing, by an unknown key, bad or malformed (mqtt.hub_keys), by reason",
+            t.verdicts_rejected.clone(),
         );
         t
     }
@@ -562,13 +580,70 @@ impl Telemetry {
         self.connected.get() == 1
     }
 
-    /// The model version now in use (replaces the previous one).
+    /// The model version now in use (replaces the previous one); reported as active on
+    /// the model-status topic.
     pub fn set_model(&self, version: &str) {
         self.model.clear();
         self.model
             .get_or_create(&label("version", version))
             .set(1.0);
         *self.model_version.lock().unwrap_or_else(|p| p.into_inner()) = version.to_string();
+        self.report_model_status(version, model_status::State::Active, "", "");
+    }
+
+    /// A new bundle `version` was refused (`kind` as in `bundles_refused`): counted and
+    /// reported on the model-status topic.
+    pub fn bundle_refused(&self, version: &str, kind: &str, reason: &str) {
+        self.bundles_refused
+            .get_or_create(&label("reason", kind))
+            .inc();
+        self.report_model_status(version, model_status::State::Refused, kind, reason);
+    }
+
+    /// Bundles refused for `kind` so far.
+    pub fn bundles_refused(&self, kind: &str) -> u64 {
+        self.bundles_refused
+            .get_or_create(&label("reason", kind))
+            .get()
+    }
+
+    /// A verdict was ignored for its signature (`kind`: `unsigned`, `unknown_key`,
+    /// `bad_signature`, `malformed`).
+    pub fn verdict_rejected(&self, kind: &str) {
+        self.verdicts_rejected
+            .get_or_create(&label("reason", kind))
+            .inc();
+    }
+
+    fn report_model_status(
+        &self,
+        version: &str,
+        state: model_status::State,
+        kind: &str,
+        reason: &str,
+    ) {
+        let status = ModelStatus {
+            device: String::new(),
+            version: version.to_string(),
+            state: state as i32,
+            reason_kind: kind.to_string(),
+            reason: reason.to_string(),
+            running_version: self.model_version(),
+            unix_ms: insp_proto::clock::unix_ms(),
+        };
+        let mut slot = self.model_status.lock().unwrap_or_else(|p| p.into_inner());
+        slot.0 += 1;
+        slot.1 = Some(status);
+    }
+
+    /// The latest model status report if it is newer than report number `seen` (0: any),
+    /// with its number.
+    pub fn model_status_after(&self, seen: u64) -> Option<(u64, ModelStatus)> {
+        let slot = self.model_status.lock().unwrap_or_else(|p| p.into_inner());
+        match &slot.1 {
+            Some(s) if slot.0 > seen => Some((slot.0, s.clone())),
+            _ => None,
+        }
     }
 
     /// The model version now in use.

@@ -56,7 +56,26 @@ fn fit_eval_score_on_synthetic_data() {
             .len(),
         2
     );
-    assert_eq!(manifest["files"].as_object().unwrap().len(), 2);
+    // The backbone, the bank and the golden frames (two held-out good images, two
+    // synthetic defects), each with its score.
+    let golden = manifest["golden"].as_array().unwrap();
+    assert_eq!(golden.len(), 4, "{golden:?}");
+    assert_eq!(
+        manifest["files"].as_object().unwrap().len(),
+        2 + golden.len()
+    );
+    for g in golden {
+        assert!(
+            manifest["files"][g["file"].as_str().unwrap()].is_string(),
+            "{g}"
+        );
+        assert!(g["score"].as_f64().unwrap().is_finite(), "{g}");
+    }
+    assert_eq!(
+        golden.iter().filter(|g| g["label"] == "defect").count(),
+        2,
+        "{golden:?}"
+    );
 
     // `score` on a good image, a defective one and a corrupt file: the bad file is
     // reported and skipped, the others are scored, the exit status says one failed.
@@ -192,6 +211,14 @@ fn the_shipped_edge_config_parses_and_overrides_apply() {
     assert_eq!(parsed["device"]["id"].as_str(), Some("line3-cam1"));
     assert_eq!(parsed["mqtt"]["port"].as_integer(), Some(2883));
     assert_eq!(parsed["source"]["kind"].as_str(), Some("watch"));
+    // Production loads signed bundles only, and applies the hub's signed verdicts only.
+    assert_eq!(parsed["model"]["require_signature"].as_bool(), Some(true));
+    assert!(parsed["model"]["trusted_keys"]
+        .as_array()
+        .is_some_and(|k| !k.is_empty()));
+    assert!(parsed["mqtt"]["hub_keys"]
+        .as_array()
+        .is_some_and(|k| !k.is_empty()));
     // A typo is an error that names the key.
     let out = agent(&[
         "run",

@@ -165,6 +165,75 @@ pub fn append_delivery(kind: TopicKind, payload: &mut Vec<u8>, delivery: &v1::De
     prost::encoding::message::encode(field, delivery, payload);
 }
 
+/// Field number of [`v1::Verdict::signature`].
+pub const VERDICT_SIGNATURE_FIELD: u32 = 8;
+
+/// Why an encoded message could not be walked field by field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed protobuf message: {0}")]
+pub struct WireError(String);
+
+/// Reads a varint at `bytes[*at..]`, advancing `at`.
+fn read_varint(bytes: &[u8], at: &mut usize) -> Result<u64, WireError> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let Some(&b) = bytes.get(*at) else {
+            return Err(WireError("truncated varint".into()));
+        };
+        *at += 1;
+        value |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(WireError("varint longer than 10 bytes".into()))
+}
+
+/// The bytes a verdict's signature covers: the topic it was published on, a NUL, and the
+/// encoded [`v1::Verdict`] with every top-level field [`VERDICT_SIGNATURE_FIELD`] taken
+/// out, all other fields (known to this build or not) kept byte for byte. The hub encodes
+/// the verdict, signs these bytes and appends the signature; a device computes them again
+/// from what it received, so fields a newer hub adds are covered too.
+pub fn verdict_signed_bytes(topic: &str, payload: &[u8]) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::with_capacity(topic.len() + 1 + payload.len());
+    out.extend_from_slice(topic.as_bytes());
+    out.push(0);
+    let mut at = 0;
+    while at < payload.len() {
+        let start = at;
+        let key = read_varint(payload, &mut at)?;
+        let field = key >> 3;
+        let len = match key & 7 {
+            0 => {
+                read_varint(payload, &mut at)?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(read_varint(payload, &mut at)?)
+                .map_err(|_| WireError("length too large".into()))?,
+            5 => 4,
+            other => return Err(WireError(format!("unsupported wire type {other}"))),
+        };
+        if field == 0 {
+            return Err(WireError("field number 0".into()));
+        }
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= payload.len())
+            .ok_or_else(|| WireError("field runs past the end".into()))?;
+        if field != u64::from(VERDICT_SIGNATURE_FIELD) {
+            out.extend_from_slice(&payload[start..end]);
+        }
+        at = end;
+    }
+    Ok(out)
+}
+
+/// Appends `signature` as [`v1::Verdict::signature`] to an encoded verdict.
+pub fn append_verdict_signature(payload: &mut Vec<u8>, signature: &v1::MessageSignature) {
+    prost::encoding::message::encode(VERDICT_SIGNATURE_FIELD, signature, payload);
+}
+
 impl v1::BankSearch {
     /// A search of every bank row.
     pub fn every_row() -> Self {
@@ -269,6 +338,59 @@ mod tests {
         let mut other = vec![1, 2, 3];
         append_delivery(TopicKind::Metrics, &mut other, &d);
         assert_eq!(other, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_verdict_signature_covers_every_field_but_itself() {
+        let v = Verdict {
+            frame_id: "f".into(),
+            device: "cam-1".into(),
+            band: Band::Ng as i32,
+            cloud_score: Some(2.5),
+            edge_score_reproduced: 1.25,
+            model_versions: "m".into(),
+            decided_unix_ms: 7,
+            signature: None,
+        };
+        let topic = "insp/v1/s/cam-1/verdict";
+        let mut bytes = v.encode_to_vec();
+        let signed = verdict_signed_bytes(topic, &bytes).unwrap();
+        append_verdict_signature(
+            &mut bytes,
+            &MessageSignature {
+                key_id: vec![1; 8],
+                signature: vec![2; 64],
+            },
+        );
+        // The appended signature is left out again; the message decodes with it.
+        assert_eq!(verdict_signed_bytes(topic, &bytes).unwrap(), signed);
+        let back = Verdict::decode(bytes.as_slice()).unwrap();
+        assert_eq!(back.signature.unwrap().key_id, vec![1; 8]);
+        // Another topic, or any changed field, changes the signed bytes.
+        assert_ne!(
+            verdict_signed_bytes("insp/v1/s/cam-2/verdict", &bytes).unwrap(),
+            signed
+        );
+        let mut other = v.clone();
+        other.band = Band::Ok as i32;
+        assert_ne!(
+            verdict_signed_bytes(topic, &other.encode_to_vec()).unwrap(),
+            signed
+        );
+        // A field this build does not know is covered too.
+        let mut unknown = v.encode_to_vec();
+        prost::encoding::string::encode(20, &"new".to_string(), &mut unknown);
+        assert_ne!(verdict_signed_bytes(topic, &unknown).unwrap(), signed);
+        // Garbage is an error, not a panic.
+        for bad in [
+            &b"\x0a\xff"[..],
+            b"\x0a\x05ab",
+            b"\x80",
+            b"\x03",
+            b"\x00\x00",
+        ] {
+            assert!(verdict_signed_bytes(topic, bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,12 +1,18 @@
 //! Model bundles: a folder with `manifest.json` and the weight files it lists, each with
 //! its sha256. A bundle is read only if every listed file is present and matches its hash,
 //! so a truncated copy or a swapped file is refused instead of scoring with wrong weights.
-//! (Signatures over the manifest arrive with the rollout work; the manifest already lists
-//! every file's hash so that signing it covers the whole bundle.)
+//!
+//! A bundle may carry `signature.json`: an ed25519 signature ([`crate::signing`]) over the
+//! exact bytes of `manifest.json`. The manifest lists every other file's sha256, so the
+//! signature covers the whole bundle; [`Bundle::open_trusted`] checks it before reading
+//! anything the manifest says.
 
 pub use crate::calibration::Calibration;
 use crate::error::{Error, Result};
 use crate::image::Preprocessing;
+use crate::signing::{
+    KeyId, PrivateKey, Purpose, Signature, SignatureError, SignatureFile, TrustedKeys,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -16,6 +22,8 @@ use std::path::{Path, PathBuf};
 pub const FORMAT_VERSION: u32 = 1;
 /// Name of the manifest inside a bundle folder.
 pub const MANIFEST: &str = "manifest.json";
+/// Name of the manifest's signature inside a bundle folder (not listed in the manifest).
+pub const SIGNATURE: &str = "signature.json";
 
 /// Which backbone and stages a model uses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +88,23 @@ pub struct Manifest<M> {
     pub fit: FitReport,
     /// Every other file of the bundle and its sha256 (hex).
     pub files: BTreeMap<String, String>,
+    /// Frames with the scores this bundle gives them, which a device checks bit for bit
+    /// before it uses the bundle ([`crate::golden`]); empty in bundles made before them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub golden: Vec<GoldenFrame>,
+}
+
+/// A golden frame: a file of the bundle and the score and band the bundle gives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GoldenFrame {
+    /// The image file, listed in [`Manifest::files`].
+    pub file: String,
+    /// `good` (a held-out good image) or `defect` (a synthetic defect).
+    pub label: String,
+    /// Its image score (JSON numbers carry an f32 exactly).
+    pub score: f32,
+    /// Its band under the bundle's thresholds, if it has them.
+    pub band: Option<crate::routing::Band>,
 }
 
 /// sha256 of bytes, hex.
@@ -98,9 +123,11 @@ pub fn write<M: Serialize>(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let _ = std::fs::remove_file(dir.join(MANIFEST));
+    // A signature of the previous manifest signs nothing now.
+    let _ = std::fs::remove_file(dir.join(SIGNATURE));
     manifest.files.clear();
     for (name, bytes) in files {
-        if name.contains('/') || name.contains("..") || name == MANIFEST {
+        if name.contains('/') || name.contains("..") || name == MANIFEST || name == SIGNATURE {
             return Err(Error::Config(format!("invalid bundle file name {name:?}")));
         }
         let path = dir.join(name);
@@ -143,6 +170,80 @@ pub fn model_kind(dir: &Path) -> Result<String> {
         })
 }
 
+/// Reads every file `listed` (name to sha256) from `dir`, checking each hash.
+fn read_listed_files(
+    dir: &Path,
+    listed: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, Vec<u8>>> {
+    let fail = |path: &Path, reason: String| Error::Bundle {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut files = BTreeMap::new();
+    for (name, want) in listed {
+        if name.contains('/') || name.contains("..") || name == MANIFEST || name == SIGNATURE {
+            return Err(fail(
+                &dir.join(MANIFEST),
+                format!("file name {name:?} leaves the bundle folder or names the manifest or signature"),
+            ));
+        }
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| fail(&path, format!("listed in the manifest but unreadable: {e}")))?;
+        let got = sha256_hex(&bytes);
+        if &got != want {
+            return Err(fail(&path, format!("sha256 {got} does not match the manifest's {want}: the file is corrupt or was replaced")));
+        }
+        files.insert(name.clone(), bytes);
+    }
+    Ok(files)
+}
+
+/// Checks that `dir/signature.json` is a signature by a `trusted` key over `manifest`
+/// (the manifest file's exact bytes); returns the signing key's id.
+pub fn verify_signature(dir: &Path, manifest: &[u8], trusted: &TrustedKeys) -> Result<KeyId> {
+    let path = dir.join(SIGNATURE);
+    let refused = |error| Error::Signature {
+        path: dir.to_path_buf(),
+        error,
+    };
+    let json = match std::fs::read(&path) {
+        Ok(json) => json,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(refused(SignatureError::Unsigned))
+        }
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let signature = SignatureFile::parse(&json).map_err(refused)?;
+    trusted
+        .verify(Purpose::BundleManifest, manifest, &signature)
+        .map_err(refused)
+}
+
+/// Signs the bundle in `dir` with `key`: checks every listed file against the manifest
+/// (of any model kind), then writes `signature.json` over the manifest's exact bytes,
+/// replacing an earlier signature. Returns the signature.
+pub fn sign(dir: &Path, key: &PrivateKey) -> Result<Signature> {
+    let manifest_path = dir.join(MANIFEST);
+    let text = crate::error::read_file(&manifest_path)?;
+    #[derive(Deserialize)]
+    struct Listed {
+        files: BTreeMap<String, String>,
+    }
+    let listed: Listed = serde_json::from_slice(&text).map_err(|e| Error::Bundle {
+        path: manifest_path.clone(),
+        reason: format!("malformed manifest: {e}"),
+    })?;
+    read_listed_files(dir, &listed.files)?;
+    let signature = key.sign(Purpose::BundleManifest, &text);
+    let json = serde_json::to_vec_pretty(&SignatureFile::new(&signature))
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let tmp = dir.join(format!("{SIGNATURE}.partial"));
+    std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, dir.join(SIGNATURE)).map_err(|e| Error::io(dir.join(SIGNATURE), e))?;
+    Ok(signature)
+}
+
 /// A bundle read from disk with every file verified.
 #[derive(Debug, Clone)]
 pub struct Bundle<M> {
@@ -155,8 +256,16 @@ pub struct Bundle<M> {
 }
 
 impl<M: serde::de::DeserializeOwned + ModelKind> Bundle<M> {
-    /// Reads a bundle whose model is of one of `M`'s kinds, checking every file's sha256.
+    /// Reads a bundle whose model is of one of `M`'s kinds, checking every file's sha256
+    /// (its signature, if any, is not checked: see [`Bundle::open_trusted`]).
     pub fn open_kind(dir: &Path) -> Result<Bundle<M>> {
+        Self::open_trusted(dir, None)
+    }
+
+    /// Reads a bundle like [`Bundle::open_kind`]; with `trusted` keys, first checks that
+    /// `signature.json` is a signature by one of them over the manifest's exact bytes
+    /// (refused as [`Error::Signature`] when missing, by an unknown key, or bad).
+    pub fn open_trusted(dir: &Path, trusted: Option<&TrustedKeys>) -> Result<Bundle<M>> {
         let fail = |path: &Path, reason: String| Error::Bundle {
             path: path.to_path_buf(),
             reason,
@@ -169,6 +278,9 @@ impl<M: serde::de::DeserializeOwned + ModelKind> Bundle<M> {
             ));
         }
         let text = crate::error::read_file(&manifest_path)?;
+        if let Some(trusted) = trusted {
+            verify_signature(dir, &text, trusted)?;
+        }
         let value: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| fail(&manifest_path, format!("malformed manifest: {e}")))?;
         let Some(kind) = value["model"]["kind"].as_str() else {
@@ -202,23 +314,7 @@ impl<M: serde::de::DeserializeOwned + ModelKind> Bundle<M> {
                 ),
             ));
         }
-        let mut files = BTreeMap::new();
-        for (name, want) in &manifest.files {
-            if name.contains('/') || name.contains("..") {
-                return Err(fail(
-                    &manifest_path,
-                    format!("file name {name:?} leaves the bundle folder"),
-                ));
-            }
-            let path = dir.join(name);
-            let bytes = std::fs::read(&path)
-                .map_err(|e| fail(&path, format!("listed in the manifest but unreadable: {e}")))?;
-            let got = sha256_hex(&bytes);
-            if &got != want {
-                return Err(fail(&path, format!("sha256 {got} does not match the manifest's {want}: the file is corrupt or was replaced")));
-            }
-            files.insert(name.clone(), bytes);
-        }
+        let files = read_listed_files(dir, &manifest.files)?;
         Ok(Bundle {
             dir: dir.to_path_buf(),
             manifest,
@@ -253,5 +349,70 @@ mod tests {
         assert_eq!(c.quantile(0.5), Some(3.0));
         assert!((c.quantile(0.9).unwrap() - 4.6).abs() < 1e-6);
         assert_eq!(Calibration::default().quantile(0.5), None);
+    }
+}
+
+#[cfg(test)]
+mod signature_tests {
+    use super::*;
+    use crate::signing::{PrivateKey, SignatureError, TrustedKeys};
+
+    /// A folder with one listed file and a manifest naming it (enough for signing).
+    fn small_bundle(dir: &Path) {
+        std::fs::write(dir.join("bank.safetensors"), b"bank bytes").unwrap();
+        let manifest = serde_json::json!({
+            "version": "test-1",
+            "files": {"bank.safetensors": sha256_hex(b"bank bytes")},
+        });
+        std::fs::write(dir.join(MANIFEST), manifest.to_string()).unwrap();
+    }
+
+    fn kind_of(e: Error) -> &'static str {
+        match e {
+            Error::Signature { error, .. } => error.kind(),
+            other => panic!("not a signature error: {other}"),
+        }
+    }
+
+    #[test]
+    fn a_signed_manifest_verifies_and_any_change_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        small_bundle(dir.path());
+        let (key, other) = (
+            PrivateKey::from_seed(&[7; 32]).unwrap(),
+            PrivateKey::from_seed(&[8; 32]).unwrap(),
+        );
+        let trusted = TrustedKeys::new([key.public().clone()]);
+        let manifest = std::fs::read(dir.path().join(MANIFEST)).unwrap();
+        assert_eq!(
+            kind_of(verify_signature(dir.path(), &manifest, &trusted).unwrap_err()),
+            "unsigned"
+        );
+        sign(dir.path(), &key).unwrap();
+        assert_eq!(
+            verify_signature(dir.path(), &manifest, &trusted).unwrap(),
+            key.id()
+        );
+        let mut altered = manifest.clone();
+        altered.push(b' ');
+        assert_eq!(
+            kind_of(verify_signature(dir.path(), &altered, &trusted).unwrap_err()),
+            "bad_signature"
+        );
+        sign(dir.path(), &other).unwrap();
+        assert_eq!(
+            kind_of(verify_signature(dir.path(), &manifest, &trusted).unwrap_err()),
+            "unknown_key"
+        );
+        std::fs::write(dir.path().join(SIGNATURE), b"{").unwrap();
+        assert_eq!(
+            kind_of(verify_signature(dir.path(), &manifest, &trusted).unwrap_err()),
+            "malformed"
+        );
+        // A file that no longer matches its hash is not signed.
+        std::fs::write(dir.path().join("bank.safetensors"), b"other bytes").unwrap();
+        let e = sign(dir.path(), &key).unwrap_err();
+        assert!(matches!(e, Error::Bundle { .. }), "{e}");
+        let _ = SignatureError::Unsigned;
     }
 }

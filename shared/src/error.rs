@@ -18,6 +18,15 @@ pub enum Error {
     /// A data set folder is missing or has no usable images.
     #[error("data set {path}: {reason}")]
     Dataset { path: PathBuf, reason: String },
+    /// A signature is missing, made by an untrusted key, or does not verify.
+    #[error("{path}: {error}")]
+    Signature {
+        path: PathBuf,
+        error: crate::signing::SignatureError,
+    },
+    /// A bundle's golden frames do not score as its manifest says.
+    #[error("bundle {path}: self-test failed: {reason}")]
+    SelfTest { path: PathBuf, reason: String },
     /// A configuration value is out of range.
     #[error("invalid setting: {0}")]
     Config(String),

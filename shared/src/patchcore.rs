@@ -621,6 +621,7 @@ pub fn fit(
         thresholds: None,
         fit: FitReport::default(),
         files: Default::default(),
+        golden: Vec::new(),
     };
     let model = PatchCore {
         manifest: manifest.clone(),
@@ -693,6 +694,7 @@ pub fn fit(
             ("bank.safetensors".to_string(), bank_bytes),
         ],
     )?;
+    crate::golden::add_to_bundle(out, &mut manifest, data, config.seed, device)?;
     Ok(manifest)
 }
 

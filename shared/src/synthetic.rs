@@ -133,6 +133,32 @@ fn draw_defect(
     }
 }
 
+/// A copy of `image` with one synthetic defect of `class` (one of [`DEFECT_CLASSES`])
+/// drawn into its top-left square, placed by `seed`.
+pub fn with_defect(image: &GrayImage, class: &str, seed: u64) -> GrayImage {
+    let size = image.width().min(image.height()) as usize;
+    let mut pixels: Vec<f32> = (0..size * size)
+        .map(|i| f32::from(image.get_pixel((i % size) as u32, (i / size) as u32)[0]))
+        .collect();
+    let mut mask = vec![0u8; size * size];
+    draw_defect(
+        &mut SplitMix64::new(seed),
+        class,
+        &mut pixels,
+        &mut mask,
+        size,
+    );
+    let mut out = image.clone();
+    for (i, v) in pixels.iter().enumerate() {
+        out.put_pixel(
+            (i % size) as u32,
+            (i / size) as u32,
+            Luma([v.clamp(0.0, 255.0).round() as u8]),
+        );
+    }
+    out
+}
+
 fn to_gray(pixels: &[f32], size: u32) -> GrayImage {
     GrayImage::from_fn(size, size, |x, y| {
         Luma([pixels[(y * size + x) as usize].clamp(0.0, 255.0).round() as u8])

@@ -462,6 +462,7 @@ pub fn train(
         thresholds: None,
         fit: FitReport::default(),
         files: Default::default(),
+        golden: Vec::new(),
     };
     let model = HeavyModel::from_parts(manifest.clone(), &backbone_bytes, &model_bytes, device)?;
     let mut scored: Vec<(f32, String)> = Vec::with_capacity(val_paths.len());

@@ -491,12 +491,24 @@ impl Agent {
     /// Starts an agent of the fixture's bundle for `site`/`device` on the broker at
     /// `mqtt`, with its spool under `dir` and the `settings` (`section.key=value`).
     pub fn start(dir: &Path, site: &str, device: &str, mqtt: u16, settings: &[&str]) -> Agent {
+        Agent::start_bundle(dir, &fixture().bundle, site, device, mqtt, settings)
+    }
+
+    /// Like [`Agent::start`], with the bundle in `bundle`.
+    pub fn start_bundle(
+        dir: &Path,
+        bundle: &Path,
+        site: &str,
+        device: &str,
+        mqtt: u16,
+        settings: &[&str],
+    ) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let http = free_port();
         let mut args = vec![
             "run".to_string(),
             "--bundle".to_string(),
-            s(&fixture().bundle).to_string(),
+            s(bundle).to_string(),
         ];
         let base = [
             format!("device.site={site}"),
