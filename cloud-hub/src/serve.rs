@@ -126,7 +126,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     }
     tracing::info!("{} edge bundles in {}", found.len(), models_dir.display());
     let cloud = load_cloud_models(&config, &device, &db).await?;
-    let (client, eventloop) = crate::mqtt::connect(&config);
+    let (client, eventloop) = crate::mqtt::connect(&config)?;
     let context = Arc::new(ScoringContext {
         db: db.clone(),
         objects: objects.clone(),
@@ -252,6 +252,13 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
 /// Runs `serve` until Ctrl-C or SIGTERM.
 pub async fn run(args: ServeOverrides) -> Result<()> {
     let config = args.resolve()?;
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string(&config).context("cannot print the configuration")?
+        );
+        return Ok(());
+    }
     let hub = start(config).await?;
     println!(
         "cloud-hub serving (gRPC {}, HTTP {}); Ctrl-C stops",

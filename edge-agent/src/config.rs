@@ -263,9 +263,9 @@ pub struct MqttConfig {
     #[serde(deserialize_with = "lenient::opt_string", default)]
     pub username: Option<String>,
     /// Password, if the broker wants one (prefer the env var
-    /// `INSP_EDGE__MQTT__PASSWORD` to writing it here).
-    #[serde(deserialize_with = "lenient::opt_string", default)]
-    pub password: Option<String>,
+    /// `INSP_EDGE__MQTT__PASSWORD` to writing it here); never printed.
+    #[serde(default)]
+    pub password: Option<insp_mqtt::Secret>,
     /// Keep-alive interval.
     pub keep_alive_s: u64,
     /// Largest MQTT packet sent or received. The broker must allow at least this much
@@ -283,6 +283,10 @@ pub struct MqttConfig {
     /// The slowest uplink to plan for: writing one packet may take as long as the largest
     /// payload needs at this rate before the connection counts as broken.
     pub min_uplink_bytes_per_s: u64,
+    /// TLS towards the broker (`[mqtt.tls]`: `ca_file`, and `cert_file` + `key_file` for
+    /// a device certificate from `cloud-hub devices enroll`); absent: plain TCP.
+    #[serde(default)]
+    pub tls: Option<insp_mqtt::TlsSettings>,
 }
 
 impl Default for MqttConfig {
@@ -301,6 +305,7 @@ impl Default for MqttConfig {
             metrics_interval_s: 30,
             persistent_session: true,
             min_uplink_bytes_per_s: 256 << 10,
+            tls: None,
         }
     }
 }
@@ -512,7 +517,7 @@ mod tests {
             &["mqtt.password=123456".into(), "device.id=true".into()],
         )
         .unwrap();
-        assert_eq!(c.mqtt.password.as_deref(), Some("123456"));
+        assert_eq!(c.mqtt.password.as_ref().map(|p| p.expose()), Some("123456"));
         assert_eq!(c.device.id, "true");
     }
 

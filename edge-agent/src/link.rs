@@ -332,8 +332,10 @@ impl Link {
             .set_clean_session(!m.persistent_session)
             .set_inflight(m.inflight);
         if let Some(user) = &m.username {
-            options.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+            let password = m.password.as_ref().map(|p| p.expose()).unwrap_or_default();
+            options.set_credentials(user.clone(), password);
         }
+        options.set_transport(insp_mqtt::transport(m.tls.as_ref())?);
         let (client, mut eventloop) = AsyncClient::new(options, m.inflight as usize * 2 + 64);
         // Connecting and writing one packet share this limit: give the largest payload
         // time to cross the slowest uplink the configuration promises.

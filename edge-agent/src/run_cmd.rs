@@ -61,6 +61,10 @@ pub fn run(args: RunArgs, device: &candle_core::Device) -> Result<()> {
         return Ok(());
     }
     config.require_device_id()?;
+    if let (true, Some(tls)) = (config.mqtt.enabled, &config.mqtt.tls) {
+        // Bad certificate or key files stop the start here, not at every connection.
+        insp_mqtt::client_config(tls)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
