@@ -21,6 +21,8 @@ mod ingest;
 mod models;
 mod mqtt;
 mod objects;
+mod pki;
+mod pki_cmd;
 mod report;
 mod scoring;
 mod serve;
@@ -52,8 +54,14 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Run the hub (embedded broker, SQLite and local folder unless configured).
     Serve(config::ServeOverrides),
-    /// List devices, or show one.
+    /// List devices, or show one; enrol and revoke devices' certificates.
     Devices(client::DevicesArgs),
+    /// The fleet's certificate authority: the CA, the broker's and the hubs' certificates,
+    /// the revocation list.
+    Pki {
+        #[command(subcommand)]
+        command: pki_cmd::PkiCommand,
+    },
     /// The review queue of escalated frames.
     Reviews {
         #[command(subcommand)]
@@ -99,6 +107,12 @@ fn main() {
         Command::Eval(args) => {
             device::resolve(cli.device.as_deref()).and_then(|d| eval_cmd::run(args, &d))
         }
+        // Certificates are local file work: no runtime, no hub needed.
+        Command::Pki { command } => pki_cmd::pki(command),
+        Command::Devices(client::DevicesArgs {
+            command: Some(command),
+            ..
+        }) => pki_cmd::devices(command),
         command => run_async(command),
     };
     if let Err(err) = result {
@@ -122,8 +136,8 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Report(args) => report::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Train(_) | Command::Eval(_) => {
-                anyhow::bail!("train and eval run without the async runtime")
+            Command::Train(_) | Command::Eval(_) | Command::Pki { .. } => {
+                anyhow::bail!("train, eval and pki run without the async runtime")
             }
         }
     });
