@@ -209,6 +209,8 @@ pub struct Link {
     /// When the current connection began (device clock), 0 while down.
     connected_unix_ms: i64,
     metrics_every: Option<Duration>,
+    /// The last "broker unreachable" error logged above debug, and when.
+    unreachable_logged: Option<(String, Instant)>,
 }
 
 struct Topics {
@@ -308,6 +310,12 @@ async fn drive(
     }
 }
 
+/// Whether a connection error is the TLS layer's (a certificate refused either way).
+fn is_tls_failure(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("tls") || e.contains("certificate") || e.contains("alert")
+}
+
 impl Link {
     /// Prepares the connection (nothing is sent until [`Link::run`]).
     pub fn new(
@@ -378,6 +386,7 @@ impl Link {
             streams,
             connected_unix_ms: 0,
             metrics_every,
+            unreachable_logged: None,
         })
     }
 
@@ -641,7 +650,26 @@ impl Link {
         if self.connected {
             tracing::warn!("MQTT connection lost: {error}; spooling until it is back");
         } else {
-            tracing::debug!("MQTT broker unreachable: {error}");
+            // Each new reason is logged (a refused certificate must not stay hidden at
+            // debug level), and a lasting one again every minute.
+            let fresh = self
+                .unreachable_logged
+                .as_ref()
+                .is_none_or(|(last, at)| last != error || at.elapsed() >= Duration::from_secs(60));
+            if !fresh {
+                tracing::debug!("MQTT broker unreachable: {error}");
+            } else if is_tls_failure(error) {
+                tracing::error!(
+                    "MQTT broker refused over TLS: {error} (check mqtt.tls: the CA that signed \
+                     the broker's certificate, this device's certificate, its validity and \
+                     whether it was revoked)"
+                );
+            } else {
+                tracing::warn!("MQTT broker unreachable: {error}; retrying");
+            }
+            if fresh {
+                self.unreachable_logged = Some((error.to_string(), Instant::now()));
+            }
         }
         self.connected = false;
         self.telemetry.set_connected(false);
