@@ -348,11 +348,20 @@ impl Default for SpoolConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Listen address; empty disables the endpoint.
+    /// Listen address; empty disables the endpoint. Beyond loopback (any address but
+    /// 127.0.0.0/8, `::1` and `localhost`) the agent refuses to start without `token`.
     #[serde(deserialize_with = "lenient::string")]
     pub listen: String,
-    /// Largest frame accepted by `POST /v1/frames`.
+    /// Bearer token every request but `/healthz` and `/readyz` must carry
+    /// (`Authorization: Bearer TOKEN`); never printed. Prefer the environment variable
+    /// `INSP_EDGE__HTTP__TOKEN` to writing it here.
+    #[serde(default)]
+    pub token: Option<insp_mqtt::Secret>,
+    /// Largest frame accepted by `POST /v1/frames` (larger: 413).
     pub max_frame_bytes: usize,
+    /// Connections open at once; one more is answered 429 and closed. With
+    /// `max_frame_bytes` it bounds the memory pushes can take.
+    pub max_connections: usize,
     /// Longest a caller may wait for the cloud verdict (`?wait_ms=`).
     pub max_wait_ms: u64,
 }
@@ -361,9 +370,23 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9180".into(),
-            max_frame_bytes: 64 << 20,
+            token: None,
+            max_frame_bytes: 32 << 20,
+            max_connections: 16,
             max_wait_ms: 10_000,
         }
+    }
+}
+
+impl HttpConfig {
+    /// Whether `listen` accepts only connections from this machine.
+    pub fn loopback_only(&self) -> bool {
+        if let Ok(addr) = self.listen.parse::<std::net::SocketAddr>() {
+            return addr.ip().is_loopback();
+        }
+        self.listen
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
     }
 }
 
@@ -431,6 +454,27 @@ impl AgentConfig {
         }
         if self.routing.verdict_deadline_ms > 86_400_000 {
             bail!("routing.verdict_deadline_ms must be at most a day (86400000)");
+        }
+        if !self.http.listen.is_empty() {
+            if !self.http.loopback_only() && self.http.token.is_none() {
+                bail!(
+                    "http.listen {:?} is reachable beyond this machine: set http.token (a bearer \
+                     token every push must carry; INSP_EDGE__HTTP__TOKEN=...) or listen on \
+                     127.0.0.1",
+                    self.http.listen
+                );
+            }
+            if self
+                .http
+                .token
+                .as_ref()
+                .is_some_and(|t| t.expose().trim().len() < 16)
+            {
+                bail!("http.token must have at least 16 characters");
+            }
+            if self.http.max_connections == 0 || self.http.max_frame_bytes == 0 {
+                bail!("http.max_connections and http.max_frame_bytes must be at least 1");
+            }
         }
         let limit = crate::spool::MAX_RECORD - (64 << 10);
         if self.mqtt.max_payload_bytes > limit {
@@ -535,6 +579,43 @@ mod tests {
         assert!(AgentConfig::load(None, &["queue.capacity=0".into()]).is_err());
         assert!(AgentConfig::load(None, &["source.rate_fps=inf".into()]).is_err());
         assert!(AgentConfig::load(None, &["routing.verdict_deadline_ms=1e30".into()]).is_err());
+    }
+
+    #[test]
+    fn beyond_loopback_the_push_endpoint_needs_a_token() {
+        let ok = |sets: &[&str]| {
+            AgentConfig::load(
+                None,
+                &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert!(ok(&[]).unwrap().http.loopback_only());
+        for listen in ["127.0.0.1:9180", "[::1]:9180", "localhost:9180", ""] {
+            assert!(
+                ok(&[&format!("http.listen={listen:?}")]).is_ok(),
+                "{listen}"
+            );
+        }
+        for listen in [
+            "0.0.0.0:9180",
+            "10.1.2.3:9180",
+            "[::]:9180",
+            "camera-box:9180",
+        ] {
+            let e = ok(&[&format!("http.listen={listen:?}")]).unwrap_err();
+            assert!(format!("{e:#}").contains("http.token"), "{listen}: {e:#}");
+            let with = ok(&[
+                &format!("http.listen={listen:?}"),
+                "http.token=0123456789abcdef-long",
+            ])
+            .unwrap();
+            assert_eq!(
+                with.http.token.as_ref().map(|t| t.expose()),
+                Some("0123456789abcdef-long")
+            );
+        }
+        assert!(ok(&["http.listen=\"0.0.0.0:1\"", "http.token=short"]).is_err());
+        assert!(ok(&["http.max_connections=0"]).is_err());
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub struct Telemetry {
     client_id_conflict: Gauge,
     model: Family<Label, Gauge<f64, AtomicU64>>,
     model_version: std::sync::Mutex<String>,
+    http_refused: Family<Label, Counter>,
 }
 
 impl Default for Telemetry {
@@ -117,6 +118,7 @@ impl Telemetry {
             client_id_conflict: Gauge::default(),
             model: Family::default(),
             model_version: Default::default(),
+            http_refused: Family::default(),
         };
         let r = &mut t.registry;
         r.register("frames", "Frames scored, by edge band", t.frames.clone());
@@ -129,6 +131,11 @@ impl Telemetry {
             "scorer_panics",
             "Frames on which the decoder or the model panicked (caught; the frame is rejected)",
             t.panicked.clone(),
+        );
+        r.register(
+            "http_refused",
+            "HTTP requests refused before any work: unauthorized (no or a wrong bearer token), too_large (a body over http.max_frame_bytes), too_many_connections (over http.max_connections)",
+            t.http_refused.clone(),
         );
         r.register(
             "frames_dropped",
@@ -348,6 +355,20 @@ impl Telemetry {
     /// Frames rejected so far.
     pub fn rejected(&self) -> u64 {
         self.rejected.get()
+    }
+
+    /// An HTTP request was refused for `reason` (see the metric's help).
+    pub fn http_refused(&self, reason: &str) {
+        self.http_refused
+            .get_or_create(&label("reason", reason))
+            .inc();
+    }
+
+    /// HTTP requests refused for `reason` so far.
+    pub fn http_refused_count(&self, reason: &str) -> u64 {
+        self.http_refused
+            .get_or_create(&label("reason", reason))
+            .get()
     }
 
     /// A frame was refused before scoring.
