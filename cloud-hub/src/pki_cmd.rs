@@ -178,7 +178,6 @@ pub fn pki(command: PkiCommand) -> Result<()> {
         } => {
             let pki = Pki::at(&dir.pki);
             let out = out.unwrap_or_else(|| dir.pki.join("servers").join(&name));
-            prepare(&out)?;
             let c = pki.issue(&Request {
                 name: &name,
                 kind: Kind::Server,
@@ -186,6 +185,7 @@ pub fn pki(command: PkiCommand) -> Result<()> {
                 days,
                 csr_pem: None,
             })?;
+            prepare(&out)?;
             write_pair(&out, "server", &c)?;
             copy_ca(&pki, &out)?;
             println!(
@@ -203,7 +203,6 @@ pub fn pki(command: PkiCommand) -> Result<()> {
         } => {
             let pki = Pki::at(&dir.pki);
             let out = out.unwrap_or_else(|| dir.pki.join("hubs").join(&name));
-            prepare(&out)?;
             let c = pki.issue(&Request {
                 name: &name,
                 kind: Kind::Hub,
@@ -211,6 +210,7 @@ pub fn pki(command: PkiCommand) -> Result<()> {
                 days,
                 csr_pem: None,
             })?;
+            prepare(&out)?;
             write_pair(&out, "hub", &c)?;
             copy_ca(&pki, &out)?;
             let at = absolute(&out);
@@ -280,7 +280,6 @@ pub fn devices(command: DevicesCommand) -> Result<()> {
                 .out
                 .clone()
                 .unwrap_or_else(|| a.dir.pki.join("devices").join(&a.name));
-            prepare(&out)?;
             let c = pki.issue(&Request {
                 name: &a.name,
                 kind: Kind::Device,
@@ -290,6 +289,7 @@ pub fn devices(command: DevicesCommand) -> Result<()> {
             })?;
             // AUDIT(enrolment): the coordinator appends an audit row here (actor: the CLI
             // user, action "device.enroll", details: name, site, serial, csr or not).
+            prepare(&out)?;
             write_pair(&out, "device", &c)?;
             copy_ca(&pki, &out)?;
             let files = a.install_dir.clone().unwrap_or_else(|| absolute(&out));
