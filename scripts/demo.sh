@@ -6,9 +6,11 @@
 # hub (in-process MQTT broker, SQLite, local object folder) and two edge agents that stream
 # the test images through it, then prints what happened (bands, escalations, verdicts,
 # accuracy against ground truth, latency) and writes heatmap overlays of the escalated
-# frames to out/demo/report/escalated/.
+# frames to out/demo/report/escalated/; then leaves the hub running with its review pages
+# (an operator account made for the demo) until Ctrl-C.
 #
-# Usage: scripts/demo.sh [DATA_DIR]     (env: DEMO_FPS, frames per second per camera, default 8)
+# Usage: scripts/demo.sh [DATA_DIR]     (env: DEMO_FPS, frames per second per camera, default 8;
+#        DEMO_PASSWORD, the demo operator's password; DEMO_EXIT=1 to stop after the report)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${INSP_PYTHON:-python3}
@@ -107,3 +109,17 @@ echo "== what happened (cloud-hub report)"
 $hub report --data-dir "$run/hub" --out "$out/report"
 echo
 echo "logs: $run/hub.log, $run/cam-1.log, $run/cam-2.log; the hub's database: $run/hub/hub.db"
+
+# The review pages: an operator account for this demo (a real deployment makes its own
+# with `cloud-hub users add`), and the hub left running until Ctrl-C.
+password=${DEMO_PASSWORD:-demo-operator}
+if ! printf '%s\n' "$password" | $hub users add operator --role operator --password-stdin \
+    --data-dir "$run/hub" > "$run/users.log" 2>&1; then
+  grep -q "already" "$run/users.log" || { cat "$run/users.log" >&2; exit 1; }
+fi
+echo
+echo "== review the escalated frames: http://127.0.0.1:$http/review"
+echo "   sign in as operator / $password (keys: g good, d defect, c camera fault, u unsure, j/k next/previous)"
+if [ "${DEMO_EXIT:-0}" = 1 ]; then exit 0; fi
+echo "   the hub keeps running; Ctrl-C stops it"
+wait "$hub_pid"

@@ -118,7 +118,11 @@ fn status(e: tonic::Status) -> anyhow::Error {
 
 /// `cloud-hub devices`.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DevicesArgs {
+    /// Enrol or revoke a device's certificate (no API call: the CA folder's work).
+    #[command(subcommand)]
+    pub command: Option<crate::pki_cmd::DevicesCommand>,
     /// Show one device (`name` or `site/name`) in detail.
     pub device: Option<String>,
     #[command(flatten)]

@@ -96,10 +96,13 @@ pub struct MqttConfig {
     /// MQTT 5: seconds the broker keeps the hub's session (and queues its messages)
     /// after a disconnect.
     pub session_expiry_s: u32,
-    /// Optional credentials.
+    /// Optional credentials: the user name.
     pub username: Option<String>,
-    /// Optional credentials.
-    pub password: Option<String>,
+    /// Optional credentials: the password (never printed; prefer `HUB_MQTT_PASSWORD`).
+    pub password: Option<insp_mqtt::Secret>,
+    /// TLS towards an external broker (`[mqtt.tls]`: `ca_file`, and `cert_file` +
+    /// `key_file` for the hub's certificate from `cloud-hub pki hub`); absent: plain TCP.
+    pub tls: Option<insp_mqtt::TlsSettings>,
     /// Keep-alive in seconds.
     pub keep_alive_s: u64,
     /// Largest packet the client accepts; bigger payloads that the broker lets through
@@ -120,6 +123,7 @@ impl Default for MqttConfig {
             session_expiry_s: 7 * 24 * 3600,
             username: None,
             password: None,
+            tls: None,
             keep_alive_s: 30,
             max_packet_bytes: 256 << 20,
         }
@@ -444,6 +448,11 @@ impl HubConfig {
         );
         anyhow::ensure!(!self.mqtt.client_id.is_empty(), "mqtt.client_id is empty");
         anyhow::ensure!(
+            self.mqtt.tls.is_none() || !self.embedded_broker(),
+            "mqtt.tls is for an external broker (set mqtt.host): the embedded broker listens \
+             in plain TCP on loopback"
+        );
+        anyhow::ensure!(
             self.mqtt.site == "+"
                 || (!self.mqtt.site.is_empty() && !self.mqtt.site.contains(['/', '+', '#'])),
             "mqtt.site {:?} must be \"+\" (every site) or one site name",
@@ -524,6 +533,9 @@ pub struct ServeOverrides {
     /// External broker port.
     #[arg(long, env = "HUB_MQTT_PORT")]
     pub mqtt_port: Option<u16>,
+    /// MQTT password (with `mqtt.username`); never printed.
+    #[arg(long, env = "HUB_MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<insp_mqtt::Secret>,
     /// MQTT client id (unique per hub process, stable across restarts).
     #[arg(long, env = "HUB_MQTT_CLIENT_ID")]
     pub client_id: Option<String>,
@@ -558,6 +570,9 @@ pub struct ServeOverrides {
     /// HTTP (health, metrics) listen address.
     #[arg(long, env = "HUB_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// Print the effective configuration as TOML (secrets redacted) and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 impl ServeOverrides {
@@ -575,6 +590,9 @@ impl ServeOverrides {
         }
         if let Some(v) = self.mqtt_port {
             c.mqtt.port = v;
+        }
+        if let Some(v) = &self.mqtt_password {
+            c.mqtt.password = Some(v.clone());
         }
         if let Some(v) = &self.client_id {
             c.mqtt.client_id = v.clone();

@@ -222,6 +222,8 @@ impl Ingest {
     ) {
         let mut tx = Some(tx);
         let mut backoff = Duration::from_millis(100);
+        // The last connect failure shown above debug, and when.
+        let mut last_failure: Option<(String, std::time::Instant)> = None;
         loop {
             tokio::select! {
                 event = eventloop.poll() => match event {
@@ -275,6 +277,13 @@ impl Ingest {
                         }
                         if self.telemetry.connected() {
                             tracing::warn!("MQTT connection lost: {e}; reconnecting");
+                        } else if last_failure.as_ref().is_none_or(|(last, at)| {
+                            *last != e || at.elapsed() >= Duration::from_secs(60)
+                        }) {
+                            // A new reason (a certificate the broker refuses, or the
+                            // broker's that mqtt.tls.ca_file does not vouch for) is shown.
+                            tracing::warn!("MQTT connect failed: {e}; retrying");
+                            last_failure = Some((e.clone(), std::time::Instant::now()));
                         } else {
                             tracing::debug!("MQTT connect failed: {e}");
                         }

@@ -25,6 +25,8 @@ mod labels;
 mod models;
 mod mqtt;
 mod objects;
+mod pki;
+mod pki_cmd;
 mod report;
 mod scoring;
 mod serve;
@@ -58,8 +60,14 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Run the hub (embedded broker, SQLite and local folder unless configured).
     Serve(config::ServeOverrides),
-    /// List devices, or show one.
+    /// List devices, or show one; enrol and revoke devices' certificates.
     Devices(client::DevicesArgs),
+    /// The fleet's certificate authority: the CA, the broker's and the hubs' certificates,
+    /// the revocation list.
+    Pki {
+        #[command(subcommand)]
+        command: pki_cmd::PkiCommand,
+    },
     /// The review queue of escalated frames.
     Reviews {
         #[command(subcommand)]
@@ -126,6 +134,12 @@ fn main() {
             device::resolve(cli.device.as_deref()).and_then(|d| eval_cmd::run(args, &d))
         }
         Command::Keys { command } => keys_cmd::run(command),
+        // Certificates are local file work: no runtime, no hub needed.
+        Command::Pki { command } => pki_cmd::pki(command),
+        Command::Devices(client::DevicesArgs {
+            command: Some(command),
+            ..
+        }) => pki_cmd::devices(command),
         command => run_async(command),
     };
     if let Err(err) = result {
@@ -152,8 +166,8 @@ fn run_async(command: Command) -> anyhow::Result<()> {
             Command::Report(args) => report::run(args).await,
             Command::Simulate(args) => simulate::run(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Train(_) | Command::Eval(_) | Command::Keys { .. } => {
-                anyhow::bail!("train, eval and keys run without the async runtime")
+            Command::Train(_) | Command::Eval(_) | Command::Keys { .. } | Command::Pki { .. } => {
+                anyhow::bail!("train, eval, keys and pki run without the async runtime")
             }
         }
     });

@@ -59,11 +59,14 @@ pub enum EventLoop {
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
-/// Creates the hub's client: persistent session, manual acknowledgements.
-pub fn connect(config: &HubConfig) -> (Client, EventLoop) {
+/// Creates the hub's client: persistent session, manual acknowledgements, TLS when
+/// `mqtt.tls` is set (a bad certificate or key file is an error here, before connecting).
+pub fn connect(config: &HubConfig) -> Result<(Client, EventLoop)> {
     let (host, port) = config.broker_address();
     let m = &config.mqtt;
     let keep_alive = Duration::from_secs(m.keep_alive_s.max(5));
+    let transport = insp_mqtt::transport(m.tls.as_ref())?;
+    let password = m.password.as_ref().map(|p| p.expose()).unwrap_or_default();
     if config.embedded_broker() || m.protocol == "3.1.1" {
         let mut o = rumqttc::MqttOptions::new(m.client_id.clone(), host, port);
         o.set_keep_alive(keep_alive)
@@ -72,10 +75,11 @@ pub fn connect(config: &HubConfig) -> (Client, EventLoop) {
             .set_inflight(200)
             .set_max_packet_size(m.max_packet_bytes, m.max_packet_bytes);
         if let Some(user) = &m.username {
-            o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+            o.set_credentials(user.clone(), password);
         }
+        o.set_transport(transport);
         let (c, e) = rumqttc::AsyncClient::new(o, 4096);
-        (Client::V4(c), EventLoop::V4(Box::new(e)))
+        Ok((Client::V4(c), EventLoop::V4(Box::new(e))))
     } else {
         let mut o = rumqttc::v5::MqttOptions::new(m.client_id.clone(), host, port);
         o.set_keep_alive(keep_alive)
@@ -87,10 +91,11 @@ pub fn connect(config: &HubConfig) -> (Client, EventLoop) {
             .set_outgoing_inflight_upper_limit(200)
             .set_max_packet_size(Some(m.max_packet_bytes.min(u32::MAX as usize) as u32));
         if let Some(user) = &m.username {
-            o.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+            o.set_credentials(user.clone(), password);
         }
+        o.set_transport(transport);
         let (c, e) = rumqttc::v5::AsyncClient::new(o, 4096);
-        (Client::V5(c), EventLoop::V5(Box::new(e)))
+        Ok((Client::V5(c), EventLoop::V5(Box::new(e))))
     }
 }
 

@@ -130,7 +130,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     tracing::info!("{} edge bundles in {}", found.len(), models_dir.display());
     let cloud = load_cloud_models(&config, &device, &db).await?;
     let verdict_signer = Arc::new(crate::verdict_signer::VerdictSigner::open(&config)?);
-    let (client, eventloop) = crate::mqtt::connect(&config);
+    let (client, eventloop) = crate::mqtt::connect(&config)?;
     let context = Arc::new(ScoringContext {
         db: db.clone(),
         objects: objects.clone(),
@@ -297,6 +297,13 @@ async fn bootstrap_admin(db: &Db, data_dir: &std::path::Path) -> Result<()> {
 /// Runs `serve` until Ctrl-C or SIGTERM.
 pub async fn run(args: ServeOverrides) -> Result<()> {
     let config = args.resolve()?;
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string(&config).context("cannot print the configuration")?
+        );
+        return Ok(());
+    }
     let hub = start(config).await?;
     println!(
         "cloud-hub serving (gRPC {}, HTTP {}); Ctrl-C stops",

@@ -233,3 +233,38 @@ fn bad_arguments_and_missing_data_get_clear_errors() {
     assert!(!out.status.success());
     assert!(text(&out).contains("manifest.json"), "{}", text(&out));
 }
+
+#[test]
+fn serve_print_config_redacts_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hub.toml");
+    std::fs::write(
+        &config,
+        "[mqtt]\nhost = \"broker\"\nport = 8883\nusername = \"cloud-hub\"\n\
+         password = \"s3cret-pw\"\n[mqtt.tls]\nca_file = \"ca.pem\"\n\
+         cert_file = \"hub.pem\"\nkey_file = \"hub.key\"\n",
+    )
+    .unwrap();
+    let printed = ok(&["serve", "--config", p(&config), "--print-config"]);
+    assert!(!printed.contains("s3cret-pw"), "{printed}");
+    let parsed: toml::Table = printed.parse().unwrap();
+    assert_eq!(parsed["mqtt"]["password"].as_str(), Some("<redacted>"));
+    assert_eq!(parsed["mqtt"]["tls"]["cert_file"].as_str(), Some("hub.pem"));
+    // The password from the environment is redacted too.
+    let out = Command::new(env!("CARGO_BIN_EXE_cloud-hub"))
+        .args(["serve", "--print-config", "--mqtt-host", "broker"])
+        .env("HUB_MQTT_PASSWORD", "env-pw-123")
+        .output()
+        .unwrap();
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        !shown.contains("env-pw-123") && shown.contains("<redacted>"),
+        "{shown}"
+    );
+    // TLS with the embedded broker is refused with a clear error.
+    std::fs::write(&config, "[mqtt.tls]\nca_file = \"ca.pem\"\n").unwrap();
+    let out = hub(&["serve", "--config", p(&config), "--print-config"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("mqtt.tls is for an external broker"));
+}

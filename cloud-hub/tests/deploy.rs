@@ -115,3 +115,41 @@ fn dockerfile_builds_the_hub_and_ships_the_config() {
     assert!(deploy().join("hub/hub.toml").is_file());
     assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/cloud-hub\", \"serve\""));
 }
+
+#[test]
+fn kubernetes_mosquitto_config_is_the_shipped_tls_config() {
+    let docs = YamlLoader::load_from_str(
+        &std::fs::read_to_string(deploy().join("k8s/mosquitto.yaml")).unwrap(),
+    )
+    .unwrap();
+    let config = docs
+        .iter()
+        .find(|d| d["kind"] == Yaml::from_str("ConfigMap"))
+        .unwrap();
+    for file in ["mosquitto.conf", "acl"] {
+        let shipped = std::fs::read_to_string(deploy().join("mosquitto").join(file)).unwrap();
+        assert_eq!(
+            config["data"][file].as_str(),
+            Some(shipped.as_str()),
+            "k8s/mosquitto.yaml's {file} differs from deploy/mosquitto/{file}"
+        );
+    }
+    let conf = std::fs::read_to_string(deploy().join("mosquitto/mosquitto.conf")).unwrap();
+    for line in [
+        "listener 8883",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "allow_anonymous false",
+        "crlfile /mosquitto/pki/crl.pem",
+        "acl_file /mosquitto/config/acl",
+    ] {
+        assert!(conf.lines().any(|l| l == line), "missing {line:?}");
+    }
+    assert!(!conf.contains("allow_anonymous true"));
+    // The hub connects over TLS with its own identity.
+    let hub = std::fs::read_to_string(deploy().join("k8s/hub.yaml")).unwrap();
+    assert!(
+        hub.contains("port = 8883") && hub.contains("[mqtt.tls]"),
+        "{hub}"
+    );
+}

@@ -273,9 +273,9 @@ pub struct MqttConfig {
     #[serde(deserialize_with = "lenient::opt_string", default)]
     pub username: Option<String>,
     /// Password, if the broker wants one (prefer the env var
-    /// `INSP_EDGE__MQTT__PASSWORD` to writing it here).
-    #[serde(deserialize_with = "lenient::opt_string", default)]
-    pub password: Option<String>,
+    /// `INSP_EDGE__MQTT__PASSWORD` to writing it here); never printed.
+    #[serde(default)]
+    pub password: Option<insp_mqtt::Secret>,
     /// Keep-alive interval.
     pub keep_alive_s: u64,
     /// Largest MQTT packet sent or received. The broker must allow at least this much
@@ -299,6 +299,10 @@ pub struct MqttConfig {
     /// (`insp_edge_verdicts_rejected_total`), and the frame keeps waiting for a valid
     /// verdict or gets its fallback.
     pub hub_keys: Vec<String>,
+    /// TLS towards the broker (`[mqtt.tls]`: `ca_file`, and `cert_file` + `key_file` for
+    /// a device certificate from `cloud-hub devices enroll`); absent: plain TCP.
+    #[serde(default)]
+    pub tls: Option<insp_mqtt::TlsSettings>,
 }
 
 impl Default for MqttConfig {
@@ -318,6 +322,7 @@ impl Default for MqttConfig {
             persistent_session: true,
             min_uplink_bytes_per_s: 256 << 10,
             hub_keys: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -360,11 +365,20 @@ impl Default for SpoolConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Listen address; empty disables the endpoint.
+    /// Listen address; empty disables the endpoint. Beyond loopback (any address but
+    /// 127.0.0.0/8, `::1` and `localhost`) the agent refuses to start without `token`.
     #[serde(deserialize_with = "lenient::string")]
     pub listen: String,
-    /// Largest frame accepted by `POST /v1/frames`.
+    /// Bearer token every request but `/healthz` and `/readyz` must carry
+    /// (`Authorization: Bearer TOKEN`); never printed. Prefer the environment variable
+    /// `INSP_EDGE__HTTP__TOKEN` to writing it here.
+    #[serde(default)]
+    pub token: Option<insp_mqtt::Secret>,
+    /// Largest frame accepted by `POST /v1/frames` (larger: 413).
     pub max_frame_bytes: usize,
+    /// Connections open at once; one more is answered 429 and closed. With
+    /// `max_frame_bytes` it bounds the memory pushes can take.
+    pub max_connections: usize,
     /// Longest a caller may wait for the cloud verdict (`?wait_ms=`).
     pub max_wait_ms: u64,
 }
@@ -373,9 +387,23 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9180".into(),
-            max_frame_bytes: 64 << 20,
+            token: None,
+            max_frame_bytes: 32 << 20,
+            max_connections: 16,
             max_wait_ms: 10_000,
         }
+    }
+}
+
+impl HttpConfig {
+    /// Whether `listen` accepts only connections from this machine.
+    pub fn loopback_only(&self) -> bool {
+        if let Ok(addr) = self.listen.parse::<std::net::SocketAddr>() {
+            return addr.ip().is_loopback();
+        }
+        self.listen
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
     }
 }
 
@@ -449,6 +477,27 @@ impl AgentConfig {
                 "model.require_signature is set but model.trusted_keys is empty: list the public \
                  key(s) bundles are signed with (`cloud-hub keys show`)"
             );
+        }
+        if !self.http.listen.is_empty() {
+            if !self.http.loopback_only() && self.http.token.is_none() {
+                bail!(
+                    "http.listen {:?} is reachable beyond this machine: set http.token (a bearer \
+                     token every push must carry; INSP_EDGE__HTTP__TOKEN=...) or listen on \
+                     127.0.0.1",
+                    self.http.listen
+                );
+            }
+            if self
+                .http
+                .token
+                .as_ref()
+                .is_some_and(|t| t.expose().trim().len() < 16)
+            {
+                bail!("http.token must have at least 16 characters");
+            }
+            if self.http.max_connections == 0 || self.http.max_frame_bytes == 0 {
+                bail!("http.max_connections and http.max_frame_bytes must be at least 1");
+            }
         }
         let limit = crate::spool::MAX_RECORD - (64 << 10);
         if self.mqtt.max_payload_bytes > limit {
@@ -557,7 +606,7 @@ mod tests {
             &["mqtt.password=123456".into(), "device.id=true".into()],
         )
         .unwrap();
-        assert_eq!(c.mqtt.password.as_deref(), Some("123456"));
+        assert_eq!(c.mqtt.password.as_ref().map(|p| p.expose()), Some("123456"));
         assert_eq!(c.device.id, "true");
     }
 
@@ -604,6 +653,43 @@ mod tests {
         assert!(c.bundle_keys().is_err());
         c.mqtt.hub_keys = vec!["ed25519:00".into()];
         assert!(c.hub_keys().is_err());
+    }
+
+    #[test]
+    fn beyond_loopback_the_push_endpoint_needs_a_token() {
+        let ok = |sets: &[&str]| {
+            AgentConfig::load(
+                None,
+                &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert!(ok(&[]).unwrap().http.loopback_only());
+        for listen in ["127.0.0.1:9180", "[::1]:9180", "localhost:9180", ""] {
+            assert!(
+                ok(&[&format!("http.listen={listen:?}")]).is_ok(),
+                "{listen}"
+            );
+        }
+        for listen in [
+            "0.0.0.0:9180",
+            "10.1.2.3:9180",
+            "[::]:9180",
+            "camera-box:9180",
+        ] {
+            let e = ok(&[&format!("http.listen={listen:?}")]).unwrap_err();
+            assert!(format!("{e:#}").contains("http.token"), "{listen}: {e:#}");
+            let with = ok(&[
+                &format!("http.listen={listen:?}"),
+                "http.token=0123456789abcdef-long",
+            ])
+            .unwrap();
+            assert_eq!(
+                with.http.token.as_ref().map(|t| t.expose()),
+                Some("0123456789abcdef-long")
+            );
+        }
+        assert!(ok(&["http.listen=\"0.0.0.0:1\"", "http.token=short"]).is_err());
+        assert!(ok(&["http.max_connections=0"]).is_err());
     }
 
     #[test]

@@ -11,13 +11,20 @@
 //! `frame_id` the agent has scored gets that frame's decision, without scoring it again.
 //! A `source` label with control characters (a NUL byte, a newline) or longer than 1 KiB
 //! is refused with 400 (see [`check_source`]).
+//!
+//! Limits: with `http.token` set, every request but `/healthz` and `/readyz` must carry
+//! `Authorization: Bearer TOKEN` (else 401); a body over `http.max_frame_bytes` gets 413;
+//! connections beyond `http.max_connections` get 429 (see [`crate::listener`]). Each is
+//! counted in `http_refused_total{reason}`.
 
 use crate::decisions::{Decision, DecisionBook};
 use crate::frame::{check_source, fresh_frame_id, Frame, Handled};
 use crate::telemetry::Telemetry;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -43,6 +50,10 @@ pub struct AppState {
     pub client_id: String,
     /// Longest allowed `wait_ms`.
     pub max_wait: Duration,
+    /// The bearer token requests must carry (none: loopback, no check).
+    pub token: Option<insp_mqtt::Secret>,
+    /// Largest body accepted.
+    pub max_frame_bytes: usize,
 }
 
 /// Query parameters of `POST /v1/frames`.
@@ -59,14 +70,20 @@ pub struct PushQuery {
 }
 
 /// The router of every endpoint.
-pub fn router(state: AppState, max_frame_bytes: usize) -> Router {
-    Router::new()
+pub fn router(state: AppState) -> Router {
+    let guarded = Router::new()
         .route("/v1/frames", post(push_frame))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .layer(DefaultBodyLimit::max(max_frame_bytes))
+        .merge(guarded)
+        .layer(DefaultBodyLimit::max(state.max_frame_bytes))
         .with_state(state)
 }
 
@@ -74,11 +91,60 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// Equal contents, compared in time that does not depend on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Lets a request through only with the configured bearer token (if one is set).
+async fn require_token(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(token) = &app.token else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(given) if same_secret(given.as_bytes(), token.expose().as_bytes()) => {
+            next.run(request).await
+        }
+        _ => {
+            app.telemetry.http_refused("unauthorized");
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token: send `Authorization: Bearer <http.token>`",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+    }
+}
+
 async fn push_frame(
     State(app): State<AppState>,
     Query(q): Query<PushQuery>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            app.telemetry.http_refused("too_large");
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the frame is larger than http.max_frame_bytes ({} bytes)",
+                    app.max_frame_bytes
+                ),
+            );
+        }
+        Err(e) => return error(e.status(), format!("cannot read the request body: {e}")),
+    };
     if body.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,

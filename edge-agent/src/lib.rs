@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod http;
 pub mod journal;
 pub mod link;
+pub mod listener;
 pub mod model_args;
 pub mod outbox;
 pub mod router;

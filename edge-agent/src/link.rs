@@ -215,6 +215,8 @@ pub struct Link {
     hub_keys: Option<TrustedKeys>,
     /// Number of the model status report last published on this connection (0: none).
     model_status_sent: u64,
+    /// The last "broker unreachable" error logged above debug, and when.
+    unreachable_logged: Option<(String, Instant)>,
 }
 
 struct Topics {
@@ -315,6 +317,12 @@ async fn drive(
     }
 }
 
+/// Whether a connection error is the TLS layer's (a certificate refused either way).
+fn is_tls_failure(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("tls") || e.contains("certificate") || e.contains("alert")
+}
+
 impl Link {
     /// Prepares the connection (nothing is sent until [`Link::run`]).
     pub fn new(
@@ -348,8 +356,10 @@ impl Link {
             .set_clean_session(!m.persistent_session)
             .set_inflight(m.inflight);
         if let Some(user) = &m.username {
-            options.set_credentials(user.clone(), m.password.clone().unwrap_or_default());
+            let password = m.password.as_ref().map(|p| p.expose()).unwrap_or_default();
+            options.set_credentials(user.clone(), password);
         }
+        options.set_transport(insp_mqtt::transport(m.tls.as_ref())?);
         let (client, mut eventloop) = AsyncClient::new(options, m.inflight as usize * 2 + 64);
         // Connecting and writing one packet share this limit: give the largest payload
         // time to cross the slowest uplink the configuration promises.
@@ -394,6 +404,7 @@ impl Link {
             metrics_every,
             hub_keys,
             model_status_sent: 0,
+            unreachable_logged: None,
         })
     }
 
@@ -670,7 +681,26 @@ impl Link {
         if self.connected {
             tracing::warn!("MQTT connection lost: {error}; spooling until it is back");
         } else {
-            tracing::debug!("MQTT broker unreachable: {error}");
+            // Each new reason is logged (a refused certificate must not stay hidden at
+            // debug level), and a lasting one again every minute.
+            let fresh = self
+                .unreachable_logged
+                .as_ref()
+                .is_none_or(|(last, at)| last != error || at.elapsed() >= Duration::from_secs(60));
+            if !fresh {
+                tracing::debug!("MQTT broker unreachable: {error}");
+            } else if is_tls_failure(error) {
+                tracing::error!(
+                    "MQTT broker refused over TLS: {error} (check mqtt.tls: the CA that signed \
+                     the broker's certificate, this device's certificate, its validity and \
+                     whether it was revoked)"
+                );
+            } else {
+                tracing::warn!("MQTT broker unreachable: {error}; retrying");
+            }
+            if fresh {
+                self.unreachable_logged = Some((error.to_string(), Instant::now()));
+            }
         }
         self.connected = false;
         self.model_status_sent = 0;

@@ -61,6 +61,10 @@ pub fn run(args: RunArgs, device: &candle_core::Device) -> Result<()> {
         return Ok(());
     }
     config.require_device_id()?;
+    if let (true, Some(tls)) = (config.mqtt.enabled, &config.mqtt.tls) {
+        // Bad certificate or key files stop the start here, not at every connection.
+        insp_mqtt::client_config(tls)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -173,13 +177,25 @@ pub async fn run_pipeline(
             device: config.device.id.clone(),
             client_id: config.client_id(),
             max_wait: Duration::from_millis(config.http.max_wait_ms),
+            token: config.http.token.clone(),
+            max_frame_bytes: config.http.max_frame_bytes,
         };
         let listener = tokio::net::TcpListener::bind(&config.http.listen)
             .await
             .with_context(|| format!("cannot listen on {} (http.listen)", config.http.listen))?;
-        tracing::info!("HTTP endpoint on {}", listener.local_addr()?);
+        tracing::info!(
+            "HTTP endpoint on {}{}",
+            listener.local_addr()?,
+            if config.http.token.is_some() {
+                " (bearer token required)"
+            } else {
+                ""
+            }
+        );
+        let listener =
+            crate::listener::Limited::new(listener, config.http.max_connections, telemetry.clone());
         let mut stop = stop_rx.clone();
-        let app = crate::http::router(state, config.http.max_frame_bytes);
+        let app = crate::http::router(state);
         Some(tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.changed().await;

@@ -73,6 +73,7 @@ pub struct Telemetry {
     verdicts_rejected: Family<Label, Counter>,
     /// The latest model status report and its number (the link publishes each new one).
     model_status: std::sync::Mutex<(u64, Option<ModelStatus>)>,
+    http_refused: Family<Label, Counter>,
 }
 
 impl Default for Telemetry {
@@ -125,6 +126,7 @@ impl Telemetry {
             bundles_refused: Family::default(),
             verdicts_rejected: Family::default(),
             model_status: Default::default(),
+            http_refused: Family::default(),
         };
         let r = &mut t.registry;
         r.register("frames", "Frames scored, by edge band", t.frames.clone());
@@ -137,6 +139,11 @@ impl Telemetry {
             "scorer_panics",
             "Frames on which the decoder or the model panicked (caught; the frame is rejected)",
             t.panicked.clone(),
+        );
+        r.register(
+            "http_refused",
+            "HTTP requests refused before any work: unauthorized (no or a wrong bearer token), too_large (a body over http.max_frame_bytes), too_many_connections (over http.max_connections)",
+            t.http_refused.clone(),
         );
         r.register(
             "frames_dropped",
@@ -366,6 +373,20 @@ impl Telemetry {
     /// Frames rejected so far.
     pub fn rejected(&self) -> u64 {
         self.rejected.get()
+    }
+
+    /// An HTTP request was refused for `reason` (see the metric's help).
+    pub fn http_refused(&self, reason: &str) {
+        self.http_refused
+            .get_or_create(&label("reason", reason))
+            .inc();
+    }
+
+    /// HTTP requests refused for `reason` so far.
+    pub fn http_refused_count(&self, reason: &str) -> u64 {
+        self.http_refused
+            .get_or_create(&label("reason", reason))
+            .get()
     }
 
     /// A frame was refused before scoring.

@@ -258,3 +258,55 @@ fn run_refuses_to_start_without_a_device_id() {
     let parsed: toml::Table = text.parse().unwrap();
     assert_eq!(parsed["device"]["id"].as_str(), Some(""));
 }
+
+#[test]
+fn print_config_redacts_the_password_and_shows_tls() {
+    let text = ok(&[
+        "run",
+        "--set",
+        "mqtt.username=cam-1",
+        "--set",
+        "mqtt.password=s3cret-pw",
+        "--set",
+        "mqtt.tls.ca_file=ca.pem",
+        "--set",
+        "mqtt.tls.cert_file=device.pem",
+        "--set",
+        "mqtt.tls.key_file=device.key",
+        "--print-config",
+    ]);
+    assert!(!text.contains("s3cret-pw"), "{text}");
+    let parsed: toml::Table = text.parse().unwrap();
+    assert_eq!(parsed["mqtt"]["password"].as_str(), Some("<redacted>"));
+    assert_eq!(parsed["mqtt"]["tls"]["ca_file"].as_str(), Some("ca.pem"));
+    assert_eq!(
+        parsed["mqtt"]["tls"]["key_file"].as_str(),
+        Some("device.key")
+    );
+    // Without the table the connection is plain TCP: no `tls` printed.
+    let plain: toml::Table = ok(&["run", "--print-config"]).parse().unwrap();
+    assert!(plain["mqtt"].get("tls").is_none());
+    // A TLS file that cannot be read stops the start with an error naming the key.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = format!("spool.dir={:?}", p(&dir.path().join("spool")));
+    let out = agent(&[
+        "run",
+        "--bundle",
+        p(&fixture().bundle),
+        "--set",
+        "device.id=cam-1",
+        "--set",
+        "http.listen=\"\"",
+        "--set",
+        &spool,
+        "--set",
+        "mqtt.tls.ca_file=/nonexistent/ca.pem",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("mqtt.tls.ca_file") && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -137,6 +137,15 @@ impl Process {
         }
     }
 
+    /// SIGHUP (Mosquitto rereads its configuration, certificates and CRL).
+    pub fn hangup(&self) {
+        if let Some(c) = self.child.as_ref() {
+            let _ = Command::new("kill")
+                .args(["-HUP", &c.id().to_string()])
+                .status();
+        }
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
