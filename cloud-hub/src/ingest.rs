@@ -100,12 +100,22 @@ impl Budget {
 /// The topic filters the hub subscribes to. Each kind gets its own share name
 /// (`<group>-<kind>`): rumqttd keeps one cursor per share name, so one name over several
 /// filters would deliver only the first filter's messages; Mosquitto and other brokers
-/// share per (name, filter) anyway, so this changes nothing there.
-pub fn filters(group: &str, site: &str) -> Vec<String> {
+/// share per (name, filter) anyway, so this changes nothing there. Without `shared`
+/// (the embedded broker, which serves this hub alone) the filters are plain: rumqttd
+/// 0.20's router panics ("group must exists") when a persistent session with a shared
+/// subscription is dropped, e.g. after a stall longer than the keep-alive, and takes the
+/// broker down with it.
+pub fn filters(group: &str, site: &str, shared: bool) -> Vec<String> {
     let p = insp_proto::TOPIC_PREFIX;
     let mut f: Vec<String> = ["result", "escalation", "metrics"]
         .iter()
-        .map(|k| format!("$share/{group}-{k}/{p}/{site}/+/{k}"))
+        .map(|k| {
+            if shared {
+                format!("$share/{group}-{k}/{p}/{site}/+/{k}")
+            } else {
+                format!("{p}/{site}/+/{k}")
+            }
+        })
         .collect();
     f.push(format!("{p}/{site}/+/state"));
     f
@@ -145,6 +155,9 @@ pub struct Ingest {
     pub keep_bytes: usize,
     /// Subscription group.
     pub group: String,
+    /// Whether to subscribe through the group's shared subscriptions (an external broker
+    /// that several hubs may share) or plainly (the embedded broker).
+    pub shared: bool,
     /// Site filter (`+`: all).
     pub site: String,
     /// The bound on messages held.
@@ -232,7 +245,7 @@ impl Ingest {
                         self.telemetry.set_connected(true);
                         backoff = Duration::from_millis(100);
                         tracing::info!(session_present, "connected to the MQTT broker");
-                        for f in filters(&self.group, &self.site) {
+                        for f in filters(&self.group, &self.site, self.shared) {
                             if let Err(e) = self.client.try_subscribe(&f) {
                                 tracing::error!("cannot subscribe to {f}: {e}");
                             }
@@ -658,8 +671,9 @@ mod tests {
 
     #[test]
     fn shared_filters_for_load_plain_for_state() {
-        let f = filters("g", "+");
-        assert_eq!(filters("g", "p1")[3], "insp/v1/p1/+/state");
+        let f = filters("g", "+", true);
+        assert_eq!(filters("g", "p1", true)[3], "insp/v1/p1/+/state");
+        assert_eq!(filters("g", "p1", false)[0], "insp/v1/p1/+/result");
         assert!(f.contains(&"$share/g-result/insp/v1/+/+/result".to_string()));
         assert!(f.contains(&"$share/g-escalation/insp/v1/+/+/escalation".to_string()));
         assert!(f.contains(&"insp/v1/+/+/state".to_string()));

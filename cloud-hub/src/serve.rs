@@ -232,6 +232,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         max_batch: config.ingest.max_batch,
         keep_bytes: config.ingest.dead_letter_keep_bytes,
         group: config.mqtt.group.clone(),
+        shared: !config.embedded_broker(),
         site: config.mqtt.site.clone(),
         budget: Budget::new(
             config.ingest.max_inflight_bytes,
