@@ -30,16 +30,7 @@ fn http_post(port: u16, path: &str, body: &[u8]) -> (u16, String) {
     c.write_all(body).unwrap();
     let mut out = String::new();
     let _ = c.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http_response(&out)
 }
 
 /// Pushes one of the fixture's test frames to `agent`, waiting up to `wait_ms` for the

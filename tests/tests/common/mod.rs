@@ -356,6 +356,11 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     }
     let mut out = String::new();
     let _ = c.read_to_string(&mut out);
+    http_response(&out)
+}
+
+/// The status and body of a whole HTTP/1.1 response (status 0 when unreadable).
+pub fn http_response(out: &str) -> (u16, String) {
     let status = out
         .split_whitespace()
         .nth(1)
