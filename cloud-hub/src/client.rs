@@ -472,7 +472,7 @@ pub async fn models(cmd: ModelsCommand) -> Result<()> {
             }
             let verified = match insp_core::bundle::model_kind(&out)?.as_str() {
                 "recon" | "flow" => {
-                    insp_core::bundle::Bundle::<insp_core::heavy::HeavyParams>::open_kind(&out)
+                    insp_core::bundle::Bundle::<insp_cloud::heavy::HeavyParams>::open_kind(&out)
                         .map(|b| b.manifest.version)
                 }
                 _ => insp_core::patchcore::PatchCoreBundle::open_kind(&out)

@@ -1,12 +1,17 @@
 //! The hub's configuration: one typed TOML file in which every key has a default, so an
 //! empty file (or none) runs the embedded setup: an in-process MQTT broker, a SQLite
-//! file and a local object folder under `data_dir`. Flags and environment variables of
-//! `serve` override the file (see [`ServeOverrides`]).
+//! file and a local object folder under `data_dir`. Environment variables
+//! `INSP_HUB__SECTION__KEY`, the flags of `serve` and `--set section.key=value` override
+//! the file, through the same mechanism as the edge agent's (`insp_config`; see
+//! [`ServeOverrides`]).
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+/// Prefix of environment variables that override settings (`INSP_HUB__DATABASE__URL=...`).
+pub const ENV_PREFIX: &str = "INSP_HUB__";
 
 /// 16 MiB: the default largest MQTT payload (an escalated frame with its edge map).
 pub const DEFAULT_MAX_PAYLOAD: usize = 16 << 20;
@@ -38,7 +43,7 @@ pub struct HubConfig {
     /// Escalation scoring workers.
     pub scoring: ScoringConfig,
     /// How model scores become a verdict.
-    pub fusion: insp_core::judge::FusionSettings,
+    pub fusion: insp_cloud::judge::FusionSettings,
     /// gRPC and HTTP listeners.
     pub api: ApiConfig,
     /// Finding records a broker lost and asking the devices for them again.
@@ -61,7 +66,7 @@ impl Default for HubConfig {
             ingest: IngestConfig::default(),
             models: ModelsConfig::default(),
             scoring: ScoringConfig::default(),
-            fusion: insp_core::judge::FusionSettings::default(),
+            fusion: insp_cloud::judge::FusionSettings::default(),
             api: ApiConfig::default(),
             delivery: DeliveryConfig::default(),
             auth: AuthConfig::default(),
@@ -255,6 +260,9 @@ pub struct ModelsConfig {
     pub edge_exact_search: bool,
     /// Inverted lists probed by edge bundles, for agents that do not send their setting.
     pub edge_probes: Option<usize>,
+    /// Where the models run: `cpu` (default: reproduces CPU agents bit for bit), `cuda`
+    /// or `cuda:N`. The global `--device` flag sets it.
+    pub device: crate::device::DeviceSpec,
 }
 
 /// Escalation scoring.
@@ -383,14 +391,14 @@ impl Default for DeliveryConfig {
 impl HubConfig {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<HubConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the hub configuration {}", path.display()))?;
-        toml::from_str(&text).with_context(|| {
-            format!(
-                "{} is not a valid hub configuration (see deploy/hub/hub.toml for every key)",
-                path.display()
-            )
-        })
+        insp_config::Layers::new(ENV_PREFIX)
+            .load(Some(path))
+            .with_context(|| {
+                format!(
+                    "{} is not a valid hub configuration (see deploy/hub/hub.toml for every key)",
+                    path.display()
+                )
+            })
     }
 
     /// The database URL in effect.
@@ -570,60 +578,70 @@ pub struct ServeOverrides {
     /// HTTP (health, metrics) listen address.
     #[arg(long, env = "HUB_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// Any setting as `section.key=value` (a TOML literal, or text); repeatable; applied
+    /// last. Every key can also come from `INSP_HUB__SECTION__KEY`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Print the effective configuration as TOML (secrets redacted) and exit.
     #[arg(long)]
     pub print_config: bool,
 }
 
 impl ServeOverrides {
-    /// The file (if any) with these overrides applied, validated.
+    /// The file (if any), then `INSP_HUB__SECTION__KEY` variables, then the flags (the
+    /// named ones and `--set`, in that order), validated.
     pub fn resolve(&self) -> Result<HubConfig> {
-        let mut c = match &self.config {
-            Some(path) => HubConfig::load(path)?,
-            None => HubConfig::default(),
-        };
-        if let Some(v) = &self.data_dir {
-            c.data_dir = v.clone();
-        }
-        if let Some(v) = &self.mqtt_host {
-            c.mqtt.host = Some(v.clone());
-        }
-        if let Some(v) = self.mqtt_port {
-            c.mqtt.port = v;
-        }
-        if let Some(v) = &self.mqtt_password {
-            c.mqtt.password = Some(v.clone());
-        }
-        if let Some(v) = &self.client_id {
-            c.mqtt.client_id = v.clone();
-        }
-        if let Some(v) = &self.group {
-            c.mqtt.group = v.clone();
-        }
-        if let Some(v) = self.broker_listen {
-            c.embedded_broker.listen = v;
-        }
-        if let Some(v) = &self.database_url {
-            c.database.url = Some(v.clone());
-        }
-        if let Some(v) = &self.storage_url {
-            c.storage.url = Some(v.clone());
-        }
-        if let Some(v) = &self.models_dir {
-            c.models.dir = Some(v.clone());
-        }
-        if let Some(v) = &self.cloud_bundle {
-            c.models.cloud_bundle = Some(v.clone());
+        let mut layers = insp_config::Layers::new(ENV_PREFIX);
+        let path = |p: &PathBuf| p.display().to_string();
+        let named: [(&str, Option<toml::Value>); 13] = [
+            ("data_dir", self.data_dir.as_ref().map(|v| path(v).into())),
+            ("mqtt.host", self.mqtt_host.clone().map(Into::into)),
+            ("mqtt.port", self.mqtt_port.map(|v| i64::from(v).into())),
+            (
+                "mqtt.password",
+                self.mqtt_password.as_ref().map(|v| v.expose().into()),
+            ),
+            ("mqtt.client_id", self.client_id.clone().map(Into::into)),
+            ("mqtt.group", self.group.clone().map(Into::into)),
+            (
+                "embedded_broker.listen",
+                self.broker_listen.map(|v| v.to_string().into()),
+            ),
+            ("database.url", self.database_url.clone().map(Into::into)),
+            ("storage.url", self.storage_url.clone().map(Into::into)),
+            (
+                "models.dir",
+                self.models_dir.as_ref().map(|v| path(v).into()),
+            ),
+            (
+                "models.cloud_bundle",
+                self.cloud_bundle.as_ref().map(|v| path(v).into()),
+            ),
+            (
+                "api.grpc_listen",
+                self.grpc_listen.map(|v| v.to_string().into()),
+            ),
+            (
+                "api.http_listen",
+                self.http_listen.map(|v| v.to_string().into()),
+            ),
+        ];
+        for (key, value) in named {
+            if let Some(value) = value {
+                layers = layers.value(key, value);
+            }
         }
         if !self.heavy_bundles.is_empty() {
-            c.models.heavy_bundles = self.heavy_bundles.clone();
+            let list: Vec<toml::Value> =
+                self.heavy_bundles.iter().map(|p| path(p).into()).collect();
+            layers = layers.value("models.heavy_bundles", list);
         }
-        if let Some(v) = self.grpc_listen {
-            c.api.grpc_listen = v;
-        }
-        if let Some(v) = self.http_listen {
-            c.api.http_listen = v;
-        }
+        let c: HubConfig = layers
+            .sets(&self.set)
+            .load(self.config.as_deref())
+            .context(
+                "see `cloud-hub serve --print-config` and deploy/hub/hub.toml for every key",
+            )?;
         c.validate()?;
         Ok(c)
     }
@@ -682,5 +700,36 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.resolve().is_err());
+    }
+
+    #[test]
+    fn set_flags_come_last_and_typed_values_are_checked() {
+        let o = ServeOverrides {
+            mqtt_port: Some(1999),
+            models_dir: Some("/srv/models with space".into()),
+            set: vec![
+                "mqtt.port=2000".into(),
+                "scoring.workers=3".into(),
+                "models.device=\"cuda:1\"".into(),
+            ],
+            ..Default::default()
+        };
+        let c = o.resolve().unwrap();
+        assert_eq!(c.mqtt.port, 2000);
+        assert_eq!(c.scoring.workers, 3);
+        assert_eq!(c.models.device, crate::device::DeviceSpec::Cuda(1));
+        assert_eq!(c.models_dir(), PathBuf::from("/srv/models with space"));
+        for bad in [
+            "models.device=\"gpu\"",
+            "scoring.wrkers=1",
+            "scoring=1",
+            "nokey",
+        ] {
+            let o = ServeOverrides {
+                set: vec![bad.into()],
+                ..Default::default()
+            };
+            assert!(o.resolve().is_err(), "{bad}");
+        }
     }
 }

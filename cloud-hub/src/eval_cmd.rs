@@ -11,10 +11,10 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
+use insp_cloud::fusion::{Fusion, Rule};
+use insp_cloud::judge::{FusionSettings, Judge, Judgement};
+use insp_cloud::model::FrameModel;
 use insp_core::evaluation::{score_predictions, ContractWriter, EvalReport};
-use insp_core::fusion::{Fusion, Rule};
-use insp_core::judge::{FusionSettings, Judge, Judgement};
-use insp_core::model::FrameModel;
 use insp_core::routing::{Band, Thresholds};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -337,7 +337,7 @@ impl Tier {
         let mut edge = None;
         let mut cloud = Vec::new();
         for dir in bundles {
-            let model = insp_core::model::open(dir, device)?;
+            let model = insp_cloud::model::open(dir, device)?;
             if edge.is_none() && model.kind() == "patchcore" {
                 edge = Some(model);
             } else {
@@ -347,11 +347,11 @@ impl Tier {
         let models: Vec<Arc<dyn FrameModel>> = edge.iter().chain(&cloud).cloned().collect();
         let members = edge
             .iter()
-            .map(|_| insp_core::judge::EDGE_MEMBER.to_string())
+            .map(|_| insp_cloud::judge::EDGE_MEMBER.to_string())
             .chain(
                 cloud
                     .iter()
-                    .map(|m| insp_core::judge::cloud_member(m.kind())),
+                    .map(|m| insp_cloud::judge::cloud_member(m.kind())),
             )
             .collect();
         Ok(Tier {

@@ -1,14 +1,14 @@
 //! Model bundles at the hub: the edge bundles that escalations name by version (found in
 //! the models folder, verified and loaded on first use, a few kept in memory), and the
-//! cloud models the judge ([`insp_core::judge`]) runs beside them, any
+//! cloud models the judge ([`insp_cloud::judge`]) runs beside them, any
 //! [`FrameModel`] (PatchCore, recon, flow).
 
 use crate::db::api::ModelRow;
 use anyhow::{Context, Result};
+use insp_cloud::heavy::HeavyModel;
+use insp_cloud::model::FrameModel;
 use insp_core::bundle::{Manifest, MANIFEST};
-use insp_core::heavy::HeavyModel;
 use insp_core::memory_bank::Search;
-use insp_core::model::FrameModel;
 use insp_core::patchcore::PatchCoreManifest;
 use insp_core::patchcore::{PatchCore, SearchParams};
 use std::collections::HashMap;

@@ -18,8 +18,8 @@ use crate::models::EdgeBundles;
 use crate::objects::{self, Objects};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
-use insp_core::judge::Judge;
-use insp_core::model::FrameModel;
+use insp_cloud::judge::Judge;
+use insp_cloud::model::FrameModel;
 use insp_proto::v1::{Band, Verdict};
 use insp_proto::{Message, TopicKind};
 use std::collections::HashSet;
@@ -363,7 +363,7 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
     let reproduced = judgement
         .members
         .iter()
-        .find(|m| m.name == insp_core::judge::EDGE_MEMBER)
+        .find(|m| m.name == insp_cloud::judge::EDGE_MEMBER)
         .map_or(f32::NAN, |m| m.score);
     let mut versions = vec![e.model_version.clone()];
     versions.extend(cloud.iter().map(|m| m.version().to_string()));

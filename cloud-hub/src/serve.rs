@@ -11,7 +11,7 @@ use crate::objects::Objects;
 use crate::scoring::{Scoring, ScoringContext};
 use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
-use insp_core::model::FrameModel;
+use insp_cloud::model::FrameModel;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -110,7 +110,8 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     tracing::info!("objects: {}", objects.describe);
     let telemetry = Arc::new(Telemetry::new());
 
-    let device = candle_core::Device::Cpu;
+    let device = config.models.device.open()?;
+    tracing::info!("models run on {}", config.models.device);
     let models_dir = config.models_dir();
     std::fs::create_dir_all(&models_dir)
         .with_context(|| format!("cannot create the models folder {}", models_dir.display()))?;
@@ -136,7 +137,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         objects: objects.clone(),
         edge: edge.clone(),
         cloud: std::sync::RwLock::new(Arc::new(cloud)),
-        judge: insp_core::judge::Judge::new(config.fusion),
+        judge: insp_cloud::judge::Judge::new(config.fusion),
         telemetry: telemetry.clone(),
         mqtt: client.clone(),
         verdict_signer: verdict_signer.clone(),
@@ -350,13 +351,13 @@ async fn load_heavy(
                 return Ok(Err(format!(
                     "{} is a second {} model: list one bundle of each kind in models.heavy_bundles",
                     path.display(),
-                    insp_core::judge::cloud_member(model.kind())
+                    insp_cloud::judge::cloud_member(model.kind())
                 )));
             }
             Ok((model, row)) => {
                 tracing::info!(
                     "cloud model {} {} from {}",
-                    insp_core::judge::cloud_member(model.kind()),
+                    insp_cloud::judge::cloud_member(model.kind()),
                     model.version(),
                     path.display()
                 );

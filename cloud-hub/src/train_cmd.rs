@@ -4,10 +4,10 @@
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use insp_core::flow::FlowConfig;
-use insp_core::heavy::Architecture;
-use insp_core::recon::ReconConfig;
-use insp_core::training::{self, TrainConfig, TrainProgress};
+use insp_cloud::flow::FlowConfig;
+use insp_cloud::heavy::Architecture;
+use insp_cloud::recon::ReconConfig;
+use insp_cloud::training::{self, TrainConfig, TrainProgress};
 use std::path::PathBuf;
 
 /// Which heavy model to train.

@@ -513,13 +513,13 @@ async fn heavy_models_judge_escalations_and_a_broken_one_falls_back_to_patchcore
         serde_json::from_value(m["calibration"].clone()).unwrap()
     };
     let (ce, cr, cf) = (calibration(&f.edge), calibration(recon), calibration(flow));
-    let expected = insp_core::fusion::Fusion::calibrate(
+    let expected = insp_cloud::fusion::Fusion::calibrate(
         &[
             ("edge".into(), &ce),
             ("recon".into(), &cr),
             ("flow".into(), &cf),
         ],
-        insp_core::fusion::Rule::Mean,
+        insp_cloud::fusion::Rule::Mean,
         1.0,
     )
     .unwrap();

@@ -10,41 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Reads a string setting that an override may have given as a number or boolean
-/// (`INSP_EDGE__MQTT__PASSWORD=123456` is still a password).
-mod lenient {
-    use serde::{Deserialize, Deserializer};
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Scalar {
-        S(String),
-        I(i64),
-        F(f64),
-        B(bool),
-    }
-
-    impl Scalar {
-        fn text(self) -> String {
-            match self {
-                Scalar::S(s) => s,
-                Scalar::I(i) => i.to_string(),
-                Scalar::F(f) => f.to_string(),
-                Scalar::B(b) => b.to_string(),
-            }
-        }
-    }
-
-    /// A string, or a scalar taken as its text.
-    pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-        Scalar::deserialize(d).map(Scalar::text)
-    }
-
-    /// An optional string, or a scalar taken as its text.
-    pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        Option::<Scalar>::deserialize(d).map(|s| s.map(Scalar::text))
-    }
-}
+use insp_config::lenient;
 
 /// Prefix of environment variables that override settings.
 pub const ENV_PREFIX: &str = "INSP_EDGE__";
@@ -422,33 +388,10 @@ pub struct HookConfig {
 impl AgentConfig {
     /// Reads `path` (if given), then applies environment and `--set` overrides.
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<AgentConfig> {
-        let mut tree = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read config file {}", p.display()))?;
-                text.parse::<toml::Table>()
-                    .with_context(|| format!("config file {} is not valid TOML", p.display()))?
-            }
-            None => toml::Table::new(),
-        };
-        let mut env: Vec<(String, String)> = std::env::vars()
-            .filter_map(|(k, v)| Some((k.strip_prefix(ENV_PREFIX)?.to_string(), v)))
-            .collect();
-        env.sort();
-        for (key, value) in env {
-            let key = key.to_ascii_lowercase().replace("__", ".");
-            apply(&mut tree, &key, &value)
-                .with_context(|| format!("environment variable {ENV_PREFIX}{key}"))?;
-        }
-        for set in sets {
-            let Some((key, value)) = set.split_once('=') else {
-                bail!("--set {set:?}: expected section.key=value");
-            };
-            apply(&mut tree, key.trim(), value.trim()).with_context(|| format!("--set {set}"))?;
-        }
-        let config: AgentConfig = tree
-            .try_into()
-            .context("invalid configuration (see `edge-agent run --print-config` for every key)")?;
+        let config: AgentConfig = insp_config::Layers::new(ENV_PREFIX)
+            .sets(sets)
+            .load(path)
+            .context("see `edge-agent run --print-config` for every key")?;
         config.validate()?;
         Ok(config)
     }
@@ -547,31 +490,6 @@ fn read_keys(entries: &[String], key: &str) -> Result<Option<insp_core::signing:
     insp_core::signing::TrustedKeys::from_entries(entries, Path::new(""))
         .map(Some)
         .with_context(|| format!("{key}: cannot read a public key"))
-}
-
-/// Sets `dotted.key` in a TOML tree to `raw`, read as a TOML literal where it parses.
-fn apply(tree: &mut toml::Table, key: &str, raw: &str) -> Result<()> {
-    let parts: Vec<&str> = key.split('.').collect();
-    if parts.iter().any(|p| p.is_empty()) {
-        bail!("bad key {key:?}");
-    }
-    let value = format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let mut table = tree;
-    for part in &parts[..parts.len() - 1] {
-        let entry = table
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = match entry {
-            toml::Value::Table(t) => t,
-            _ => bail!("{part} in {key:?} is not a section"),
-        };
-    }
-    table.insert(parts[parts.len() - 1].to_string(), value);
-    Ok(())
 }
 
 #[cfg(test)]

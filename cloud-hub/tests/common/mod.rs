@@ -133,10 +133,10 @@ pub fn heavy_fixture() -> &'static (PathBuf, PathBuf) {
 
 /// Trains a tiny `recon` or `flow` model for `epochs` on the fixture's data into `out`.
 pub fn train_tiny(kind: &str, epochs: usize, out: &Path) {
-    use insp_core::flow::FlowConfig;
-    use insp_core::heavy::Architecture;
-    use insp_core::recon::ReconConfig;
-    use insp_core::training::{train, TrainConfig};
+    use insp_cloud::flow::FlowConfig;
+    use insp_cloud::heavy::Architecture;
+    use insp_cloud::recon::ReconConfig;
+    use insp_cloud::training::{train, TrainConfig};
     let weights = insp_core::weights::locate(&insp_core::weights::default_dir(), "lite0")
         .unwrap_or_else(|e| {
             panic!("pretrained weights missing ({e}): run `edge-agent weights fetch`")

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 fn photos_dir() -> PathBuf {
     std::env::var_os("INSP_TEST_PHOTOS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/test-photos"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/test-photos")
+        })
 }
 
 fn load(variant: &str) -> EfficientNetLite {

@@ -16,22 +16,22 @@
 //! the reconstruction model their fixed corrupted copies) decides early stopping: the
 //! weights of the best epoch are kept. The same held-out images are then scored through
 //! the finished bundle, and their scores go into the manifest for score normalisation.
-//! The hold-out split is [`crate::dataset::holdout_split`], the same as PatchCore's, so
+//! The hold-out split is [`insp_core::dataset::holdout_split`], the same as PatchCore's, so
 //! with the same seed and share the edge and the heavy models hold out the same images.
 
-use crate::bundle::{BackboneSpec, Calibration, FitReport, Manifest, FORMAT_VERSION};
 use crate::corruption;
-use crate::dataset;
-use crate::error::{Error, Result};
 use crate::heavy::{
     concat_at_finest, load_backbone, Architecture, BorderStatistics, FeatureExtractor, HeavyModel,
     HeavyParams, Network, TrainingReport,
 };
-use crate::image::Preprocessing;
-use crate::rng::SplitMix64;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use image::DynamicImage;
+use insp_core::bundle::{BackboneSpec, Calibration, FitReport, Manifest, FORMAT_VERSION};
+use insp_core::dataset;
+use insp_core::error::{Error, Result};
+use insp_core::image::Preprocessing;
+use insp_core::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -216,10 +216,10 @@ pub fn train(
         dataset::holdout_split(dataset::train_images(data)?, config.holdout, &mut rng);
 
     // Frozen backbone: only the stages used travel in the bundle.
-    let lite = crate::backbone::LiteConfig::for_variant(&config.backbone)?;
+    let lite = insp_core::backbone::LiteConfig::for_variant(&config.backbone)?;
     let last_stage = config.stages.iter().copied().max().unwrap_or(0);
-    let all = crate::weights::load(weights_file, &Device::Cpu, DType::F32)?;
-    let subset = crate::weights::stem_and_blocks(all, lite.blocks_through(last_stage));
+    let all = insp_core::weights::load(weights_file, &Device::Cpu, DType::F32)?;
+    let subset = insp_core::weights::stem_and_blocks(all, lite.blocks_through(last_stage));
     let backbone_bytes = safetensors::serialize(&subset, None)
         .map_err(|e| Error::Config(format!("cannot serialise weights: {e}")))?;
     let on_device: HashMap<String, Tensor> = subset
@@ -256,7 +256,7 @@ pub fn train(
         for chunk in paths.chunks(config.feature_batch) {
             let mut decoded: Vec<(DynamicImage, &PathBuf)> = Vec::new();
             for p in chunk {
-                match crate::image::open(p) {
+                match insp_core::image::open(p) {
                     Ok(img) => decoded.push((img, p)),
                     Err(e) => {
                         tracing::warn!("skipping training image: {e}");
@@ -439,7 +439,7 @@ pub fn train(
         format_version: FORMAT_VERSION,
         version: format!(
             "{kind}-{created}-{}",
-            &crate::bundle::sha256_hex(&model_bytes)[..8]
+            &insp_core::bundle::sha256_hex(&model_bytes)[..8]
         ),
         parent_version: None,
         created_unix: created,
@@ -467,7 +467,7 @@ pub fn train(
     let model = HeavyModel::from_parts(manifest.clone(), &backbone_bytes, &model_bytes, device)?;
     let mut scored: Vec<(f32, String)> = Vec::with_capacity(val_paths.len());
     for (i, path) in val_paths.iter().enumerate() {
-        let image = crate::image::open(path)?;
+        let image = insp_core::image::open(path)?;
         let name = path
             .strip_prefix(data)
             .unwrap_or(path)
@@ -495,7 +495,7 @@ pub fn train(
         coreset_seconds: 0.0,
         calibration_seconds: calibration_started.elapsed().as_secs_f64(),
     };
-    crate::bundle::write(
+    insp_core::bundle::write(
         out,
         &mut manifest,
         &[

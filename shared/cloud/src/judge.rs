@@ -11,13 +11,13 @@
 //!
 //! ```no_run
 //! # fn main() -> insp_core::Result<()> {
-//! use insp_core::judge::{Judge, FusionSettings};
+//! use insp_cloud::judge::{Judge, FusionSettings};
 //! use std::path::Path;
 //! let device = candle_core::Device::Cpu;
-//! let edge = insp_core::model::open(Path::new("bundles/edge"), &device)?;
+//! let edge = insp_cloud::model::open(Path::new("bundles/edge"), &device)?;
 //! let cloud = vec![
-//!     insp_core::model::open(Path::new("bundles/recon"), &device)?,
-//!     insp_core::model::open(Path::new("bundles/flow"), &device)?,
+//!     insp_cloud::model::open(Path::new("bundles/recon"), &device)?,
+//!     insp_cloud::model::open(Path::new("bundles/flow"), &device)?,
 //! ];
 //! let judge = Judge::new(FusionSettings::default());
 //! let frame = insp_core::image::open(Path::new("frame.png"))?;
@@ -29,13 +29,13 @@
 //! # Ok(()) }
 //! ```
 
-use crate::anomaly_map::AnomalyMap;
-use crate::bundle::Calibration;
-use crate::error::{Error, Result};
 use crate::fusion::{Fusion, Rule};
 use crate::model::FrameModel;
-use crate::routing::Thresholds;
 use image::DynamicImage;
+use insp_core::anomaly_map::AnomalyMap;
+use insp_core::bundle::Calibration;
+use insp_core::error::{Error, Result};
+use insp_core::routing::Thresholds;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -301,7 +301,7 @@ impl Judge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::patchcore::Scored;
+    use insp_core::patchcore::Scored;
 
     /// A model whose score is fixed, for the judge's bookkeeping.
     struct Fixed {

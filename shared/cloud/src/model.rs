@@ -1,15 +1,15 @@
 //! The seam between the models and everything that judges frames: [`FrameModel`], a
-//! model that scores a decoded frame, implemented by PatchCore ([`crate::patchcore`]) and
+//! model that scores a decoded frame, implemented by PatchCore ([`insp_core::patchcore`]) and
 //! by the heavy models ([`crate::heavy`]: feature reconstruction and normalizing flow).
 //! The judge ([`crate::judge`]) takes any set of them.
 
-use crate::bundle::{self, Calibration};
-use crate::error::{Error, Result};
 use crate::heavy::HeavyModel;
-use crate::patchcore::{PatchCore, Scored, Timings};
-use crate::routing::Thresholds;
 use candle_core::Device;
 use image::DynamicImage;
+use insp_core::bundle::{self, Calibration};
+use insp_core::error::{Error, Result};
+use insp_core::patchcore::{PatchCore, Scored, Timings};
+use insp_core::routing::Thresholds;
 use std::path::Path;
 use std::sync::Arc;
 

@@ -12,11 +12,11 @@
 //! convolution starts at zero, so training starts from the identity flow. Subnets
 //! alternate between 3 x 3 and 1 x 1 kernels, as in FastFlow for its lighter backbones.
 
-use crate::error::{Error, Result};
-use crate::layers::{Conv, Start};
-use crate::rng::SplitMix64;
 use candle_core::{Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use insp_core::error::{Error, Result};
+use insp_core::layers::{Conv, Start};
+use insp_core::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 /// Architecture of the flow; stored in the bundle's manifest.

@@ -8,8 +8,8 @@
 //! large soft brightness blotches. Each has an irregular, soft-edged outline. Everything
 //! follows from the random generator passed in, so training is reproducible.
 
-use crate::rng::SplitMix64;
 use image::{DynamicImage, GrayImage, RgbImage};
+use insp_core::rng::SplitMix64;
 
 /// Kinds of synthetic defect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

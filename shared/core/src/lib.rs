@@ -1,7 +1,7 @@
 //! The scoring core shared by `edge-agent` and `cloud-hub`: image preprocessing, the
-//! EfficientNet-Lite backbone, PatchCore, the cloud tier's heavy models (feature
-//! reconstruction, normalizing flow) and their fusion, model bundles, metrics and data
-//! sets.
+//! EfficientNet-Lite backbone, PatchCore, model bundles, thresholds and routing, signing,
+//! metrics and data sets. The cloud tier's models, their training and the judge live in
+//! `insp-cloud`, which only the hub links.
 //!
 //! Both binaries score frames through the same code, so a frame escalated from the edge
 //! gets the identical edge score when the hub recomputes it with the same bundle.
@@ -11,34 +11,26 @@ pub mod backbone;
 pub mod bundle;
 pub mod calibration;
 pub mod coreset;
-pub mod corruption;
 pub mod dataset;
 pub mod depthwise;
 pub mod error;
 pub mod evaluation;
-pub mod flow;
-pub mod fusion;
 pub mod golden;
-pub mod heavy;
 pub mod image;
 pub mod inverted_lists;
-pub mod judge;
 pub mod layers;
 pub mod memory_bank;
 pub mod metrics;
-pub mod model;
 pub mod overlay;
 pub mod patchcore;
 pub mod patches;
 pub mod pointwise;
 pub mod quantile;
-pub mod recon;
 pub mod rng;
 pub mod routing;
 pub mod signing;
 pub mod stem_conv;
 pub mod synthetic;
-pub mod training;
 pub mod weights;
 
 pub use error::{Error, Result};

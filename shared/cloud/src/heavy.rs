@@ -8,18 +8,18 @@
 //! the manifest. The manifest's `calibration` holds the scores of held-out good images,
 //! from which [`crate::fusion`] normalises this model's scores.
 
-use crate::anomaly_map::AnomalyMap;
-use crate::backbone::{EfficientNetLite, LiteConfig};
-use crate::bundle::{Bundle, Manifest, ModelKind};
-use crate::error::{Error, Result};
 use crate::flow::{FastFlow, FlowConfig};
-use crate::image::Preprocessing;
-use crate::layers::resize_nhwc;
-use crate::patchcore::Scored;
 use crate::recon::{ReconConfig, ReconNet};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::DynamicImage;
+use insp_core::anomaly_map::AnomalyMap;
+use insp_core::backbone::{EfficientNetLite, LiteConfig};
+use insp_core::bundle::{Bundle, Manifest, ModelKind};
+use insp_core::error::{Error, Result};
+use insp_core::image::Preprocessing;
+use insp_core::layers::resize_nhwc;
+use insp_core::patchcore::Scored;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;

@@ -61,7 +61,7 @@ pub struct FitReport {
 }
 
 /// The manifest of a bundle. `M` is the model kind's parameters:
-/// [`crate::patchcore::PatchCoreParams`] or [`crate::heavy::HeavyParams`]. Every kind has the same layout
+/// [`crate::patchcore::PatchCoreParams`] or `insp_cloud::heavy::HeavyParams`. Every kind has the same layout
 /// (`model.kind` names the kind), so tools read any bundle's common fields alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest<M> {
@@ -293,7 +293,7 @@ impl<M: serde::de::DeserializeOwned + ModelKind> Bundle<M> {
             let hint = if kind == "patchcore" {
                 "PatchCore bundles are scored by `edge-agent` and the hub's edge model"
             } else {
-                "recon and flow bundles are scored by `cloud-hub` (insp_core::heavy)"
+                "recon and flow bundles are scored by `cloud-hub` (insp_cloud::heavy)"
             };
             return Err(fail(
                 dir,

@@ -2,14 +2,14 @@
 //! the library API, on synthetic data and the real Lite0 weights, in tiny configurations.
 
 use candle_core::Device;
+use insp_cloud::flow::FlowConfig;
+use insp_cloud::heavy::{Architecture, HeavyModel, HeavyParams};
+use insp_cloud::judge::{FusionSettings, Judge, EDGE_MEMBER};
+use insp_cloud::recon::ReconConfig;
+use insp_cloud::training::{self, TrainConfig};
 use insp_core::bundle::{self, Bundle};
-use insp_core::flow::FlowConfig;
-use insp_core::heavy::{Architecture, HeavyModel, HeavyParams};
-use insp_core::judge::{FusionSettings, Judge, EDGE_MEMBER};
 use insp_core::patchcore::{self, FitConfig, PatchCore};
-use insp_core::recon::ReconConfig;
 use insp_core::synthetic::{generate, SynthConfig};
-use insp_core::training::{self, TrainConfig};
 use std::path::{Path, PathBuf};
 
 fn weights() -> PathBuf {
@@ -280,8 +280,8 @@ fn edge_and_heavy_models_hold_out_the_same_images_and_fuse() {
     b.sort();
     assert_eq!(a, b, "the edge and the flow held out different images");
 
-    let edge_model = insp_core::model::open(&edge, &Device::Cpu).unwrap();
-    let flow_model = insp_core::model::open(&flow, &Device::Cpu).unwrap();
+    let edge_model = insp_cloud::model::open(&edge, &Device::Cpu).unwrap();
+    let flow_model = insp_cloud::model::open(&flow, &Device::Cpu).unwrap();
     let judge = Judge::new(FusionSettings::default());
     let mut threshold = f32::NAN;
     // The threshold is the largest fused held-out score: no held-out image is defective,

@@ -28,10 +28,10 @@
 //! finest stage's grid; the anomaly map is the per-stage cosine distance between the
 //! reconstruction and the actual features, summed over stages.
 
-use crate::error::{Error, Result};
-use crate::layers::{cosine, unit, Conv, Start};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, VarBuilder};
+use insp_core::error::{Error, Result};
+use insp_core::layers::{cosine, unit, Conv, Start};
 use serde::{Deserialize, Serialize};
 
 /// Architecture and loss weights of the reconstruction network; stored in the manifest.

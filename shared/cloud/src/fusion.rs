@@ -18,12 +18,12 @@
 //!
 //! **Calibrate.** The verdict threshold is a quantile of the fused scores of held-out
 //! good images: the images that every member held out (models trained with the same
-//! split seed and share hold out the same ones, see [`crate::dataset::holdout_split`]),
+//! split seed and share hold out the same ones, see [`insp_core::dataset::holdout_split`]),
 //! scored by each member at training time. No defect is needed to calibrate.
 
-use crate::anomaly_map::AnomalyMap;
-use crate::bundle::Calibration;
-use crate::error::{Error, Result};
+use insp_core::anomaly_map::AnomalyMap;
+use insp_core::bundle::Calibration;
+use insp_core::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 

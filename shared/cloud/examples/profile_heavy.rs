@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use insp_core::heavy::{Architecture, Network};
+use insp_cloud::heavy::{Architecture, Network};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         let loss = match &net {
             Network::Flow(f) => f.loss(&x)?,
             Network::Recon(r) => {
-                let cat = insp_core::heavy::concat_at_finest(&x)?;
+                let cat = insp_cloud::heavy::concat_at_finest(&x)?;
                 r.loss(&r.forward(&cat)?, &cat)?.total
             }
         };
