@@ -44,6 +44,22 @@ pub struct LiteConfig {
     pub native_size: usize,
 }
 
+/// Checks the backbone stages (1 to 7, ascending, distinct) and input size (32 to 2048)
+/// that a fit or a training asks for.
+pub fn check_input(stages: &[usize], size: usize) -> Result<()> {
+    let bad = |m: String| Err(Error::Config(m));
+    if stages.is_empty() || stages.iter().any(|&s| s == 0 || s > 7) {
+        return bad(format!("stages {stages:?}: pick stages between 1 and 7"));
+    }
+    if !stages.windows(2).all(|w| w[0] < w[1]) {
+        return bad(format!("stages {stages:?} must be ascending and distinct"));
+    }
+    if !(32..=2048).contains(&size) {
+        return bad(format!("input size {size} outside 32..=2048"));
+    }
+    Ok(())
+}
+
 impl LiteConfig {
     /// Settings of a named variant.
     pub fn for_variant(variant: &str) -> Result<Self> {

@@ -700,21 +700,7 @@ pub fn fit(
 
 fn validate(c: &FitConfig) -> Result<()> {
     let bad = |m: String| Err(Error::Config(m));
-    if c.stages.is_empty() || c.stages.iter().any(|&s| s == 0 || s > 7) {
-        return bad(format!(
-            "stages {:?}: pick stages between 1 and 7",
-            c.stages
-        ));
-    }
-    if !c.stages.windows(2).all(|w| w[0] < w[1]) {
-        return bad(format!(
-            "stages {:?} must be ascending and distinct",
-            c.stages
-        ));
-    }
-    if c.size < 32 || c.size > 2048 {
-        return bad(format!("input size {} outside 32..=2048", c.size));
-    }
+    crate::backbone::check_input(&c.stages, c.size)?;
     if c.bank_rows == 0 || !(0.0..=1.0).contains(&c.coreset_ratio) || c.coreset_ratio == 0.0 {
         return bad("bank rows must be positive and the coreset ratio in (0, 1]".into());
     }
