@@ -452,13 +452,9 @@ pub async fn models(cmd: ModelsCommand) -> Result<()> {
                 .with_context(|| format!("cannot create {}", out.display()))?;
             let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
             while let Some(chunk) = stream.message().await.map_err(status)? {
-                anyhow::ensure!(
-                    !chunk.file.is_empty()
-                        && !chunk.file.contains(['/', '\\'])
-                        && chunk.file != "..",
-                    "the hub sent a file named {:?}",
-                    chunk.file
-                );
+                if let Err(reason) = insp_core::bundle::check_file_name(&chunk.file) {
+                    anyhow::bail!("the hub sent a file named {:?}: {reason}", chunk.file);
+                }
                 let buf = files.entry(chunk.file.clone()).or_default();
                 anyhow::ensure!(
                     buf.len() as u64 == chunk.offset,

@@ -65,29 +65,10 @@ pub struct Api {
 
 /// A bundle's version and the files its manifest lists, of any model kind. A listed name
 /// that is not a plain file name (a path, `..`) makes the bundle unservable: the API
-/// never reads outside the bundle's folder.
+/// never reads outside the bundle's folder ([`insp_core::bundle::ManifestHead`]).
 fn bundle_files(dir: &std::path::Path) -> anyhow::Result<(String, Vec<String>)> {
-    let path = dir.join(insp_core::bundle::MANIFEST);
-    let text =
-        std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    let m: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| anyhow::anyhow!("{} is not a manifest: {e}", path.display()))?;
-    let version = m["version"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("{} has no version", path.display()))?
-        .to_string();
-    let files: Vec<String> = m["files"]
-        .as_object()
-        .map(|f| f.keys().cloned().collect())
-        .unwrap_or_default();
-    for f in &files {
-        anyhow::ensure!(
-            !f.is_empty() && !f.contains(['/', '\\']) && f != ".." && f != ".",
-            "{} lists the file {f:?}, which is not a plain file name",
-            path.display()
-        );
-    }
-    Ok((version, files))
+    let head = insp_core::bundle::ManifestHead::read(dir)?;
+    Ok((head.version, head.files.into_keys().collect()))
 }
 
 /// Serves the API on `listener` until `stop` completes (then in-flight calls finish).

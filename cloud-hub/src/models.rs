@@ -101,9 +101,7 @@ fn row_of<M>(manifest: &Manifest<M>, dir: &Path, role: &str) -> ModelRow {
 
 /// Reads a bundle's manifest (without verifying its files).
 pub fn read_manifest(dir: &Path) -> Result<PatchCoreManifest> {
-    let path = dir.join(MANIFEST);
-    let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_slice(&text).with_context(|| format!("{} is not a manifest", path.display()))
+    Ok(insp_core::bundle::read_manifest(dir)?)
 }
 
 /// Edge bundles by version.

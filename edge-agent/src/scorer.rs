@@ -240,9 +240,9 @@ impl Reloads {
 
 /// The `version` field of a bundle's manifest, read cheaply.
 fn manifest_version(bundle: &Path) -> Option<String> {
-    let text = std::fs::read(bundle.join(insp_core::bundle::MANIFEST)).ok()?;
-    let value: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    Some(value.get("version")?.as_str()?.to_string())
+    insp_core::bundle::ManifestHead::read(bundle)
+        .ok()
+        .map(|head| head.version)
 }
 
 /// Everything the scorer thread needs.

@@ -21,8 +21,8 @@
 
 use crate::corruption;
 use crate::heavy::{
-    concat_at_finest, load_backbone, Architecture, BorderStatistics, FeatureExtractor, HeavyModel,
-    HeavyParams, Network, TrainingReport,
+    concat_at_finest, Architecture, BorderStatistics, FeatureExtractor, HeavyModel, HeavyParams,
+    Network, TrainingReport,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
@@ -157,13 +157,6 @@ struct Cached {
     versions: Vec<Vec<Tensor>>,
 }
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn validate(c: &TrainConfig) -> Result<()> {
     let bad = |m: String| Err(Error::Config(m));
     insp_core::backbone::check_input(&c.stages, c.size)?;
@@ -184,7 +177,10 @@ fn validate(c: &TrainConfig) -> Result<()> {
 
 /// Trains a heavy model on `data/train/good` and writes its bundle to `out`.
 ///
-/// Unreadable images are skipped with a warning and counted in the manifest.
+/// Unreadable images are skipped with a warning and counted in the manifest. The stages
+/// run in order, each its own function: load the frozen backbone, cache the features,
+/// standardise them, optimise the network, then score the held-out images through the
+/// finished model and write the bundle.
 pub fn train(
     data: &Path,
     weights_file: &Path,
@@ -195,58 +191,201 @@ pub fn train(
 ) -> Result<Manifest<HeavyParams>> {
     let started = Instant::now();
     validate(config)?;
-    let recon = matches!(config.architecture, Architecture::Recon(_));
-    let variants = if recon { config.corrupted_variants } else { 0 };
     let mut rng = SplitMix64::new(config.seed);
     let (train_paths, holdout_paths) =
         dataset::holdout_split(dataset::train_images(data)?, config.holdout, &mut rng);
+    let mut frozen = Frozen::load(weights_file, config, device)?;
+    let mut features = cache_features(
+        data,
+        config,
+        &train_paths,
+        &holdout_paths,
+        &mut frozen,
+        &mut rng,
+        device,
+        progress,
+    )?;
+    let features_seconds = started.elapsed().as_secs_f64();
+    let stages = frozen.stage_channels.len();
+    standardise(&mut features, &mut frozen.extractor, stages, device)?;
 
-    // Frozen backbone: only the stages used travel in the bundle.
-    let lite = insp_core::backbone::LiteConfig::for_variant(&config.backbone)?;
-    let last_stage = config.stages.iter().copied().max().unwrap_or(0);
-    let all = insp_core::weights::load(weights_file, &Device::Cpu, DType::F32)?;
-    let subset = insp_core::weights::stem_and_blocks(all, lite.blocks_through(last_stage));
-    let backbone_bytes = safetensors::serialize(&subset, None)
-        .map_err(|e| Error::Config(format!("cannot serialise weights: {e}")))?;
-    let on_device: HashMap<String, Tensor> = subset
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_device(device)?)))
-        .collect::<Result<_>>()?;
-    let backbone =
-        load_backbone(on_device, &config.backbone, &config.stages, device).map_err(|e| {
-            Error::Weights {
-                path: weights_file.to_path_buf(),
-                reason: e.to_string(),
-            }
-        })?;
-    let channels = lite.stage_channels();
-    let stage_channels: Vec<usize> = config.stages.iter().map(|&s| channels[s - 1]).collect();
-    let mut extractor = FeatureExtractor::new(backbone, config.stages.clone(), config.pool);
-    let preprocessing = Preprocessing {
-        keep_aspect: config.keep_aspect,
-        ..Preprocessing::lite(config.size)
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let network = Network::load(vb, &config.architecture, &frozen.stage_channels)?;
+    reseed(&varmap, config.seed)?;
+    let (report, mut tensors) = optimise(
+        config, &network, &varmap, &features, &mut rng, device, progress,
+    )?;
+    let border = border_statistics(&network, &features.train, config.border_rings, device)?;
+    for (name, t) in frozen.extractor.standardisation_tensors() {
+        tensors.insert(name, t.to_device(&Device::Cpu)?);
+    }
+    let model_bytes = safetensors::serialize(&tensors, None)
+        .map_err(|e| Error::Config(format!("cannot serialise the model: {e}")))?;
+    let fit = FitReport {
+        data: data.display().to_string(),
+        train_images: train_paths.len(),
+        holdout_images: holdout_paths.len(),
+        skipped_images: features.skipped,
+        embedding_seconds: features_seconds,
+        ..Default::default()
     };
+    let holdout = std::mem::take(&mut features.holdout_paths);
+    drop(features);
+    let params = HeavyParams {
+        architecture: config.architecture.clone(),
+        pool: config.pool,
+        stage_channels: frozen.stage_channels.clone(),
+        weights_file: "model.safetensors".into(),
+        blur_sigma: config.blur_sigma,
+        border,
+        training: report,
+    };
+    calibrate_and_write(
+        data,
+        out,
+        config,
+        frozen,
+        params,
+        model_bytes,
+        &holdout,
+        fit,
+        started,
+        device,
+        progress,
+    )
+}
 
-    // Feature cache: training images (clean + corrupted copies), held-out images (clean +
-    // one corrupted copy for the reconstruction model's validation loss).
-    let total = train_paths.len() + holdout_paths.len();
-    let mut skipped = 0usize;
-    let mut done = 0usize;
-    let mut cache_set = |paths: &[PathBuf],
-                         copies: usize,
-                         rng: &mut SplitMix64,
-                         skipped: &mut usize|
-     -> Result<(Vec<Cached>, Vec<PathBuf>)> {
+/// The frozen backbone: its bytes as the bundle carries them (only the stages used), the
+/// feature extractor on the device, and the preprocessing of its input.
+struct Frozen {
+    bytes: Vec<u8>,
+    extractor: FeatureExtractor,
+    stage_channels: Vec<usize>,
+    preprocessing: Preprocessing,
+}
+
+impl Frozen {
+    fn load(weights_file: &Path, config: &TrainConfig, device: &Device) -> Result<Frozen> {
+        let lite = insp_core::backbone::LiteConfig::for_variant(&config.backbone)?;
+        let last_stage = config.stages.iter().copied().max().unwrap_or(0);
+        let all = insp_core::weights::load(weights_file, &Device::Cpu, DType::F32)?;
+        let subset = insp_core::weights::stem_and_blocks(all, lite.blocks_through(last_stage));
+        let bytes = safetensors::serialize(&subset, None)
+            .map_err(|e| Error::Config(format!("cannot serialise weights: {e}")))?;
+        let on_device: HashMap<String, Tensor> = subset
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        let backbone = insp_core::backbone::EfficientNetLite::from_tensors(
+            on_device,
+            &config.backbone,
+            &config.stages,
+            device,
+        )
+        .map_err(|e| Error::Weights {
+            path: weights_file.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let channels = lite.stage_channels();
+        Ok(Frozen {
+            bytes,
+            extractor: FeatureExtractor::new(backbone, config.stages.clone(), config.pool),
+            stage_channels: config.stages.iter().map(|&s| channels[s - 1]).collect(),
+            preprocessing: Preprocessing {
+                keep_aspect: config.keep_aspect,
+                ..Preprocessing::lite(config.size)
+            },
+        })
+    }
+}
+
+/// The cached features of the training and held-out images.
+struct Features {
+    train: Vec<Cached>,
+    holdout: Vec<Cached>,
+    /// The held-out images that could be read, in the order of `holdout`.
+    holdout_paths: Vec<PathBuf>,
+    /// Images skipped because they could not be read.
+    skipped: usize,
+}
+
+/// Caches the features of the training images (clean plus `corrupted_variants` copies
+/// for the reconstruction model) and of the held-out images (clean plus, for the
+/// reconstruction model's validation loss, one corrupted copy).
+#[allow(clippy::too_many_arguments)]
+fn cache_features(
+    data: &Path,
+    config: &TrainConfig,
+    train_paths: &[PathBuf],
+    holdout_paths: &[PathBuf],
+    frozen: &mut Frozen,
+    rng: &mut SplitMix64,
+    device: &Device,
+    progress: &mut dyn FnMut(TrainProgress),
+) -> Result<Features> {
+    let recon = matches!(config.architecture, Architecture::Recon(_));
+    let variants = if recon { config.corrupted_variants } else { 0 };
+    let mut cache = FeatureCache {
+        frozen,
+        feature_batch: config.feature_batch,
+        device,
+        done: 0,
+        total: train_paths.len() + holdout_paths.len(),
+        skipped: 0,
+    };
+    let (train, _) = cache.images(train_paths, variants, rng, progress)?;
+    let mut val_rng = SplitMix64::new(config.seed ^ 0x5A1);
+    let (holdout, kept) =
+        cache.images(holdout_paths, usize::from(recon), &mut val_rng, progress)?;
+    if train.is_empty() || holdout.is_empty() {
+        return Err(Error::Dataset {
+            path: data.join("train/good"),
+            reason: format!(
+                "{} readable training and {} readable held-out images: need at least one of each",
+                train.len(),
+                holdout.len()
+            ),
+        });
+    }
+    Ok(Features {
+        train,
+        holdout,
+        holdout_paths: kept,
+        skipped: cache.skipped,
+    })
+}
+
+/// Feature extraction of image lists, counting progress over all of them.
+struct FeatureCache<'a> {
+    frozen: &'a mut Frozen,
+    feature_batch: usize,
+    device: &'a Device,
+    done: usize,
+    total: usize,
+    skipped: usize,
+}
+
+impl FeatureCache<'_> {
+    /// The features of `paths` that can be read, each clean and with `copies` corrupted
+    /// copies (donors drawn from the same batch), and the paths kept.
+    fn images(
+        &mut self,
+        paths: &[PathBuf],
+        copies: usize,
+        rng: &mut SplitMix64,
+        progress: &mut dyn FnMut(TrainProgress),
+    ) -> Result<(Vec<Cached>, Vec<PathBuf>)> {
         let mut cached = Vec::with_capacity(paths.len());
         let mut kept = Vec::with_capacity(paths.len());
-        for chunk in paths.chunks(config.feature_batch) {
+        for chunk in paths.chunks(self.feature_batch) {
             let mut decoded: Vec<(DynamicImage, &PathBuf)> = Vec::new();
             for p in chunk {
                 match insp_core::image::open(p) {
                     Ok(img) => decoded.push((img, p)),
                     Err(e) => {
                         tracing::warn!("skipping training image: {e}");
-                        *skipped += 1;
+                        self.skipped += 1;
                     }
                 }
             }
@@ -258,8 +397,8 @@ pub fn train(
                     versions.push(corruption::corrupt(&decoded[i].0, donor, rng).0);
                 }
                 let refs: Vec<&DynamicImage> = versions.iter().collect();
-                let x = preprocessing.batch(&refs, device)?;
-                let raw = extractor.raw(&x)?;
+                let x = self.frozen.preprocessing.batch(&refs, self.device)?;
+                let raw = self.frozen.extractor.raw(&x)?;
                 let per_version = (0..versions.len())
                     .map(|v| {
                         raw.iter()
@@ -272,38 +411,30 @@ pub fn train(
                 });
                 kept.push(decoded[i].1.clone());
             }
-            done += chunk.len();
-            progress(TrainProgress::Features { done, total });
+            self.done += chunk.len();
+            progress(TrainProgress::Features {
+                done: self.done,
+                total: self.total,
+            });
         }
         Ok((cached, kept))
-    };
-    let (mut train_set, _) = cache_set(&train_paths, variants, &mut rng, &mut skipped)?;
-    let mut val_rng = SplitMix64::new(config.seed ^ 0x5A1);
-    let (mut val_set, val_paths) = cache_set(
-        &holdout_paths,
-        usize::from(recon),
-        &mut val_rng,
-        &mut skipped,
-    )?;
-    if train_set.is_empty() || val_set.is_empty() {
-        return Err(Error::Dataset {
-            path: data.join("train/good"),
-            reason: format!(
-                "{} readable training and {} readable held-out images: need at least one of each",
-                train_set.len(),
-                val_set.len()
-            ),
-        });
     }
-    let features_seconds = started.elapsed().as_secs_f64();
+}
 
-    // Per-channel standardisation from the clean training features.
-    let stats = standardisation(&train_set, stage_channels.len())?;
+/// Standardises every cached feature per channel with the clean training features'
+/// statistics (stored in half precision) and gives the extractor the same statistics.
+fn standardise(
+    features: &mut Features,
+    extractor: &mut FeatureExtractor,
+    stages: usize,
+    device: &Device,
+) -> Result<()> {
+    let stats = standardisation(&features.train, stages)?;
     let stats_device: Vec<(Tensor, Tensor)> = stats
         .iter()
         .map(|(m, s)| Ok((m.to_device(device)?, s.to_device(device)?)))
         .collect::<Result<_>>()?;
-    for set in [&mut train_set, &mut val_set] {
+    for set in [&mut features.train, &mut features.holdout] {
         for item in set.iter_mut() {
             for version in item.versions.iter_mut() {
                 for (f, (mean, std)) in version.iter_mut().zip(&stats) {
@@ -316,12 +447,23 @@ pub fn train(
         }
     }
     extractor.set_standardisation(stats_device);
+    Ok(())
+}
 
-    // Optimisation.
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let network = Network::load(vb, &config.architecture, &stage_channels)?;
-    reseed(&varmap, config.seed)?;
+/// Optimises `network` (its variables in `varmap`) with AdamW on a cosine schedule,
+/// validating after every epoch; stops at the epoch limit, on early stopping or at the
+/// time limit, and restores the best epoch's weights. Returns the report and those
+/// weights.
+fn optimise(
+    config: &TrainConfig,
+    network: &Network,
+    varmap: &VarMap,
+    features: &Features,
+    rng: &mut SplitMix64,
+    device: &Device,
+    progress: &mut dyn FnMut(TrainProgress),
+) -> Result<(TrainingReport, HashMap<String, Tensor>)> {
+    let recon = matches!(config.architecture, Architecture::Recon(_));
     let mut optimiser = candle_nn::AdamW::new(
         varmap.all_vars(),
         candle_nn::ParamsAdamW {
@@ -330,12 +472,13 @@ pub fn train(
             ..Default::default()
         },
     )?;
+    let train_set = &features.train;
     let steps_per_epoch = train_set.len().div_ceil(config.batch);
     let total_steps = steps_per_epoch * config.epochs;
     let mut report = TrainingReport {
         batch: config.batch,
         learning_rate: config.learning_rate,
-        corrupted_variants: variants,
+        corrupted_variants: if recon { config.corrupted_variants } else { 0 },
         stopped_by: "max epochs".into(),
         ..Default::default()
     };
@@ -353,8 +496,8 @@ pub fn train(
         rng.shuffle(&mut order);
         let mut sum = 0f64;
         for (b, chunk) in order.chunks(config.batch).enumerate() {
-            let frames = frame_batch(&train_set, chunk, &mut rng, device)?;
-            let loss = batch_loss(&network, &frames)?;
+            let frames = frame_batch(train_set, chunk, rng, device)?;
+            let loss = batch_loss(network, &frames)?;
             optimiser.backward_step(&loss)?;
             let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             if !value.is_finite() {
@@ -372,7 +515,7 @@ pub fn train(
             });
         }
         let train_loss = (sum / steps_per_epoch as f64) as f32;
-        let validation_loss = validation(&network, &val_set, device)?;
+        let validation_loss = validation(network, &features.holdout, device)?;
         report.epochs = epoch;
         report.train_loss.push(train_loss);
         report.validation_loss.push(validation_loss);
@@ -381,7 +524,7 @@ pub fn train(
                 < *b as f64 - config.min_improvement * (*b as f64).abs().max(1e-6)
         });
         if improved {
-            best = Some((validation_loss, snapshot(&varmap)?));
+            best = Some((validation_loss, snapshot(varmap)?));
             report.best_epoch = epoch;
             since_best = 0;
         } else {
@@ -406,20 +549,29 @@ pub fn train(
         }
     }
     report.training_seconds = training_started.elapsed().as_secs_f64();
-    let (_, mut tensors) = best.ok_or_else(|| Error::Config("no epoch ran".into()))?;
-    restore(&varmap, &tensors)?;
-    let border = border_statistics(&network, &train_set, config.border_rings, device)?;
-    for (name, t) in extractor.standardisation_tensors() {
-        tensors.insert(name, t.to_device(&Device::Cpu)?);
-    }
-    let model_bytes = safetensors::serialize(&tensors, None)
-        .map_err(|e| Error::Config(format!("cannot serialise the model: {e}")))?;
-    drop(train_set);
-    drop(val_set);
+    let (_, tensors) = best.ok_or_else(|| Error::Config("no epoch ran".into()))?;
+    restore(varmap, &tensors)?;
+    Ok((report, tensors))
+}
 
-    // Score the held-out images through exactly what the bundle holds.
+/// Scores the held-out images through exactly what the bundle holds (their scores are
+/// the manifest's calibration) and writes the bundle to `out`.
+#[allow(clippy::too_many_arguments)]
+fn calibrate_and_write(
+    data: &Path,
+    out: &Path,
+    config: &TrainConfig,
+    frozen: Frozen,
+    params: HeavyParams,
+    model_bytes: Vec<u8>,
+    holdout: &[PathBuf],
+    fit: FitReport,
+    started: Instant,
+    device: &Device,
+    progress: &mut dyn FnMut(TrainProgress),
+) -> Result<Manifest<HeavyParams>> {
     let calibration_started = Instant::now();
-    let created = now_unix();
+    let created = insp_core::clock::unix_seconds();
     let kind = config.architecture.kind();
     let mut manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -434,25 +586,17 @@ pub fn train(
             stages: config.stages.clone(),
             weights_file: "backbone.safetensors".into(),
         },
-        preprocessing,
-        model: HeavyParams {
-            architecture: config.architecture.clone(),
-            pool: config.pool,
-            stage_channels,
-            weights_file: "model.safetensors".into(),
-            blur_sigma: config.blur_sigma,
-            border,
-            training: report,
-        },
+        preprocessing: frozen.preprocessing,
+        model: params,
         calibration: Calibration::default(),
         thresholds: None,
         fit: FitReport::default(),
         files: Default::default(),
         golden: Vec::new(),
     };
-    let model = HeavyModel::from_parts(manifest.clone(), &backbone_bytes, &model_bytes, device)?;
-    let mut scored: Vec<(f32, String)> = Vec::with_capacity(val_paths.len());
-    for (i, path) in val_paths.iter().enumerate() {
+    let model = HeavyModel::from_parts(manifest.clone(), &frozen.bytes, &model_bytes, device)?;
+    let mut scored: Vec<(f32, String)> = Vec::with_capacity(holdout.len());
+    for (i, path) in holdout.iter().enumerate() {
         let image = insp_core::image::open(path)?;
         let name = path
             .strip_prefix(data)
@@ -462,7 +606,7 @@ pub fn train(
         scored.push((model.score_image(&image)?.score, name));
         progress(TrainProgress::Calibrating {
             done: i + 1,
-            total: val_paths.len(),
+            total: holdout.len(),
         });
     }
     scored.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -472,20 +616,15 @@ pub fn train(
         images,
     };
     manifest.fit = FitReport {
-        data: data.display().to_string(),
-        train_images: train_paths.len(),
-        holdout_images: holdout_paths.len(),
-        skipped_images: skipped,
         seconds: started.elapsed().as_secs_f64(),
-        embedding_seconds: features_seconds,
-        coreset_seconds: 0.0,
         calibration_seconds: calibration_started.elapsed().as_secs_f64(),
+        ..fit
     };
     insp_core::bundle::write(
         out,
         &mut manifest,
         &[
-            ("backbone.safetensors".to_string(), backbone_bytes),
+            ("backbone.safetensors".to_string(), frozen.bytes),
             ("model.safetensors".to_string(), model_bytes),
         ],
     )?;

@@ -273,6 +273,21 @@ pub struct EfficientNetLite {
 }
 
 impl EfficientNetLite {
+    /// Loads the stages up to the last of `stages` of `variant` from named tensors (a
+    /// checkpoint or a bundle's `backbone.safetensors`), without the head: what the
+    /// PatchCore and the heavy models both load.
+    pub fn from_tensors(
+        tensors: std::collections::HashMap<String, Tensor>,
+        variant: &str,
+        stages: &[usize],
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let config = LiteConfig::for_variant(variant)?;
+        let last = stages.iter().copied().max().unwrap_or(0);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        Self::load(vb, config, last, false)
+    }
+
     /// Loads the first `num_stages` stages (1..=7), plus the classifier head if asked.
     pub fn load(
         vb: VarBuilder,

@@ -127,9 +127,9 @@ pub fn write<M: Serialize>(
     let _ = std::fs::remove_file(dir.join(SIGNATURE));
     manifest.files.clear();
     for (name, bytes) in files {
-        if name.contains('/') || name.contains("..") || name == MANIFEST || name == SIGNATURE {
-            return Err(Error::Config(format!("invalid bundle file name {name:?}")));
-        }
+        check_listed_name(name).map_err(|reason| {
+            Error::Config(format!("invalid bundle file name {name:?}: {reason}"))
+        })?;
         let path = dir.join(name);
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
         manifest.files.insert(name.clone(), sha256_hex(bytes));
@@ -146,31 +146,158 @@ pub trait ModelKind {
     const KINDS: &'static [&'static str];
 }
 
+/// Why `name` cannot be a file of a bundle folder (a phrase: "is not ..."), if it cannot: the one rule for names
+/// that come from a manifest or over the network. A plain file name of 1 to 255 bytes,
+/// not `.` or `..`, without `/`, `\\`, NUL or `..` in it, so joining it to the bundle's
+/// folder never leaves the folder.
+pub fn check_file_name(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("is not a plain file name (empty or over 255 bytes)");
+    }
+    if name.contains(['/', '\\', '\0']) || name.contains("..") || name == "." {
+        return Err("is not a plain file name: it would leave the bundle folder");
+    }
+    Ok(())
+}
+
+/// [`check_file_name`] for a file the manifest lists: also not the manifest or its
+/// signature, which the manifest cannot list.
+pub fn check_listed_name(name: &str) -> std::result::Result<(), &'static str> {
+    check_file_name(name)?;
+    if name == MANIFEST || name == SIGNATURE {
+        return Err("names the manifest or its signature, which a manifest does not list");
+    }
+    Ok(())
+}
+
+/// A bundle's manifest read for its common fields, before its model kind is known: the
+/// one reader of `manifest.json`. Every listed file name has passed
+/// [`check_listed_name`]; the files themselves are not read.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    /// Path of `manifest.json`.
+    pub path: PathBuf,
+    /// Its exact bytes (what a signature covers).
+    pub text: Vec<u8>,
+    /// The bundle's version.
+    pub version: String,
+    /// `model.kind`, if the manifest names one.
+    pub kind: Option<String>,
+    /// Every listed file and its sha256 (hex).
+    pub files: BTreeMap<String, String>,
+    value: serde_json::Value,
+}
+
+impl ManifestHead {
+    /// Reads `dir/manifest.json`: refused when absent (not a bundle folder), malformed,
+    /// without a version, or listing a file name that would leave the folder.
+    pub fn read(dir: &Path) -> Result<ManifestHead> {
+        let path = dir.join(MANIFEST);
+        if !path.is_file() {
+            return Err(Error::Bundle {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "no {MANIFEST}: not a bundle folder (create one with `edge-agent fit`)"
+                ),
+            });
+        }
+        let text = crate::error::read_file(&path)?;
+        let fail = |reason: String| Error::Bundle {
+            path: path.clone(),
+            reason,
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| fail(format!("malformed manifest: {e}")))?;
+        let version = value["version"]
+            .as_str()
+            .ok_or_else(|| fail("malformed manifest: no version".into()))?
+            .to_string();
+        let kind = value["model"]["kind"].as_str().map(str::to_string);
+        let mut files = BTreeMap::new();
+        if let Some(listed) = value.get("files") {
+            let listed = listed
+                .as_object()
+                .ok_or_else(|| fail("malformed manifest: files is not a map".into()))?;
+            for (name, hash) in listed {
+                check_listed_name(name)
+                    .map_err(|reason| fail(format!("lists the file {name:?}, which {reason}")))?;
+                let hash = hash.as_str().ok_or_else(|| {
+                    fail(format!(
+                        "malformed manifest: the hash of {name:?} is not text"
+                    ))
+                })?;
+                files.insert(name.clone(), hash.to_string());
+            }
+        }
+        Ok(ManifestHead {
+            path,
+            text,
+            version,
+            kind,
+            files,
+            value,
+        })
+    }
+
+    /// The model kind, refused when the manifest names none.
+    pub fn kind(&self) -> Result<&str> {
+        self.kind.as_deref().ok_or_else(|| Error::Bundle {
+            path: self.path.clone(),
+            reason: "malformed manifest: no model kind (model.kind)".into(),
+        })
+    }
+
+    /// The whole manifest as model parameters `M`: refused when the bundle holds another
+    /// kind of model (saying which tool scores it) or another format version.
+    pub fn typed<M: serde::de::DeserializeOwned + ModelKind>(&self) -> Result<Manifest<M>> {
+        let kind = self.kind()?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        if !M::KINDS.contains(&kind) {
+            let hint = if kind == "patchcore" {
+                "PatchCore bundles are scored by `edge-agent` and the hub's edge model"
+            } else {
+                "recon and flow bundles are scored by `cloud-hub` (insp_cloud::heavy)"
+            };
+            return Err(Error::Bundle {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "holds a {kind} model where a {} model was expected; {hint}",
+                    M::KINDS.join(" or ")
+                ),
+            });
+        }
+        let fail = |reason: String| Error::Bundle {
+            path: self.path.clone(),
+            reason,
+        };
+        let manifest: Manifest<M> = serde_json::from_value(self.value.clone())
+            .map_err(|e| fail(format!("malformed manifest: {e}")))?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(fail(format!(
+                "format version {} is not supported (this build reads {FORMAT_VERSION})",
+                manifest.format_version
+            )));
+        }
+        Ok(manifest)
+    }
+}
+
 /// The model kind (`model.kind`) a bundle's manifest declares, read without verifying the
 /// bundle, to choose the loader.
 pub fn model_kind(dir: &Path) -> Result<String> {
-    let manifest_path = dir.join(MANIFEST);
-    if !manifest_path.is_file() {
-        return Err(Error::Bundle {
-            path: dir.to_path_buf(),
-            reason: format!("no {MANIFEST}: not a bundle folder"),
-        });
-    }
-    let text = crate::error::read_file(&manifest_path)?;
-    let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| Error::Bundle {
-        path: manifest_path.clone(),
-        reason: format!("malformed manifest: {e}"),
-    })?;
-    value["model"]["kind"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| Error::Bundle {
-            path: manifest_path,
-            reason: "manifest names no model kind (model.kind)".into(),
-        })
+    Ok(ManifestHead::read(dir)?.kind()?.to_string())
 }
 
-/// Reads every file `listed` (name to sha256) from `dir`, checking each hash.
+/// A bundle's manifest as model parameters `M`, without reading or verifying its files
+/// (for listing; [`Bundle::open_kind`] verifies).
+pub fn read_manifest<M: serde::de::DeserializeOwned + ModelKind>(
+    dir: &Path,
+) -> Result<Manifest<M>> {
+    ManifestHead::read(dir)?.typed()
+}
+
+/// Reads every file `listed` (name to sha256, names checked by [`ManifestHead::read`])
+/// from `dir`, checking each hash.
 fn read_listed_files(
     dir: &Path,
     listed: &BTreeMap<String, String>,
@@ -181,12 +308,6 @@ fn read_listed_files(
     };
     let mut files = BTreeMap::new();
     for (name, want) in listed {
-        if name.contains('/') || name.contains("..") || name == MANIFEST || name == SIGNATURE {
-            return Err(fail(
-                &dir.join(MANIFEST),
-                format!("file name {name:?} leaves the bundle folder or names the manifest or signature"),
-            ));
-        }
         let path = dir.join(name);
         let bytes = std::fs::read(&path)
             .map_err(|e| fail(&path, format!("listed in the manifest but unreadable: {e}")))?;
@@ -224,18 +345,9 @@ pub fn verify_signature(dir: &Path, manifest: &[u8], trusted: &TrustedKeys) -> R
 /// (of any model kind), then writes `signature.json` over the manifest's exact bytes,
 /// replacing an earlier signature. Returns the signature.
 pub fn sign(dir: &Path, key: &PrivateKey) -> Result<Signature> {
-    let manifest_path = dir.join(MANIFEST);
-    let text = crate::error::read_file(&manifest_path)?;
-    #[derive(Deserialize)]
-    struct Listed {
-        files: BTreeMap<String, String>,
-    }
-    let listed: Listed = serde_json::from_slice(&text).map_err(|e| Error::Bundle {
-        path: manifest_path.clone(),
-        reason: format!("malformed manifest: {e}"),
-    })?;
-    read_listed_files(dir, &listed.files)?;
-    let signature = key.sign(Purpose::BundleManifest, &text);
+    let head = ManifestHead::read(dir)?;
+    read_listed_files(dir, &head.files)?;
+    let signature = key.sign(Purpose::BundleManifest, &head.text);
     let json = serde_json::to_vec_pretty(&SignatureFile::new(&signature))
         .map_err(|e| Error::Config(e.to_string()))?;
     let tmp = dir.join(format!("{SIGNATURE}.partial"));
@@ -266,54 +378,11 @@ impl<M: serde::de::DeserializeOwned + ModelKind> Bundle<M> {
     /// `signature.json` is a signature by one of them over the manifest's exact bytes
     /// (refused as [`Error::Signature`] when missing, by an unknown key, or bad).
     pub fn open_trusted(dir: &Path, trusted: Option<&TrustedKeys>) -> Result<Bundle<M>> {
-        let fail = |path: &Path, reason: String| Error::Bundle {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let manifest_path = dir.join(MANIFEST);
-        if !manifest_path.is_file() {
-            return Err(fail(
-                dir,
-                format!("no {MANIFEST}: not a bundle folder (create one with `edge-agent fit`)"),
-            ));
-        }
-        let text = crate::error::read_file(&manifest_path)?;
+        let head = ManifestHead::read(dir)?;
         if let Some(trusted) = trusted {
-            verify_signature(dir, &text, trusted)?;
+            verify_signature(dir, &head.text, trusted)?;
         }
-        let value: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| fail(&manifest_path, format!("malformed manifest: {e}")))?;
-        let Some(kind) = value["model"]["kind"].as_str() else {
-            return Err(fail(
-                &manifest_path,
-                "malformed manifest: no model kind (model.kind)".into(),
-            ));
-        };
-        if !M::KINDS.contains(&kind) {
-            let hint = if kind == "patchcore" {
-                "PatchCore bundles are scored by `edge-agent` and the hub's edge model"
-            } else {
-                "recon and flow bundles are scored by `cloud-hub` (insp_cloud::heavy)"
-            };
-            return Err(fail(
-                dir,
-                format!(
-                    "holds a {kind} model where a {} model was expected; {hint}",
-                    M::KINDS.join(" or ")
-                ),
-            ));
-        }
-        let manifest: Manifest<M> = serde_json::from_value(value)
-            .map_err(|e| fail(&manifest_path, format!("malformed manifest: {e}")))?;
-        if manifest.format_version != FORMAT_VERSION {
-            return Err(fail(
-                &manifest_path,
-                format!(
-                    "format version {} is not supported (this build reads {FORMAT_VERSION})",
-                    manifest.format_version
-                ),
-            ));
-        }
+        let manifest: Manifest<M> = head.typed()?;
         let files = read_listed_files(dir, &manifest.files)?;
         Ok(Bundle {
             dir: dir.to_path_buf(),
@@ -349,6 +418,55 @@ mod tests {
         assert_eq!(c.quantile(0.5), Some(3.0));
         assert!((c.quantile(0.9).unwrap() - 4.6).abs() < 1e-6);
         assert_eq!(Calibration::default().quantile(0.5), None);
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_names_inside_the_folder_pass() {
+        for good in ["bank.safetensors", "golden-0.png", "a.b", &"x".repeat(255)] {
+            assert_eq!(check_listed_name(good), Ok(()), "{good}");
+        }
+        let long = "x".repeat(256);
+        for bad in ["", ".", "..", "../x", "a/b", "a\\b", "a\0b", "x..", &long] {
+            let reason = check_file_name(bad).unwrap_err();
+            assert!(
+                reason.contains("not a plain file name"),
+                "{bad:?}: {reason}"
+            );
+        }
+        assert_eq!(check_file_name(MANIFEST), Ok(()));
+        assert!(check_listed_name(MANIFEST).is_err());
+        assert!(check_listed_name(SIGNATURE).is_err());
+    }
+
+    #[test]
+    fn the_head_refuses_a_manifest_listing_a_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |json: &str| std::fs::write(dir.path().join(MANIFEST), json).unwrap();
+        write(r#"{"version": "v1", "model": {"kind": "flow"}, "files": {"a.bin": "00"}}"#);
+        let head = ManifestHead::read(dir.path()).unwrap();
+        assert_eq!(
+            (head.version.as_str(), head.kind().unwrap()),
+            ("v1", "flow")
+        );
+        assert_eq!(head.files.len(), 1);
+        write(r#"{"version": "v1", "files": {"../a.bin": "00"}}"#);
+        let e = ManifestHead::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a plain file name"), "{e}");
+        write(r#"{"files": {}}"#);
+        let e = ManifestHead::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("no version"), "{e}");
+        write(r#"{"version": "v1"}"#);
+        let e = ManifestHead::read(dir.path())
+            .unwrap()
+            .kind()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.kind"), "{e}");
     }
 }
 

@@ -10,6 +10,7 @@ pub mod anomaly_map;
 pub mod backbone;
 pub mod bundle;
 pub mod calibration;
+pub mod clock;
 pub mod coreset;
 pub mod dataset;
 pub mod depthwise;

