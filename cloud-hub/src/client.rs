@@ -223,13 +223,12 @@ pub enum ReviewsCommand {
     },
 }
 
+/// A wire band's name, `-` when unspecified.
 fn band(b: i32) -> &'static str {
-    match Band::try_from(b) {
-        Ok(Band::Ok) => "OK",
-        Ok(Band::Ng) => "NG",
-        Ok(Band::Uncertain) => "UNCERTAIN",
-        _ => "-",
-    }
+    Band::try_from(b)
+        .ok()
+        .and_then(|b| insp_core::routing::Band::try_from(b).ok())
+        .map_or("-", insp_core::routing::Band::as_str)
 }
 
 /// Runs a `reviews` command.

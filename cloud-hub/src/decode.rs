@@ -9,9 +9,7 @@ use crate::db::delivery::{Delivered, StreamPosition, StreamQueue};
 use crate::db::ingest::{DeadLetter, FrameRow, MetricsRow, StateRow};
 use insp_core::anomaly_map::AnomalyMap;
 use insp_core::memory_bank::Search;
-use insp_proto::v1::{
-    device_state::Status, Band, DeviceMetrics, DeviceState, Escalation, FrameResult,
-};
+use insp_proto::v1::{device_state::Status, DeviceMetrics, DeviceState, Escalation, FrameResult};
 use insp_proto::{parse_topic, Message, TopicKind};
 
 /// An escalation, decoded: its frame row, the encoded image and the edge map.
@@ -48,14 +46,6 @@ pub enum Incoming {
     Metrics(MetricsRow),
     /// Anything that could not be ingested.
     Dead(DeadLetter),
-}
-
-/// The wire form of a bank search.
-pub fn wire_search(search: Search) -> insp_proto::v1::BankSearch {
-    match search {
-        Search::Exact => insp_proto::v1::BankSearch::every_row(),
-        Search::Probes(n) => insp_proto::v1::BankSearch::lists(n),
-    }
 }
 
 /// Decodes a message received at `received_unix_ms`. Payloads above `max_payload` and
@@ -115,10 +105,9 @@ pub fn decode(
                         .then(|| AnomalyMap::new(h, w, m.data))
                 });
                 // A bad setting costs the bit-identical reproduction, not the frame.
-                let search = match e.search.map(|s| s.probed_lists()) {
+                let search = match e.search.as_ref().map(Search::try_from) {
                     None => None,
-                    Some(Ok(None)) => Some(Search::Exact),
-                    Some(Ok(Some(n))) => Some(Search::Probes(n)),
+                    Some(Ok(search)) => Some(search),
                     Some(Err(reason)) => {
                         tracing::warn!(
                             "escalation {} from {device}: {reason}; reproducing its score with the hub's models.edge_* settings",
@@ -232,12 +221,8 @@ fn frame_row(
             ));
         }
     }
-    let band = match r.band() {
-        Band::Ok => "OK",
-        Band::Uncertain => "UNCERTAIN",
-        Band::Ng => "NG",
-        Band::Unspecified => return Err("result without a band".into()),
-    };
+    let band = insp_core::routing::Band::try_from(r.band())
+        .map_err(|_| "result without a band".to_string())?;
     if !r.score.is_finite() {
         return Err(format!("score {} is not finite", r.score));
     }
@@ -275,7 +260,7 @@ mod tests {
             device: device.into(),
             frame_id: "6f1c2a9e-0000-4000-8000-000000000001".into(),
             score: 1.5,
-            band: Band::Uncertain as i32,
+            band: insp_proto::v1::Band::Uncertain as i32,
             model_version: "m1".into(),
             ..Default::default()
         }
@@ -295,7 +280,7 @@ mod tests {
         let Incoming::Result(f) = ok else { panic!() };
         assert_eq!(
             (f.band, f.received_unix_ms, f.device.as_str()),
-            ("UNCERTAIN", 7, "cam1")
+            (insp_core::routing::Band::Uncertain, 7, "cam1")
         );
         assert!(reason(decode(t, &result("cam2").encode_to_vec(), 0, 1000, 16)).contains("cam2"));
         let mut bad = result("cam1");
@@ -327,7 +312,7 @@ mod tests {
                 width: 2,
                 data: vec![0.0; 4],
             }),
-            search: Some(wire_search(Search::Probes(3))),
+            search: Some(Search::Probes(3).into()),
             delivery: Some(insp_proto::v1::Delivery {
                 stream: u64::MAX,
                 seq: 4,
@@ -352,7 +337,7 @@ mod tests {
             panic!()
         };
         assert_eq!(got.search, None);
-        e.search = Some(wire_search(Search::Exact));
+        e.search = Some(Search::Exact.into());
         let Incoming::Escalation(got) = decode(t, &e.encode_to_vec(), 0, 1000, 16) else {
             panic!()
         };

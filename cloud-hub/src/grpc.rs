@@ -172,7 +172,7 @@ fn summary_msg(e: &EscalationSummaryRow) -> EscalationSummary {
         model_version: e.model_version.clone(),
         state: e.state.clone(),
         verdict: e.verdict.as_ref().map(|v| VerdictRecord {
-            band: if v.band == "NG" { Band::Ng } else { Band::Ok } as i32,
+            band: Band::from(v.band) as i32,
             fused: v.fused,
             // hub.proto's record has no absent value: NaN without a cloud score.
             cloud_score: v.cloud_score.unwrap_or(f32::NAN),

@@ -12,7 +12,7 @@ use crate::db::Db;
 use crate::objects::Objects;
 use anyhow::{Context, Result};
 use clap::Args;
-use insp_core::routing::Thresholds;
+use insp_core::routing::{Band, Thresholds};
 use serde_json::json;
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
@@ -38,7 +38,7 @@ struct Frame {
     source: String,
     frame_id: String,
     edge_score: f32,
-    band: String,
+    band: Band,
     model_version: String,
     latency_ms: f64,
     scored_unix_ms: i64,
@@ -46,7 +46,7 @@ struct Frame {
 }
 
 struct Verdict {
-    band: String,
+    band: Band,
     edge_exact: bool,
     decided_unix_ms: i64,
 }
@@ -104,7 +104,7 @@ async fn load(db: &Db) -> Result<Vec<Frame>> {
         let v_band: Option<String> = r.try_get("v_band")?;
         let verdict = match v_band {
             Some(band) => Some(Verdict {
-                band,
+                band: band.parse()?,
                 edge_exact: r.try_get::<i64, _>("edge_exact")? != 0,
                 decided_unix_ms: r.try_get("decided_unix_ms")?,
             }),
@@ -115,7 +115,7 @@ async fn load(db: &Db) -> Result<Vec<Frame>> {
             device: r.try_get("device")?,
             source: crate::db::unescape_text(r.try_get("source")?),
             edge_score: r.try_get::<f64, _>("edge_score")? as f32,
-            band: r.try_get("band")?,
+            band: r.try_get::<String, _>("band")?.parse()?,
             model_version: crate::db::unescape_text(r.try_get("model_version")?),
             latency_ms: r.try_get("latency_ms")?,
             scored_unix_ms: r.try_get("scored_unix_ms")?,
@@ -187,10 +187,10 @@ pub async fn run(args: ReportArgs) -> Result<()> {
     for f in &frames {
         let d = devices.entry(&f.device).or_default();
         d[0] += 1;
-        match f.band.as_str() {
-            "OK" => d[1] += 1,
-            "UNCERTAIN" => d[2] += 1,
-            _ => d[3] += 1,
+        match f.band {
+            Band::Ok => d[1] += 1,
+            Band::Uncertain => d[2] += 1,
+            Band::Ng => d[3] += 1,
         }
         if let Some(v) = &f.verdict {
             d[4] += 1;
@@ -238,19 +238,19 @@ pub async fn run(args: ReportArgs) -> Result<()> {
         let t = thresholds.get(&f.model_version);
         let edge_ng = match t {
             Some(t) => f.edge_score >= t.midpoint(),
-            None => f.band == "NG",
+            None => f.band.is_ng(),
         };
         edge_alone.add(defective, edge_ng);
-        let final_ng = match (f.band.as_str(), &f.verdict) {
-            ("UNCERTAIN", Some(v)) => v.band == "NG",
-            ("UNCERTAIN", None) => {
+        let final_ng = match (f.band, &f.verdict) {
+            (Band::Uncertain, Some(v)) => v.band.is_ng(),
+            (Band::Uncertain, None) => {
                 without_verdict += 1;
                 fallback_ng
             }
-            (band, _) => band == "NG",
+            (band, _) => band.is_ng(),
         };
         two_tier.add(defective, final_ng);
-        if f.band == "UNCERTAIN" {
+        if f.band == Band::Uncertain {
             band_edge.add(defective, edge_ng);
             band_cloud.add(defective, final_ng);
         }
@@ -331,7 +331,7 @@ pub async fn run(args: ReportArgs) -> Result<()> {
     // Overlays of the escalated frames.
     let overlays = args.out.join("escalated");
     let mut written = 0;
-    for f in frames.iter().filter(|f| f.band == "UNCERTAIN") {
+    for f in frames.iter().filter(|f| f.band == Band::Uncertain) {
         match overlay(&db, &objects, f, thresholds.get(&f.model_version)).await {
             Ok(image) => {
                 let verdict = f.verdict.as_ref().map_or("pending", |v| v.band.as_str());

@@ -20,7 +20,8 @@ use crate::telemetry::Telemetry;
 use anyhow::{Context, Result};
 use insp_cloud::judge::Judge;
 use insp_cloud::model::FrameModel;
-use insp_proto::v1::{Band, Verdict};
+use insp_core::routing::Band;
+use insp_proto::v1::Verdict;
 use insp_proto::{Message, TopicKind};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -371,7 +372,11 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         frame_id: e.frame_id.clone(),
         site: e.site.clone(),
         device: e.device.clone(),
-        band: if judgement.defective { "NG" } else { "OK" }.into(),
+        band: if judgement.defective {
+            Band::Ng
+        } else {
+            Band::Ok
+        },
         fused: judgement.fused_score,
         cloud_score: judgement.cloud_score(),
         edge_score_reported: e.edge_score,
@@ -433,11 +438,10 @@ pub fn verdict_message(
 ) -> Result<(String, Vec<u8>)> {
     let topic =
         insp_proto::topic(&v.site, &v.device, TopicKind::Verdict).map_err(anyhow::Error::msg)?;
-    let band = if v.band == "NG" { Band::Ng } else { Band::Ok };
     let payload = Verdict {
         frame_id: v.frame_id.clone(),
         device: v.device.clone(),
-        band: band as i32,
+        band: insp_proto::v1::Band::from(v.band) as i32,
         cloud_score: v.cloud_score,
         edge_score_reproduced: v.edge_score_reproduced,
         model_versions: v.model_versions.clone(),

@@ -313,7 +313,7 @@ pub async fn run_fleet(
                         frame: f.bytes.clone(),
                         frame_format: f.format.clone(),
                         edge_map: Some(f.map.clone()),
-                        search: Some(crate::decode::wire_search(f.search)),
+                        search: Some(f.search.into()),
                         delivery: Some(insp_proto::v1::Delivery {
                             stream: streams.1,
                             seq: escalations,

@@ -37,8 +37,7 @@ use crate::outbox::{Envelope, Queue, Spools};
 use crate::telemetry::Telemetry;
 use insp_core::signing::TrustedKeys;
 use insp_proto::v1::{
-    device_state::Status, stream_position, Band as WireBand, Delivery, DeviceState, Resend,
-    StreamPosition, Verdict,
+    device_state::Status, stream_position, Delivery, DeviceState, Resend, StreamPosition, Verdict,
 };
 use insp_proto::{Message, TopicKind};
 use rumqttc::{
@@ -616,9 +615,9 @@ impl Link {
             );
             return;
         };
-        let band = match verdict.band() {
-            WireBand::Ok => insp_core::routing::Band::Ok,
-            WireBand::Ng => insp_core::routing::Band::Ng,
+        use insp_core::routing::Band;
+        let band = match Band::try_from(verdict.band()) {
+            Ok(band @ (Band::Ok | Band::Ng)) => band,
             other => {
                 tracing::error!(frame = %frame_id, "verdict with band {other:?} ignored: expected OK or NG");
                 return;

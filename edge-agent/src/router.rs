@@ -97,7 +97,7 @@ pub fn route(frame: Routable, scored: &Scored, at: &Route) -> Routed {
         captured_unix_ms: frame.captured_unix_ms,
         scored_unix_ms: frame.scored_unix_ms,
         score: scored.score,
-        band: wire_band(band) as i32,
+        band: v1::Band::from(band) as i32,
         model_version: at.model_version.to_string(),
         latency_ms: frame.latency_ms,
         // Numbered by the link as it publishes.
@@ -138,7 +138,7 @@ pub fn route(frame: Routable, scored: &Scored, at: &Route) -> Routed {
             width: scored.map.width as u32,
             data: scored.map.data.clone(),
         }),
-        search: Some(wire_search(at.search)),
+        search: Some(at.search.into()),
         delivery: None,
     };
     let mut payload = escalation.encode_to_vec();
@@ -153,23 +153,6 @@ pub fn route(frame: Routable, scored: &Scored, at: &Route) -> Routed {
         routed.escalation = Some(payload);
     }
     routed
-}
-
-/// The wire form of a band.
-pub fn wire_band(band: Band) -> v1::Band {
-    match band {
-        Band::Ok => v1::Band::Ok,
-        Band::Uncertain => v1::Band::Uncertain,
-        Band::Ng => v1::Band::Ng,
-    }
-}
-
-/// The bank search as sent with escalations, so the hub reproduces the score.
-fn wire_search(search: Search) -> v1::BankSearch {
-    match search {
-        Search::Exact => v1::BankSearch::every_row(),
-        Search::Probes(n) => v1::BankSearch::lists(n),
-    }
 }
 
 /// Names the encoding of image bytes from their signature.
@@ -229,7 +212,7 @@ mod tests {
         for (score, band) in [(0.5, Band::Ok), (2.5, Band::Ng)] {
             let r = route(frame(), &scored(score), &at(1 << 20, false));
             assert_eq!(r.band, band);
-            assert_eq!(r.result.band(), wire_band(band));
+            assert_eq!(r.result.band(), v1::Band::from(band));
             assert_eq!((r.result.score, r.result.latency_ms), (score, 3.5));
             assert_eq!(r.decision.decided_by, Some(DecidedBy::Edge));
             assert!(r.escalation.is_none() && r.unsent.is_none());

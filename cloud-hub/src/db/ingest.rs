@@ -39,8 +39,8 @@ pub struct FrameRow {
     pub received_unix_ms: i64,
     /// Edge score.
     pub edge_score: f32,
-    /// `OK`, `UNCERTAIN`, `NG`.
-    pub band: &'static str,
+    /// The edge's band.
+    pub band: insp_core::routing::Band,
     /// Edge bundle version.
     pub model_version: String,
     /// Edge latency.
@@ -202,7 +202,7 @@ fn bind_frame<'q>(q: AnyQuery<'q>, f: &FrameRow, stored_unix_ms: i64) -> AnyQuer
         .bind(f.received_unix_ms)
         .bind(stored_unix_ms)
         .bind(f.edge_score as f64)
-        .bind(f.band)
+        .bind(f.band.as_str())
         .bind(escape_text(&f.model_version).into_owned())
         .bind(f.latency_ms as f64)
 }

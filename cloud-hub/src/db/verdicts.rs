@@ -5,6 +5,7 @@
 
 use super::{unescape_text, Db};
 use anyhow::Result;
+use insp_core::routing::Band;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
@@ -59,8 +60,8 @@ pub struct VerdictRow {
     pub site: String,
     /// Device.
     pub device: String,
-    /// `OK` or `NG`.
-    pub band: String,
+    /// The verdict: OK or NG.
+    pub band: Band,
     /// Fused score: mean (or max) of the members' z-scores; NG above the threshold
     /// recorded in `rule`.
     pub fused: f32,
@@ -120,7 +121,7 @@ pub fn verdict_from(r: &AnyRow) -> Result<VerdictRow> {
         frame_id: r.try_get("frame_id")?,
         site: r.try_get("site")?,
         device: r.try_get("device")?,
-        band: r.try_get("band")?,
+        band: r.try_get::<String, _>("band")?.parse()?,
         fused: r.try_get::<f64, _>("fused")? as f32,
         cloud_score: r
             .try_get::<Option<f64>, _>("cloud_score")?
@@ -198,7 +199,7 @@ impl Db {
         .bind(v.frame_id.clone())
         .bind(v.site.clone())
         .bind(v.device.clone())
-        .bind(v.band.clone())
+        .bind(v.band.as_str())
         .bind(v.fused as f64)
         .bind(v.cloud_score.and_then(store_score))
         .bind(v.edge_score_reported as f64)
@@ -291,7 +292,7 @@ mod tests {
             frame_id: id.into(),
             site: "s".into(),
             device: "d".into(),
-            band: "OK".into(),
+            band: Band::Ok,
             fused: -0.75,
             cloud_score,
             edge_score_reported: 0.25,

@@ -288,7 +288,7 @@ pub async fn item(
     let verdict_html = match verdict {
         Some(v) => format!(
             "<p class=\"verdict verdict-{band}\">Verdict <strong>{band}</strong>: fused {fused:.3} against the threshold {th} {scale}</p>",
-            band = esc(&v.band),
+            band = esc(v.band.as_str()),
             fused = v.fused,
             th = number(threshold, 3),
             scale = threshold

@@ -618,14 +618,6 @@ fn scored_by(model: &PatchCore, image: &Path) -> EdgeScored {
     (bytes, s.score, map, model.manifest().version.clone())
 }
 
-/// The wire form of a bank search.
-pub fn wire_search(search: Search) -> insp_proto::v1::BankSearch {
-    match search {
-        Search::Exact => insp_proto::v1::BankSearch::every_row(),
-        Search::Probes(n) => insp_proto::v1::BankSearch::lists(n),
-    }
-}
-
 /// Fixture images and searches (other than the bundle's default) that change the edge
 /// score: reproducing these needs the edge's search. At most `max`; fails if none.
 pub fn search_sensitive(max: usize) -> Vec<(PathBuf, Search)> {
@@ -769,8 +761,7 @@ impl Device {
     /// returns its score.
     pub async fn escalate_searching(&self, image: &Path, id: &str, search: Search) -> f32 {
         let scored = edge_score_searching(image, search);
-        self.escalate_scored(id, scored, Some(wire_search(search)))
-            .await
+        self.escalate_scored(id, scored, Some(search.into())).await
     }
 
     /// Publishes an escalation of an already scored frame as `id`, saying how the bank was

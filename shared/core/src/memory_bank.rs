@@ -54,6 +54,29 @@ impl std::fmt::Display for Search {
     }
 }
 
+/// The one place the bank search crosses to the wire.
+impl From<Search> for insp_proto::v1::BankSearch {
+    fn from(search: Search) -> Self {
+        match search {
+            Search::Exact => insp_proto::v1::BankSearch::every_row(),
+            Search::Probes(n) => insp_proto::v1::BankSearch::lists(n),
+        }
+    }
+}
+
+/// The one place the bank search comes from the wire: a non-exact search of zero lists
+/// is refused.
+impl TryFrom<&insp_proto::v1::BankSearch> for Search {
+    type Error = String;
+
+    fn try_from(search: &insp_proto::v1::BankSearch) -> std::result::Result<Search, String> {
+        Ok(match search.probed_lists()? {
+            None => Search::Exact,
+            Some(n) => Search::Probes(n),
+        })
+    }
+}
+
 impl std::str::FromStr for Search {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -409,6 +432,19 @@ impl MemoryBank {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
+
+    #[test]
+    fn searches_cross_the_wire_and_come_back() {
+        for search in [Search::Exact, Search::Probes(1), Search::Probes(8)] {
+            let wire = insp_proto::v1::BankSearch::from(search);
+            assert_eq!(Search::try_from(&wire), Ok(search));
+        }
+        let none = insp_proto::v1::BankSearch {
+            exact: false,
+            probes: 0,
+        };
+        assert!(Search::try_from(&none).is_err());
+    }
 
     #[test]
     fn gemm_search_matches_brute_force() {

@@ -22,13 +22,71 @@ pub enum Band {
     Ng,
 }
 
-impl std::fmt::Display for Band {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Band {
+    /// The band's name as the database, the CLI and the pages write it (`OK`,
+    /// `UNCERTAIN`, `NG`).
+    pub fn as_str(self) -> &'static str {
+        match self {
             Band::Ok => "OK",
             Band::Uncertain => "UNCERTAIN",
             Band::Ng => "NG",
-        })
+        }
+    }
+
+    /// Whether the band rejects the part (NG).
+    pub fn is_ng(self) -> bool {
+        self == Band::Ng
+    }
+}
+
+impl std::fmt::Display for Band {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A band name or wire value that names no band.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a band (OK, UNCERTAIN or NG)")]
+pub struct UnknownBand(pub String);
+
+impl std::str::FromStr for Band {
+    type Err = UnknownBand;
+
+    /// Reads the names [`Band::as_str`] writes.
+    fn from_str(s: &str) -> std::result::Result<Band, UnknownBand> {
+        match s {
+            "OK" => Ok(Band::Ok),
+            "UNCERTAIN" => Ok(Band::Uncertain),
+            "NG" => Ok(Band::Ng),
+            other => Err(UnknownBand(other.to_string())),
+        }
+    }
+}
+
+/// The one place the band crosses to the wire.
+impl From<Band> for insp_proto::v1::Band {
+    fn from(band: Band) -> Self {
+        match band {
+            Band::Ok => insp_proto::v1::Band::Ok,
+            Band::Uncertain => insp_proto::v1::Band::Uncertain,
+            Band::Ng => insp_proto::v1::Band::Ng,
+        }
+    }
+}
+
+/// The one place the band comes from the wire: `BAND_UNSPECIFIED` (an absent or
+/// unknown value) is refused.
+impl TryFrom<insp_proto::v1::Band> for Band {
+    type Error = UnknownBand;
+
+    fn try_from(band: insp_proto::v1::Band) -> std::result::Result<Band, UnknownBand> {
+        match band {
+            insp_proto::v1::Band::Ok => Ok(Band::Ok),
+            insp_proto::v1::Band::Uncertain => Ok(Band::Uncertain),
+            insp_proto::v1::Band::Ng => Ok(Band::Ng),
+            insp_proto::v1::Band::Unspecified => Err(UnknownBand("BAND_UNSPECIFIED".into())),
+        }
     }
 }
 
@@ -163,6 +221,17 @@ impl BandReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bands_cross_the_wire_and_the_database_and_come_back() {
+        for band in [Band::Ok, Band::Uncertain, Band::Ng] {
+            let wire = insp_proto::v1::Band::from(band);
+            assert_eq!(Band::try_from(wire), Ok(band));
+            assert_eq!(band.as_str().parse::<Band>(), Ok(band));
+        }
+        assert!(Band::try_from(insp_proto::v1::Band::Unspecified).is_err());
+        assert_eq!("ng".parse::<Band>(), Err(UnknownBand("ng".into())));
+    }
 
     fn cal(scores: &[f32]) -> Calibration {
         Calibration {
