@@ -90,9 +90,17 @@ fn bundle_files(dir: &std::path::Path) -> anyhow::Result<(String, Vec<String>)> 
     Ok((version, files))
 }
 
+/// Where the API's connections come from.
+pub enum Incoming {
+    /// Plain TCP (loopback, or behind a TLS-terminating proxy).
+    Plain(tokio::net::TcpListener),
+    /// TLS ([`crate::tls`]).
+    Tls(crate::tls::TlsListener),
+}
+
 /// Serves the API on `listener` until `stop` completes (then in-flight calls finish).
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: Incoming,
     db: Db,
     objects: Objects,
     edge: Arc<EdgeBundles>,
@@ -113,12 +121,22 @@ pub async fn serve(
             .cloned()
             .collect(),
     };
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(DevicesServer::new(api.clone()))
         .add_service(ReviewsServer::new(api.clone()).max_encoding_message_size(MAX_MESSAGE))
-        .add_service(ModelsServer::new(api))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop)
-        .await;
+        .add_service(ModelsServer::new(api));
+    let result = match listener {
+        Incoming::Plain(l) => {
+            router
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(l), stop)
+                .await
+        }
+        Incoming::Tls(l) => {
+            router
+                .serve_with_incoming_shutdown(l.into_stream(), stop)
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!("gRPC server stopped: {e}");
     }
