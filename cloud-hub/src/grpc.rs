@@ -147,9 +147,14 @@ impl Api {
     /// (counted in `hub_api_refused_total{code}` and logged).
     async fn authorize<T>(&self, r: &Request<T>, call: &str) -> Result<Principal, Status> {
         let header = r.metadata().get("authorization").map(|v| v.as_bytes());
-        let outcome = match crate::auth::bearer(header) {
-            Ok(token) => self.db.authenticate_token(&token).await.map_err(internal)?,
-            Err(e) => Err(e),
+        let outcome = match (crate::auth::bearer(header), client_certificate_name(r)) {
+            (Ok(token), _) => self.db.authenticate_token(&token).await.map_err(internal)?,
+            // No token, but a client certificate the TLS handshake verified against
+            // `api.tls.client_ca_file`: its common name is the user.
+            (Err(AuthError::Missing), Some(name)) => {
+                self.db.certificate_user(&name).await.map_err(internal)?
+            }
+            (Err(e), _) => Err(e),
         };
         let checked = outcome.and_then(|p| p.require(required_role(call)).map(|()| p));
         checked.map_err(|e| {
@@ -164,6 +169,23 @@ impl Api {
             status
         })
     }
+}
+
+/// The common name of the client certificate of `r`'s connection, verified in the TLS
+/// handshake (only a listener with `api.tls.client_ca_file` asks for one); empty when it
+/// has none.
+fn client_certificate_name<T>(r: &Request<T>) -> Option<String> {
+    let certs = r.peer_certs()?;
+    let leaf = certs.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    Some(name)
 }
 
 fn label_status(e: crate::labels::LabelError) -> Status {

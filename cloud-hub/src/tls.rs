@@ -42,9 +42,10 @@ pub struct ServerTls {
     /// PEM file of its private key (PKCS#8, SEC1 or PKCS#1; readable by the hub only).
     pub key_file: PathBuf,
     /// PEM file of the CA whose client certificates the gRPC API requires (mutual TLS):
-    /// a client without one signed by it is refused during the handshake. The API token
-    /// is still required on every call. Browsers, probes and Prometheus reach the HTTP
-    /// listener without a client certificate. Absent: no client certificate asked for.
+    /// a client without one signed by it is refused during the handshake. A call without
+    /// a token is then made as the user named by the certificate's common name.
+    /// Browsers, probes and Prometheus reach the HTTP listener without a client
+    /// certificate. Absent: no client certificate asked for.
     #[serde(default)]
     pub client_ca_file: Option<PathBuf>,
 }

@@ -4,7 +4,8 @@
 //! trusting another CA and an https:// client without a CA are refused with a clear
 //! error; the review pages sign in over HTTPS and the session cookie is `Secure`; with
 //! `client_ca_file` the API refuses a client without a certificate and serves one with
-//! a certificate of the CA. Then the hub's migrations run on a PostgreSQL cluster of the
+//! a certificate of the CA, which without a token authenticates as the user of its
+//! common name (refused while there is no such user). Then the hub's migrations run on a PostgreSQL cluster of the
 //! test's own with `ssl = on` through `sslmode=verify-full`, the session is encrypted,
 //! and a wrong CA is refused.
 
@@ -392,6 +393,49 @@ async fn api_and_review_pages_over_tls() {
             ],
         ),
         "devices with a client certificate",
+    );
+    // Without a token, the certificate's common name is the user: refused while no
+    // user has that name, served once one does.
+    let empty = dir.path().join("no-token-here");
+    std::fs::create_dir_all(&empty).unwrap();
+    let cert_only = |api: &str| {
+        run(
+            &["devices", "--api", api],
+            &[
+                ("HUB_DATA_DIR", &empty),
+                ("HUB_CA_FILE", &ca),
+                ("HUB_CLIENT_CERT", &client_dir.join("hub.pem")),
+                ("HUB_CLIENT_KEY", &client_dir.join("hub.key")),
+            ],
+            "",
+        )
+    };
+    let e = failed(&cert_only(&by_ip), "a certificate of no user");
+    assert!(
+        e.contains("Unauthenticated") || e.contains("UNAUTHENTICATED") || e.contains("ops-laptop"),
+        "{e}"
+    );
+    assert!(e.contains("\"ops-laptop\" is no user of the hub"), "{e}");
+    ok(
+        &run(
+            &[
+                "users",
+                "add",
+                "ops-laptop",
+                "--role",
+                "viewer",
+                "--password-stdin",
+                "--database-url",
+                &hub.database(),
+            ],
+            &[],
+            "a password for the laptop\n",
+        ),
+        "users add ops-laptop",
+    );
+    ok(
+        &cert_only(&by_ip),
+        "devices with a certificate and no token",
     );
     // The HTTP listener asks browsers for no certificate.
     let r = client.get(format!("{web}/healthz")).send().await.unwrap();
