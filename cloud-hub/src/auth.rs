@@ -80,6 +80,10 @@ pub enum AuthError {
     /// The token's or session's user is disabled.
     #[error("user {0:?} is disabled")]
     Disabled(String),
+    /// A client certificate (of the API's `client_ca_file`) whose common name is no
+    /// user, or one without a common name.
+    #[error("the client certificate's common name {0:?} is no user of the hub: add it with `cloud-hub users add NAME --role ROLE`, or send a token")]
+    UnknownCertificateUser(String),
     /// Wrong user name or password (which of the two is not said).
     #[error("wrong user name or password")]
     WrongPassword,

@@ -33,6 +33,51 @@ pub struct ApiAddress {
     /// a hub with `auth.bootstrap_admin` writes.
     #[arg(long, env = "HUB_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the hub's API certificate (`pki/ca.pem`), for an
+    /// `https://` address: the hub's certificate must chain to it and name the host of
+    /// `--api`.
+    #[arg(long, env = "HUB_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// This client's certificate, for a hub whose `api.tls.client_ca_file` requires one
+    /// (with `--key-file`).
+    #[arg(long, env = "HUB_CLIENT_CERT", global = true)]
+    pub cert_file: Option<PathBuf>,
+    /// The private key of `--cert-file`.
+    #[arg(long, env = "HUB_CLIENT_KEY", global = true)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// The TLS settings of an `https://` address: the CA (required) and the optional client
+/// identity, read and checked before connecting.
+fn client_tls(a: &ApiAddress) -> Result<tonic::transport::ClientTlsConfig> {
+    let read = |what: &str, path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+    };
+    let Some(ca_file) = &a.ca_file else {
+        anyhow::bail!(
+            "{} is https://: give the CA that signed the hub's certificate with --ca-file \
+             or HUB_CA_FILE (pki/ca.pem)",
+            a.api
+        );
+    };
+    // Checked here, so a wrong file is named instead of failing in the handshake.
+    crate::tls::roots("--ca-file", ca_file)?;
+    let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(read("the CA file", ca_file)?),
+    );
+    match (&a.cert_file, &a.key_file) {
+        (None, None) => {}
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read("the client certificate", cert)?,
+                read("the client key", key)?,
+            ));
+        }
+        _ => anyhow::bail!(
+            "--cert-file and --key-file (HUB_CLIENT_CERT, HUB_CLIENT_KEY) go together"
+        ),
+    }
+    Ok(tls)
 }
 
 /// Sends the bearer token with every call.
@@ -90,16 +135,35 @@ fn bearer(a: &ApiAddress) -> Result<Bearer> {
 
 async fn channel(a: &ApiAddress) -> Result<Authed> {
     let bearer = bearer(a)?;
-    let channel = Channel::from_shared(a.api.clone())
-        .with_context(|| format!("{:?} is not a URL like http://HOST:PORT", a.api))?
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the hub's API at {} (is `cloud-hub serve` running?)",
-                a.api
-            )
-        })?;
+    let mut endpoint = Channel::from_shared(a.api.clone()).with_context(|| {
+        format!(
+            "{:?} is not a URL like http://HOST:PORT or https://HOST:PORT",
+            a.api
+        )
+    })?;
+    let https = a.api.starts_with("https://");
+    if https {
+        endpoint = endpoint
+            .tls_config(client_tls(a)?)
+            .context("the TLS settings of the API client")?;
+    } else if a.ca_file.is_some() || a.cert_file.is_some() {
+        anyhow::bail!(
+            "--ca-file / --cert-file (HUB_CA_FILE, HUB_CLIENT_CERT) are for TLS: use an https:// address, not {}",
+            a.api
+        );
+    }
+    let channel = endpoint.connect().await.with_context(|| {
+        format!(
+            "cannot reach the hub's API at {} (is `cloud-hub serve` running?{})",
+            a.api,
+            if https {
+                " Does its certificate chain to --ca-file and name this host? Does it require \
+                 a client certificate (--cert-file, --key-file)?"
+            } else {
+                " If the hub serves TLS ([api.tls]), use https:// and --ca-file"
+            }
+        )
+    })?;
     Ok(InterceptedService::new(channel, bearer))
 }
 
@@ -112,6 +176,30 @@ fn status(e: tonic::Status) -> anyhow::Error {
             e.code(),
             e.message()
         ),
+        // What a TLS listener does to a plaintext client, or a listener that requires
+        // client certificates to a client without one: it cuts the connection.
+        tonic::Code::Unknown
+        | tonic::Code::Internal
+        | tonic::Code::Unavailable
+        | tonic::Code::Cancelled
+            if [
+                "transport error",
+                "h2 protocol error",
+                "connection",
+                "broken pipe",
+                "operation was canceled",
+            ]
+            .iter()
+            .any(|m| e.message().contains(m)) =>
+        {
+            anyhow::anyhow!(
+                "{}: {} (the hub broke the connection off: if it serves TLS ([api.tls]), call \
+                 it with --api https://HOST:PORT and --ca-file; if it requires client \
+                 certificates (api.tls.client_ca_file), give --cert-file and --key-file)",
+                e.code(),
+                e.message()
+            )
+        }
         _ => anyhow::anyhow!("{}: {}", e.code(), e.message()),
     }
 }

@@ -297,6 +297,13 @@ pub struct ApiConfig {
     /// Health (`/healthz`), readiness (`/readyz`), Prometheus metrics (`/metrics`) and the
     /// review pages (`/login`, `/review`).
     pub http_listen: SocketAddr,
+    /// TLS on both listeners (`[api.tls]`: `cert_file`, `key_file`, and `client_ca_file`
+    /// for client certificates on gRPC); absent: plaintext, which only loopback
+    /// addresses get unless `allow_plaintext` is set.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// Serve the listeners without TLS on addresses other than loopback (behind a proxy
+    /// or mesh that terminates TLS for them). Off: such a configuration is refused.
+    pub allow_plaintext: bool,
 }
 
 impl Default for ApiConfig {
@@ -304,7 +311,32 @@ impl Default for ApiConfig {
         Self {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 9898)),
+            tls: None,
+            allow_plaintext: false,
         }
+    }
+}
+
+impl ApiConfig {
+    /// Refuses plaintext listeners beyond loopback unless `allow_plaintext` is set.
+    pub fn check_plaintext(&self) -> Result<()> {
+        if self.tls.is_some() || self.allow_plaintext {
+            return Ok(());
+        }
+        for (key, addr) in [
+            ("api.grpc_listen", self.grpc_listen),
+            ("api.http_listen", self.http_listen),
+        ] {
+            anyhow::ensure!(
+                addr.ip().is_loopback(),
+                "{key} {addr} is not a loopback address and [api.tls] is not set: API tokens, \
+                 passwords and session cookies would cross the network in clear. Set \
+                 api.tls.cert_file and api.tls.key_file (a certificate from `cloud-hub pki \
+                 server NAME --host HOST`), or api.allow_plaintext = true when a proxy in \
+                 front terminates TLS"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -515,6 +547,7 @@ impl HubConfig {
             self.auth.session_idle_s.is_finite() && self.auth.session_idle_s > 0.0,
             "auth.session_idle_s must be a number of seconds above 0"
         );
+        self.api.check_plaintext()?;
         let url = self.database_url();
         anyhow::ensure!(
             url.starts_with("postgres://")
@@ -667,11 +700,40 @@ mod tests {
     }
 
     #[test]
+    fn plaintext_beyond_loopback_is_refused_unless_allowed() {
+        let mut c: HubConfig = toml::from_str("[api]\ngrpc_listen = \"0.0.0.0:50051\"\n").unwrap();
+        let e = format!("{:#}", c.validate().unwrap_err());
+        assert!(
+            e.contains("api.grpc_listen 0.0.0.0:50051") && e.contains("allow_plaintext"),
+            "{e}"
+        );
+        c.api.allow_plaintext = true;
+        c.validate().unwrap();
+        c.api.allow_plaintext = false;
+        c.api.tls = Some(crate::tls::ServerTls {
+            cert_file: "api.pem".into(),
+            key_file: "api.key".into(),
+            client_ca_file: None,
+        });
+        c.validate().unwrap();
+        // Key material is named by path: printing the configuration shows no key.
+        let shown = toml::to_string(&c).unwrap();
+        assert!(
+            shown.contains("[api.tls]") && shown.contains("api.key"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn deployed_config_parses() {
         let c: HubConfig = toml::from_str(include_str!("../../deploy/hub/hub.toml")).unwrap();
         c.validate().unwrap();
         assert_eq!(c.ingest.max_payload_bytes, DEFAULT_MAX_PAYLOAD);
         assert!(c.embedded_broker());
+        assert!(
+            c.api.tls.is_some(),
+            "the shipped config serves the API over TLS"
+        );
     }
 
     #[test]

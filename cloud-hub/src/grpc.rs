@@ -71,9 +71,17 @@ fn bundle_files(dir: &std::path::Path) -> anyhow::Result<(String, Vec<String>)> 
     Ok((head.version, head.files.into_keys().collect()))
 }
 
+/// Where the API's connections come from.
+pub enum Incoming {
+    /// Plain TCP (loopback, or behind a TLS-terminating proxy).
+    Plain(tokio::net::TcpListener),
+    /// TLS ([`crate::tls`]).
+    Tls(crate::tls::TlsListener),
+}
+
 /// Serves the API on `listener` until `stop` completes (then in-flight calls finish).
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: Incoming,
     db: Db,
     objects: Objects,
     edge: Arc<EdgeBundles>,
@@ -94,12 +102,22 @@ pub async fn serve(
             .cloned()
             .collect(),
     };
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(DevicesServer::new(api.clone()))
         .add_service(ReviewsServer::new(api.clone()).max_encoding_message_size(MAX_MESSAGE))
-        .add_service(ModelsServer::new(api))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop)
-        .await;
+        .add_service(ModelsServer::new(api));
+    let result = match listener {
+        Incoming::Plain(l) => {
+            router
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(l), stop)
+                .await
+        }
+        Incoming::Tls(l) => {
+            router
+                .serve_with_incoming_shutdown(l.into_stream(), stop)
+                .await
+        }
+    };
     if let Err(e) = result {
         tracing::error!("gRPC server stopped: {e}");
     }
@@ -110,9 +128,14 @@ impl Api {
     /// (counted in `hub_api_refused_total{code}` and logged).
     async fn authorize<T>(&self, r: &Request<T>, call: &str) -> Result<Principal, Status> {
         let header = r.metadata().get("authorization").map(|v| v.as_bytes());
-        let outcome = match crate::auth::bearer(header) {
-            Ok(token) => self.db.authenticate_token(&token).await.map_err(internal)?,
-            Err(e) => Err(e),
+        let outcome = match (crate::auth::bearer(header), client_certificate_name(r)) {
+            (Ok(token), _) => self.db.authenticate_token(&token).await.map_err(internal)?,
+            // No token, but a client certificate the TLS handshake verified against
+            // `api.tls.client_ca_file`: its common name is the user.
+            (Err(AuthError::Missing), Some(name)) => {
+                self.db.certificate_user(&name).await.map_err(internal)?
+            }
+            (Err(e), _) => Err(e),
         };
         let checked = outcome.and_then(|p| p.require(required_role(call)).map(|()| p));
         checked.map_err(|e| {
@@ -127,6 +150,23 @@ impl Api {
             status
         })
     }
+}
+
+/// The common name of the client certificate of `r`'s connection, verified in the TLS
+/// handshake (only a listener with `api.tls.client_ca_file` asks for one); empty when it
+/// has none.
+fn client_certificate_name<T>(r: &Request<T>) -> Option<String> {
+    let certs = r.peer_certs()?;
+    let leaf = certs.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    Some(name)
 }
 
 fn label_status(e: crate::labels::LabelError) -> Status {

@@ -32,6 +32,7 @@ pub mod serve;
 pub mod simulate;
 pub mod table;
 pub mod telemetry;
+pub mod tls;
 pub mod train_cmd;
 pub mod verdict_signer;
 pub mod web;

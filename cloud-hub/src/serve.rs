@@ -165,6 +165,25 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     )?;
     background.push(tokio::spawn(scoring.clone().sweep_forever(db.clone())));
 
+    // Both listeners' TLS configurations first: a bad certificate or key stops the
+    // start before anything listens.
+    let (http_tls, grpc_tls) = match &config.api.tls {
+        Some(t) => (
+            Some(crate::tls::server_config(
+                t,
+                "api.tls",
+                crate::tls::ALPN_HTTP,
+                false,
+            )?),
+            Some(crate::tls::server_config(
+                t,
+                "api.tls",
+                crate::tls::ALPN_GRPC,
+                true,
+            )?),
+        ),
+        None => (None, None),
+    };
     let (listeners_stop, stop_rx) = watch::channel(false);
     let http = tokio::net::TcpListener::bind(config.api.http_listen)
         .await
@@ -184,17 +203,30 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         objects: objects.clone(),
         telemetry: telemetry.clone(),
         idle_ms: (config.auth.session_idle_s * 1000.0) as i64,
-        secure_cookies: config.auth.cookie_secure,
+        secure_cookies: config.auth.cookie_secure || http_tls.is_some(),
     }));
     let http_stop = stopped(stop_rx.clone());
-    let http = tokio::spawn(async move {
-        if let Err(e) = axum::serve(http, router)
-            .with_graceful_shutdown(http_stop)
-            .await
-        {
-            tracing::error!("HTTP server stopped: {e}");
+    let http = match http_tls {
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(http, router)
+                .with_graceful_shutdown(http_stop)
+                .await
+            {
+                tracing::error!("HTTP server stopped: {e}");
+            }
+        }),
+        Some(tls) => {
+            let listener = crate::tls::TlsListener::new(http, tls, "HTTP")?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router)
+                    .with_graceful_shutdown(http_stop)
+                    .await
+                {
+                    tracing::error!("HTTPS server stopped: {e}");
+                }
+            })
         }
-    });
+    };
     let grpc = tokio::net::TcpListener::bind(config.api.grpc_listen)
         .await
         .with_context(|| {
@@ -204,7 +236,12 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
             )
         })?;
     let grpc = tokio::spawn(crate::grpc::serve(
-        grpc,
+        match grpc_tls {
+            None => crate::grpc::Incoming::Plain(grpc),
+            Some(tls) => {
+                crate::grpc::Incoming::Tls(crate::tls::TlsListener::new(grpc, tls, "gRPC")?)
+            }
+        },
         db.clone(),
         objects.clone(),
         edge.clone(),
@@ -244,14 +281,21 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     .start(eventloop);
     let (host, port) = config.broker_address();
     tracing::info!(
-        "hub up: MQTT {host}:{port} ({}), gRPC {}, HTTP {} (review pages at /review)",
+        "hub up: MQTT {host}:{port} ({}), gRPC {}, HTTP {} (review pages at /review){}",
         if config.embedded_broker() {
             "embedded"
         } else {
             "external"
         },
         config.api.grpc_listen,
-        config.api.http_listen
+        config.api.http_listen,
+        match &config.api.tls {
+            Some(t) if t.client_ca_file.is_some() => {
+                ", both over TLS (gRPC requires client certificates)"
+            }
+            Some(_) => ", both over TLS",
+            None => ", both in plaintext",
+        }
     );
     Ok(Hub {
         db,

@@ -380,9 +380,31 @@ pub struct HookConfig {
     /// A command and its arguments; `{frame_id}`, `{source}`, `{score}` and
     /// `{decided_by}` in the arguments are replaced.
     pub on_ng_command: Vec<String>,
-    /// An `http://` URL that gets the decision as a JSON POST.
+    /// An `http://` or `https://` URL that gets the decision as a JSON POST. An https
+    /// server's certificate must chain to the system's roots or to `ca_file`, and name
+    /// the URL's host.
     #[serde(deserialize_with = "lenient::opt_string", default)]
     pub on_ng_webhook: Option<String>,
+    /// PEM file of a CA (a plant's own) that the https webhook's certificate may chain to,
+    /// besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl HookConfig {
+    /// Checks the webhook's URL and its CA setting.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(url) = &self.on_ng_webhook {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("hooks.on_ng_webhook {url:?} must be an http:// or https:// URL");
+            }
+            if self.ca_file.is_some() && !url.starts_with("https://") {
+                bail!("hooks.ca_file is for an https:// webhook; {url:?} is plain http");
+            }
+        } else if self.ca_file.is_some() {
+            bail!("hooks.ca_file is set but there is no hooks.on_ng_webhook");
+        }
+        Ok(())
+    }
 }
 
 impl AgentConfig {
@@ -403,6 +425,7 @@ impl AgentConfig {
         if !self.device.id.is_empty() {
             insp_proto::check_name("device", &self.device.id).map_err(anyhow::Error::msg)?;
         }
+        self.hooks.validate()?;
         if self.queue.capacity == 0 {
             bail!("queue.capacity must be at least 1");
         }

@@ -121,7 +121,7 @@ pub async fn run_pipeline(
     }
     let (journal, recovered) = Journal::open(&config.spool.dir.join("decisions"))
         .context("cannot open the decision journal")?;
-    let hooks = crate::hooks::start(&config.hooks, telemetry.clone(), Some(journal.clone()));
+    let hooks = crate::hooks::start(&config.hooks, telemetry.clone(), Some(journal.clone()))?;
     let book = DecisionBook::new(
         Duration::from_millis(config.routing.verdict_deadline_ms),
         config.routing.fallback,

@@ -444,6 +444,11 @@ impl Telemetry {
         self.hook_failures.inc();
     }
 
+    /// Reject-gate hooks that failed so far.
+    pub fn hook_failure_count(&self) -> u64 {
+        self.hook_failures.get()
+    }
+
     /// A frame waiting for a verdict was found at start; `how` it is taken over
     /// (`fallback` or `waiting`).
     pub fn decision_recovered(&self, how: &str) {

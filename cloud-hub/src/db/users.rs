@@ -347,6 +347,26 @@ impl Db {
         Ok(Ok(Principal { user: name, role }))
     }
 
+    /// The user a verified client certificate names (its common name), or why it is
+    /// refused (no such user, a disabled one). Database trouble is the outer error.
+    pub async fn certificate_user(&self, name: &str) -> Result<Result<Principal, AuthError>> {
+        let row = sqlx::query("SELECT role, disabled FROM users WHERE name = $1")
+            .bind(name.to_string())
+            .fetch_optional(self.pool())
+            .await?;
+        let Some(r) = row else {
+            return Ok(Err(AuthError::UnknownCertificateUser(name.to_string())));
+        };
+        if r.try_get::<i64, _>(1)? != 0 {
+            return Ok(Err(AuthError::Disabled(name.to_string())));
+        }
+        let role = role_of(name, &r.try_get::<String, _>(0)?)?;
+        Ok(Ok(Principal {
+            user: name.to_string(),
+            role,
+        }))
+    }
+
     /// Checks a user name and password (argon2, off the async threads); a disabled user,
     /// an unknown one and a wrong password are refused alike (the disabled user is named
     /// only after the right password).

@@ -47,12 +47,12 @@ fn form_page(next: &str, csrf: &str, error: Option<&str>) -> String {
 }
 
 /// `GET /login`.
-pub async fn form(Query(q): Query<Next>) -> Response {
+pub async fn form(State(s): State<WebState>, Query(q): Query<Next>) -> Response {
     let csrf = crate::auth::random_hex(16);
     let mut r = html(form_page(safe_next(&q.next), &csrf, None));
     r.headers_mut().append(
         header::SET_COOKIE,
-        set_cookie(LOGIN_CSRF_COOKIE, &csrf, 3600, false),
+        set_cookie(LOGIN_CSRF_COOKIE, &csrf, 3600, s.secure_cookies),
     );
     r
 }

@@ -294,6 +294,9 @@ pub struct HubProcess {
     pub grpc: u16,
     /// Its data folder (where it writes `admin.token`).
     pub data_dir: PathBuf,
+    /// Wait for this text in the log instead of `/readyz` (a hub whose HTTP listener
+    /// speaks TLS, which [`http_get`] does not).
+    pub ready_log: Option<&'static str>,
 }
 
 /// What varies between hubs.
@@ -371,6 +374,7 @@ impl HubProcess {
             http,
             grpc,
             data_dir: s.dir.join("data"),
+            ready_log: None,
         }
     }
 
@@ -411,7 +415,11 @@ impl HubProcess {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("cloud-hub exited ({status}):\n{}", self.log_text());
             }
-            if http_get(self.http, "/readyz").is_some_and(|(code, _)| code == 200) {
+            let ready = match self.ready_log {
+                Some(text) => self.log_text().contains(text),
+                None => http_get(self.http, "/readyz").is_some_and(|(code, _)| code == 200),
+            };
+            if ready {
                 return;
             }
             assert!(
@@ -955,11 +963,23 @@ pub struct PgServer {
     bin: PathBuf,
     /// Its port on 127.0.0.1.
     pub port: u16,
+    /// Extra server options (`-c ssl=on ...`).
+    options: String,
 }
 
 impl PgServer {
     /// Creates and starts a server (as the `postgres` user when run as root).
     pub fn start() -> PgServer {
+        Self::start_with(None)
+    }
+
+    /// As [`PgServer::start`], with `ssl = on` and the server certificate and key given
+    /// (PEM files, copied into the server's folder with the key at mode 0600).
+    pub fn start_tls(cert: &Path, key: &Path) -> PgServer {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> PgServer {
         let bin = std::env::var_os("HUB_TEST_PG_BIN")
             .map(PathBuf::from)
             .or_else(|| {
@@ -975,6 +995,19 @@ impl PgServer {
             })
             .expect("PostgreSQL server binaries (initdb, pg_ctl) under /usr/lib/postgresql/*/bin or HUB_TEST_PG_BIN");
         let dir = tempfile::tempdir().unwrap();
+        let mut options = String::new();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let (c, k) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+            std::fs::copy(cert, &c).unwrap();
+            std::fs::copy(key, &k).unwrap();
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+            options = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                c.display(),
+                k.display()
+            );
+        }
         if is_root() {
             let status = Command::new("chown")
                 .args(["-R", "postgres"])
@@ -987,6 +1020,7 @@ impl PgServer {
             dir,
             bin,
             port: free_port(),
+            options,
         };
         let data = server.dir.path().join("data");
         server.run(
@@ -1029,9 +1063,10 @@ impl PgServer {
         let data = self.dir.path().join("data");
         let log = self.dir.path().join("postgres.log");
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.options
         );
         self.run(
             "pg_ctl",
