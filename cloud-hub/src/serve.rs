@@ -185,7 +185,8 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         telemetry: telemetry.clone(),
         idle_ms: (config.auth.session_idle_s * 1000.0) as i64,
         secure_cookies: config.auth.cookie_secure,
-    }));
+    }))
+    .merge(crate::bundle_files::router(db.clone(), objects.clone()));
     let http_stop = stopped(stop_rx.clone());
     let http = tokio::spawn(async move {
         if let Err(e) = axum::serve(http, router)
