@@ -55,6 +55,10 @@ fn device_state(hub: &Hub, device: &str, version: &str, state: &str) -> bool {
 
 #[test]
 fn assignments_reach_every_device_tampered_bundles_are_refused_and_downloads_resume() {
+    // The installer's steps are logged at info (the agents' default is warn).
+    // SAFETY: set before any process of this test starts; the other test of this
+    // binary does not read it.
+    unsafe { std::env::set_var("INSP_LOG", "info") };
     let scratch = Scratch::new("rollouts");
     let mut broker = Mosquitto::start(&scratch.0.join("mosquitto"), "");
     let hub = Hub::start(&scratch.0.join("hub"), Some(broker.port), &[]);
