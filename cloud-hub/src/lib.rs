@@ -29,6 +29,7 @@ pub mod pki;
 pub mod pki_cmd;
 pub mod registry_cmd;
 pub mod report;
+pub mod rollout;
 pub mod scoring;
 pub mod serve;
 pub mod simulate;
