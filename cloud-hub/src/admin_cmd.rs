@@ -43,7 +43,7 @@ impl DatabaseArgs {
 }
 
 /// The actor of these commands in the audit trail.
-fn actor() -> String {
+pub(crate) fn actor() -> String {
     let login = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_default();

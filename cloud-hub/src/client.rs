@@ -493,12 +493,71 @@ pub enum ModelsCommand {
         #[arg(long)]
         key: PathBuf,
     },
+    /// Stores a bundle in the registry (the hub's database and object store): checks
+    /// every file against the manifest and the signature when there is one.
+    Upload {
+        /// Bundle folder.
+        bundle: PathBuf,
+        /// Sign it first with this private key file (writes `signature.json`).
+        #[arg(long)]
+        sign: Option<PathBuf>,
+        /// Public keys a signature may be made with (`ed25519:<hex>` or a `.pub` file);
+        /// repeat for several.
+        #[arg(long)]
+        trust: Vec<String>,
+        #[command(flatten)]
+        hub: crate::registry_cmd::HubArgs,
+    },
+    /// The bundles in the registry, with how many devices run and are assigned each.
+    Registry {
+        #[command(flatten)]
+        hub: crate::registry_cmd::HubArgs,
+    },
+    /// One bundle of the registry: its fields, files and devices.
+    Show {
+        /// Bundle version.
+        version: String,
+        #[command(flatten)]
+        hub: crate::registry_cmd::HubArgs,
+    },
+    /// Deletes a bundle from the registry (refused while any device runs or is assigned it).
+    Delete {
+        /// Bundle version.
+        version: String,
+        #[command(flatten)]
+        hub: crate::registry_cmd::HubArgs,
+    },
+    /// Assigns a bundle to devices: a retained message on each one's model topic.
+    Assign(crate::registry_cmd::AssignArgs),
 }
 
 /// Runs a `models` command.
 pub async fn models(cmd: ModelsCommand) -> Result<()> {
     match cmd {
         ModelsCommand::Sign { bundle, key } => crate::keys_cmd::sign_bundle(&bundle, &key)?,
+        ModelsCommand::Upload {
+            bundle,
+            sign,
+            trust,
+            hub,
+        } => {
+            let row = crate::registry_cmd::upload(&hub, &bundle, sign.as_deref(), &trust).await?;
+            println!(
+                "uploaded {} ({}, {} bytes, manifest sha256 {}, {})",
+                row.version,
+                row.kind,
+                row.size_bytes,
+                row.manifest_sha256,
+                row.signer_key_id
+                    .map_or("unsigned".to_string(), |k| format!("signed by {k}"))
+            );
+        }
+        ModelsCommand::Registry { hub } => crate::registry_cmd::list(&hub).await?,
+        ModelsCommand::Show { version, hub } => crate::registry_cmd::show(&hub, &version).await?,
+        ModelsCommand::Delete { version, hub } => {
+            crate::registry_cmd::delete(&hub, &version).await?
+        }
+        ModelsCommand::Assign(args) => crate::registry_cmd::assign(&args).await?,
         ModelsCommand::List { api } => {
             let mut c = ModelsClient::new(channel(&api).await?);
             let list = c

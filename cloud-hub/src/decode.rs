@@ -44,6 +44,8 @@ pub enum Incoming {
     State(StateRow),
     /// A device's periodic metrics.
     Metrics(MetricsRow),
+    /// A device's report of a step of a model install.
+    ModelStatus(crate::db::registry::ModelStatusRow),
     /// Anything that could not be ingested.
     Dead(DeadLetter),
 }
@@ -197,6 +199,39 @@ pub fn decode(
                 received_unix_ms,
             }),
             Err(e) => dead(format!("malformed DeviceMetrics: {e}")),
+        },
+        TopicKind::ModelStatus => match insp_proto::v1::ModelStatus::decode(payload) {
+            Ok(m) if !m.device.is_empty() && m.device != device => dead(format!(
+                "model status of device {:?} on the topic of device {device:?}",
+                m.device
+            )),
+            Ok(m) => {
+                use insp_proto::v1::model_status::State;
+                let state = match m.state() {
+                    State::Active => "active",
+                    State::Refused => "refused",
+                    State::Downloading => "downloading",
+                    State::Verifying => "verifying",
+                    State::SelfTestFailed => "self_test_failed",
+                    State::RolledBack => "rolled_back",
+                    State::Unspecified => "unknown",
+                };
+                let reason = if m.reason_kind.is_empty() {
+                    m.reason
+                } else {
+                    format!("{}: {}", m.reason_kind, m.reason)
+                };
+                Incoming::ModelStatus(crate::db::registry::ModelStatusRow {
+                    site: site.to_string(),
+                    device: device.to_string(),
+                    version: m.version,
+                    state: state.to_string(),
+                    reason: reason.chars().take(2000).collect(),
+                    running_version: m.running_version,
+                    received_unix_ms,
+                })
+            }
+            Err(e) => dead(format!("malformed ModelStatus: {e}")),
         },
         other => dead(format!(
             "the hub does not ingest {:?} messages",

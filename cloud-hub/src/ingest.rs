@@ -118,6 +118,7 @@ pub fn filters(group: &str, site: &str, shared: bool) -> Vec<String> {
         })
         .collect();
     f.push(format!("{p}/{site}/+/state"));
+    f.push(format!("{p}/{site}/+/model-status"));
     f
 }
 
@@ -479,6 +480,7 @@ impl Ingest {
                 .map_err(|e| self.db_failure(e))?
         };
         let mut batch = Batch::default();
+        let mut model_statuses = Vec::new();
         for r in received {
             match decode_one(r) {
                 Incoming::Result(f) => batch.frames.push(f),
@@ -524,11 +526,18 @@ impl Ingest {
                 }
                 Incoming::State(s) => batch.states.push(s),
                 Incoming::Metrics(m) => batch.metrics.push(m),
+                Incoming::ModelStatus(m) => model_statuses.push(m),
                 Incoming::Dead(d) => {
                     tracing::warn!("dead letter from {}: {}", d.topic, d.reason);
                     batch.dead_letters.push(d);
                 }
             }
+        }
+        if !model_statuses.is_empty() {
+            self.db
+                .record_model_statuses(&model_statuses)
+                .await
+                .map_err(|e| self.db_failure(e))?;
         }
         if batch.is_empty() {
             return Ok(());

@@ -275,6 +275,65 @@ impl Objects {
     }
 }
 
+/// Part of an object: `start..end` of `size` bytes in all.
+#[derive(Debug, Clone)]
+pub struct Ranged {
+    /// The bytes.
+    pub bytes: Bytes,
+    /// Offset of the first byte.
+    pub start: u64,
+    /// The object's size.
+    pub size: u64,
+}
+
+impl Objects {
+    /// The size of an object; `None` when there is none under `key`.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>> {
+        let path = object_path(key)?;
+        match self.store.head(&path).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e)
+                .context(format!("cannot look up object {key} in {}", self.describe))),
+        }
+    }
+
+    /// Reads `start..end` of an object (`end` clamped to its size; `None`: to its end).
+    /// `Ok(None)` when there is no object under `key`.
+    pub async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: Option<u64>,
+    ) -> Result<Option<Ranged>> {
+        let Some(size) = self.size(key).await? else {
+            return Ok(None);
+        };
+        let end = end.map_or(size, |e| e.min(size));
+        anyhow::ensure!(
+            start <= end,
+            "range {start}..{end} outside object {key} of {size} bytes"
+        );
+        let path = object_path(key)?;
+        let bytes = self
+            .store
+            .get_range(&path, start..end)
+            .await
+            .with_context(|| format!("cannot read object {key} from {}", self.describe))?;
+        Ok(Some(Ranged { bytes, start, size }))
+    }
+
+    /// Deletes an object (none under `key` is fine).
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let path = object_path(key)?;
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(anyhow::Error::new(e)
+                .context(format!("cannot delete object {key} in {}", self.describe))),
+        }
+    }
+}
+
 fn object_path(key: &str) -> Result<ObjectPath> {
     ObjectPath::parse(key).with_context(|| format!("{key:?} is not a valid object key"))
 }

@@ -204,7 +204,8 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         telemetry: telemetry.clone(),
         idle_ms: (config.auth.session_idle_s * 1000.0) as i64,
         secure_cookies: config.auth.cookie_secure || http_tls.is_some(),
-    }));
+    }))
+    .merge(crate::bundle_files::router(db.clone(), objects.clone()));
     let http_stop = stopped(stop_rx.clone());
     let http = match http_tls {
         None => tokio::spawn(async move {

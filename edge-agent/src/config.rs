@@ -83,6 +83,20 @@ pub struct ModelConfig {
     /// Refuse to start without `trusted_keys` (production). Off, an agent without trusted
     /// keys loads unsigned bundles (the zero-configuration demo).
     pub require_signature: bool,
+    /// Folder of bundles installed from the hub's assignments: `<version>/` once
+    /// complete, `<version>.part/` while downloading (kept across restarts, resumed).
+    pub store: PathBuf,
+    /// Largest bundle an assignment may name (bytes): larger ones are refused.
+    pub max_bundle_bytes: u64,
+    /// Longest a bundle download may take before it is abandoned (what was fetched is
+    /// kept and resumed at the next try).
+    pub download_timeout_s: u64,
+    /// At most this many bytes per second downloading a bundle (0: no limit), to leave
+    /// a thin uplink to results and escalations.
+    pub download_bytes_per_s: u64,
+    /// Bearer token for the hub's bundle downloads (an API token of the viewer role);
+    /// `INSP_EDGE__MODEL__FETCH_TOKEN`, never printed.
+    pub fetch_token: Option<insp_mqtt::Secret>,
 }
 
 impl Default for ModelConfig {
@@ -94,6 +108,11 @@ impl Default for ModelConfig {
             reload_check_s: 10,
             trusted_keys: Vec::new(),
             require_signature: false,
+            store: PathBuf::from("model-store"),
+            max_bundle_bytes: 1 << 30,
+            download_timeout_s: 600,
+            download_bytes_per_s: 0,
+            fetch_token: None,
         }
     }
 }

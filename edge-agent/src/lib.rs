@@ -2,6 +2,7 @@
 //! `edge-agent` binary, which is a thin shell over [`cli::main`]. Tests, benchmarks and
 //! the simulator drive these modules directly.
 
+pub mod assignment;
 pub mod bench_cmd;
 pub mod cli;
 pub mod config;

@@ -214,6 +214,8 @@ pub struct Link {
     hub_keys: Option<TrustedKeys>,
     /// Number of the model status report last published on this connection (0: none).
     model_status_sent: u64,
+    /// Where model assignments go (the installer), if it runs.
+    assignments: Option<watch::Sender<Option<Vec<u8>>>>,
     /// The last "broker unreachable" error logged above debug, and when.
     unreachable_logged: Option<(String, Instant)>,
 }
@@ -224,6 +226,7 @@ struct Topics {
     resend: String,
     metrics: String,
     model_status: String,
+    model: String,
 }
 
 /// A `DeviceState` of the connection that began at `connected_unix_ms`; `since_unix_ms`
@@ -338,6 +341,7 @@ impl Link {
             resend: topic(TopicKind::Resend)?,
             metrics: topic(TopicKind::Metrics)?,
             model_status: topic(TopicKind::ModelStatus)?,
+            model: topic(TopicKind::Model)?,
         };
         let hub_keys = config.hub_keys()?;
         if let Some(keys) = &hub_keys {
@@ -403,8 +407,15 @@ impl Link {
             metrics_every,
             hub_keys,
             model_status_sent: 0,
+            assignments: None,
             unreachable_logged: None,
         })
+    }
+
+    /// Subscribes to the device's model topic and hands each assignment to `tx` (the
+    /// installer, [`crate::assignment`]).
+    pub fn set_assignments(&mut self, tx: watch::Sender<Option<Vec<u8>>>) {
+        self.assignments = Some(tx);
     }
 
     /// Runs until `shutdown` turns true, then announces OFFLINE and waits briefly for the
@@ -509,7 +520,11 @@ impl Link {
                 }
             }
         }
-        for topic in [&self.topics.verdict, &self.topics.resend] {
+        let model = self.assignments.as_ref().map(|_| &self.topics.model);
+        for topic in [&self.topics.verdict, &self.topics.resend]
+            .into_iter()
+            .chain(model)
+        {
             if self
                 .client
                 .try_subscribe(topic.clone(), QoS::AtLeastOnce)
@@ -583,6 +598,15 @@ impl Link {
     }
 
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        if topic == self.topics.model {
+            if let Some(tx) = &self.assignments {
+                // An empty retained message clears the assignment: nothing to install.
+                if !payload.is_empty() {
+                    tx.send_replace(Some(payload.to_vec()));
+                }
+            }
+            return;
+        }
         if topic == self.topics.resend {
             self.on_resend(payload);
             return;
@@ -739,18 +763,19 @@ impl Link {
     /// Publishes the latest model status report (retained, QoS 1) if this connection has
     /// not sent it yet.
     fn publish_model_status(&mut self) {
-        let Some((n, mut status)) = self.telemetry.model_status_after(self.model_status_sent)
-        else {
+        let Some((n, reports)) = self.telemetry.model_status_after(self.model_status_sent) else {
             return;
         };
-        status.device = self.device.clone();
         self.model_status_sent = n;
-        self.publish_control(
-            self.topics.model_status.clone(),
-            QoS::AtLeastOnce,
-            true,
-            status.encode_to_vec(),
-        );
+        for mut status in reports {
+            status.device = self.device.clone();
+            self.publish_control(
+                self.topics.model_status.clone(),
+                QoS::AtLeastOnce,
+                true,
+                status.encode_to_vec(),
+            );
+        }
     }
 
     fn publish_metrics(&mut self) {

@@ -134,12 +134,18 @@ pub async fn run_pipeline(
     book.recover(recovered);
     tokio::spawn(book.clone().run_deadlines());
     let (frames_tx, frames_rx) = mpsc::channel(config.queue.capacity);
-    let updates =
-        crate::scorer::watch_bundle(config.clone(), device.clone(), version, telemetry.clone());
+    let (updates_tx, updates) = std::sync::mpsc::channel();
+    crate::scorer::watch_bundle(
+        config.clone(),
+        device.clone(),
+        version,
+        telemetry.clone(),
+        updates_tx.clone(),
+    );
     let scorer = Scorer::new(
         &config,
         active,
-        updates,
+        Some(updates),
         outbox,
         book.clone(),
         telemetry.clone(),
@@ -158,8 +164,14 @@ pub async fn run_pipeline(
     ));
     let (link_stop_tx, link_stop_rx) = watch::channel(false);
     let link = if config.mqtt.enabled {
-        let link =
+        let mut link =
             crate::link::Link::new(&config, spools.clone(), book.clone(), telemetry.clone())?;
+        link.set_assignments(crate::assignment::start(
+            config.clone(),
+            device.clone(),
+            telemetry.clone(),
+            updates_tx,
+        ));
         let reconnect = Duration::from_millis(config.mqtt.reconnect_max_ms);
         Some(tokio::spawn(link.run(reconnect, link_stop_rx)))
     } else {

@@ -21,7 +21,7 @@ use insp_core::routing::Thresholds;
 use insp_proto::clock::{unix_ms, unix_us};
 use insp_proto::{Message, TopicKind};
 use std::path::Path;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -32,6 +32,8 @@ pub struct ActiveModel {
     pub model: PatchCore,
     /// OK / NG thresholds (the bundle's, or the configuration's overrides).
     pub thresholds: Thresholds,
+    /// Put back by a rollback assignment: reported as rolled back once swapped in.
+    pub rollback: bool,
 }
 
 impl ActiveModel {
@@ -72,7 +74,11 @@ impl ActiveModel {
         }
         let thresholds = thresholds(model.manifest().thresholds, &config.routing)
             .with_context(|| format!("bundle {}", path.display()))?;
-        Ok(ActiveModel { model, thresholds })
+        Ok(ActiveModel {
+            model,
+            thresholds,
+            rollback: false,
+        })
     }
 
     /// The bundle version.
@@ -116,7 +122,8 @@ fn thresholds(bundle: Option<Thresholds>, routing: &RoutingConfig) -> Result<Thr
     Ok(t)
 }
 
-/// Watches the bundle folder and sends verified new models to the scorer. A new version
+/// Watches the bundle folder and sends verified new models to the scorer (on `tx`;
+/// false when `model.reload_check_s` is 0 and nothing watches). A new version
 /// that does not load (a bundle copied file by file: the manifest first, the bank still
 /// being written) is tried again at every check while its files change, and given up,
 /// with one error, once they stayed as they were between two failed tries; the same
@@ -126,11 +133,11 @@ pub fn watch_bundle(
     device: candle_core::Device,
     current: String,
     telemetry: Arc<Telemetry>,
-) -> Option<Receiver<ActiveModel>> {
+    tx: Sender<ActiveModel>,
+) -> bool {
     if config.model.reload_check_s == 0 {
-        return None;
+        return false;
     }
-    let (tx, rx) = channel();
     let every = Duration::from_secs(config.model.reload_check_s);
     let spawned = std::thread::Builder::new()
         .name("bundle-watch".into())
@@ -177,8 +184,9 @@ pub fn watch_bundle(
         });
     if let Err(e) = spawned {
         tracing::error!("bundle watcher not started: {e}");
+        return false;
     }
-    Some(rx)
+    true
 }
 
 /// Name, size and modification time of every file in a bundle folder: what tells a
@@ -320,7 +328,11 @@ impl Scorer {
                 self.active.version(),
                 next.version()
             );
-            self.telemetry.set_model(next.version());
+            if next.rollback {
+                self.telemetry.set_model_rolled_back(next.version());
+            } else {
+                self.telemetry.set_model(next.version());
+            }
             self.active = next;
         }
     }

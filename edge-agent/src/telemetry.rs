@@ -5,6 +5,10 @@
 use crate::takeover::{Change, TakeoverWatch};
 use insp_core::routing::Band;
 use insp_proto::v1::{model_status, ModelStatus};
+
+/// Model status reports kept for publishing (a reconnect publishes them again, the last
+/// one retained).
+const MODEL_STATUS_KEPT: usize = 16;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -72,7 +76,8 @@ pub struct Telemetry {
     bundles_refused: Family<Label, Counter>,
     verdicts_rejected: Family<Label, Counter>,
     /// The latest model status report and its number (the link publishes each new one).
-    model_status: std::sync::Mutex<(u64, Option<ModelStatus>)>,
+    /// Model status reports, numbered from 1, the last [`MODEL_STATUS_KEPT`] kept.
+    model_status: std::sync::Mutex<(u64, std::collections::VecDeque<ModelStatus>)>,
     http_refused: Family<Label, Counter>,
 }
 
@@ -620,9 +625,6 @@ impl Telemetry {
     /// A new bundle `version` was refused (`kind` as in `bundles_refused`): counted and
     /// reported on the model-status topic.
     pub fn bundle_refused(&self, version: &str, kind: &str, reason: &str) {
-        self.bundles_refused
-            .get_or_create(&label("reason", kind))
-            .inc();
         self.report_model_status(version, model_status::State::Refused, kind, reason);
     }
 
@@ -648,28 +650,52 @@ impl Telemetry {
         kind: &str,
         reason: &str,
     ) {
-        let status = ModelStatus {
-            device: String::new(),
+        self.model_step(ModelStatus {
             version: version.to_string(),
             state: state as i32,
             reason_kind: kind.to_string(),
             reason: reason.to_string(),
-            running_version: self.model_version(),
-            unix_ms: insp_proto::clock::unix_ms(),
-        };
-        let mut slot = self.model_status.lock().unwrap_or_else(|p| p.into_inner());
-        slot.0 += 1;
-        slot.1 = Some(status);
+            ..Default::default()
+        });
     }
 
-    /// The latest model status report if it is newer than report number `seen` (0: any),
-    /// with its number.
-    pub fn model_status_after(&self, seen: u64) -> Option<(u64, ModelStatus)> {
-        let slot = self.model_status.lock().unwrap_or_else(|p| p.into_inner());
-        match &slot.1 {
-            Some(s) if slot.0 > seen => Some((slot.0, s.clone())),
-            _ => None,
+    /// The model in use was put back by a rollback assignment: like [`Telemetry::set_model`],
+    /// reported as rolled back.
+    pub fn set_model_rolled_back(&self, version: &str) {
+        self.set_model(version);
+        self.report_model_status(version, model_status::State::RolledBack, "", "");
+    }
+
+    /// Reports a step of an install on the model-status topic (the running version and
+    /// the time are filled in here). Every step is published, in order.
+    pub fn model_step(&self, mut status: ModelStatus) {
+        status.running_version = self.model_version();
+        status.unix_ms = insp_proto::clock::unix_ms();
+        if status.state == model_status::State::SelfTestFailed as i32
+            || status.state == model_status::State::Refused as i32
+        {
+            self.bundles_refused
+                .get_or_create(&label("reason", &status.reason_kind))
+                .inc();
         }
+        let mut slot = self.model_status.lock().unwrap_or_else(|p| p.into_inner());
+        slot.0 += 1;
+        slot.1.push_back(status);
+        while slot.1.len() > MODEL_STATUS_KEPT {
+            slot.1.pop_front();
+        }
+    }
+
+    /// The model status reports newer than report number `seen` (0: every one kept), in
+    /// order, with the number of the last.
+    pub fn model_status_after(&self, seen: u64) -> Option<(u64, Vec<ModelStatus>)> {
+        let slot = self.model_status.lock().unwrap_or_else(|p| p.into_inner());
+        let newer = slot.0.saturating_sub(seen) as usize;
+        if newer == 0 || slot.1.is_empty() {
+            return None;
+        }
+        let from = slot.1.len().saturating_sub(newer);
+        Some((slot.0, slot.1.iter().skip(from).cloned().collect()))
     }
 
     /// The model version now in use.

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod delivery;
 pub mod ingest;
 pub mod queue;
+pub mod registry;
 pub mod users;
 pub mod verdicts;
 
@@ -70,6 +71,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         "users and audit",
         include_str!("../../../migrations/postgres/0005_users_audit.sql"),
     ),
+    (
+        6,
+        "bundle registry",
+        include_str!("../../../migrations/postgres/0006_registry.sql"),
+    ),
 ];
 const SQLITE: &[(i64, &str, &str)] = &[
     (
@@ -96,6 +102,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         5,
         "users and audit",
         include_str!("../../../migrations/sqlite/0005_users_audit.sql"),
+    ),
+    (
+        6,
+        "bundle registry",
+        include_str!("../../../migrations/sqlite/0006_registry.sql"),
     ),
 ];
 
