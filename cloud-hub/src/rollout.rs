@@ -155,42 +155,7 @@ pub struct Rollout {
     assigned: Vec<String>,
 }
 
-/// The `q` quantile (0..=1) of sorted values (nearest rank); NaN when empty.
-fn quantile(sorted: &[f32], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)] as f64
-}
-
-fn sorted(values: &[f32]) -> Vec<f32> {
-    let mut v: Vec<f32> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    v.sort_by(f32::total_cmp);
-    v
-}
-
-/// The two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical
-/// distribution functions (0 when either sample is empty).
-pub fn ks_statistic(a: &[f32], b: &[f32]) -> f64 {
-    let (a, b) = (sorted(a), sorted(b));
-    if a.is_empty() || b.is_empty() {
-        return 0.0;
-    }
-    let (mut i, mut j, mut d) = (0usize, 0usize, 0f64);
-    while i < a.len() && j < b.len() {
-        let x = a[i].min(b[j]);
-        while i < a.len() && a[i] <= x {
-            i += 1;
-        }
-        while j < b.len() && b[j] <= x {
-            j += 1;
-        }
-        let gap = (i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs();
-        d = d.max(gap);
-    }
-    d
-}
+pub use insp_core::score_shift::ks_statistic;
 
 /// The behaviour figures of `windows` (pooled), with shifts in units of `spread`.
 pub fn figures(windows: &[&DeviceWindow], spread: f64) -> Figures {
@@ -213,25 +178,12 @@ pub fn figures(windows: &[&DeviceWindow], spread: f64) -> Figures {
         (false, true) => f64::INFINITY,
         (true, true) => ra / rb,
     };
-    let (sb, sa) = (sorted(&before), sorted(&after));
-    let spread = if spread > 0.0 {
-        spread
-    } else {
-        f64::MIN_POSITIVE
-    };
-    let shift = |q| {
-        let d = (quantile(&sa, q) - quantile(&sb, q)).abs() / spread;
-        if d.is_nan() {
-            0.0
-        } else {
-            d
-        }
-    };
+    let shift = insp_core::score_shift::score_shift(&before, &after, spread);
     Figures {
         escalation_ratio,
-        median_shift: shift(0.5),
-        p99_shift: shift(0.99),
-        ks: ks_statistic(&before, &after),
+        median_shift: shift.median_shift,
+        p99_shift: shift.p99_shift,
+        ks: shift.ks,
     }
 }
 

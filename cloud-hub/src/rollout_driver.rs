@@ -67,8 +67,7 @@ async fn registry_spread(db: &Db, version: &str) -> Option<f64> {
     let manifest: serde_json::Value = serde_json::from_str(&b.manifest).ok()?;
     let calibration: insp_core::bundle::Calibration =
         serde_json::from_value(manifest.get("calibration")?.clone()).ok()?;
-    let n = insp_cloud::fusion::Normaliser::from_calibration(&calibration).ok()?;
-    Some(n.scale as f64)
+    calibration.median_and_spread().map(|(_, s)| s as f64)
 }
 
 /// The spread of scores themselves (the same formula), when the registry cannot say.
@@ -79,8 +78,7 @@ fn window_spread(scores: &[f32]) -> Option<f64> {
         good_scores,
         images: Vec::new(),
     };
-    let n = insp_cloud::fusion::Normaliser::from_calibration(&calibration).ok()?;
-    Some(n.scale as f64)
+    calibration.median_and_spread().map(|(_, s)| s as f64)
 }
 
 /// One tick of one rollout.

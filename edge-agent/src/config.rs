@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub hooks: HookConfig,
     /// Camera faults told from the frames (black, saturated, frozen).
     pub camera: crate::camera::CameraConfig,
+    /// Drift of the scores from the bundle's held-out good scores.
+    pub drift: crate::drift::DriftConfig,
 }
 
 /// Identity of the device.
@@ -448,6 +450,7 @@ impl AgentConfig {
         }
         self.hooks.validate()?;
         self.camera.validate().map_err(anyhow::Error::msg)?;
+        self.drift.validate().map_err(anyhow::Error::msg)?;
         if self.queue.capacity == 0 {
             bail!("queue.capacity must be at least 1");
         }

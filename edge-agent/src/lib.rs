@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod decisions;
 pub mod disk;
+pub mod drift;
 pub mod eval_cmd;
 pub mod fit_cmd;
 pub mod frame;

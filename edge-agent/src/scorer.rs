@@ -277,6 +277,8 @@ pub struct Scorer {
     pub decode: Decoder,
     /// Camera faults told from the frames.
     pub camera: crate::camera::CameraWatch,
+    /// Drift of the scores from the bundle's held-out good ones.
+    pub drift: crate::drift::DriftWatch,
 }
 
 /// Decodes an encoded frame; `origin` names it in errors.
@@ -297,7 +299,6 @@ impl Scorer {
         let topic = |k| insp_proto::topic(site, device, k).map_err(anyhow::Error::msg);
         telemetry.set_model(active.version());
         Ok(Scorer {
-            active,
             updates,
             site: site.clone(),
             device: device.clone(),
@@ -308,6 +309,11 @@ impl Scorer {
             topics: (topic(TopicKind::Result)?, topic(TopicKind::Escalation)?),
             decode: insp_core::image::decode,
             camera: crate::camera::CameraWatch::new(config.camera.clone()),
+            drift: crate::drift::DriftWatch::new(
+                config.drift.clone(),
+                &active.model.manifest().calibration,
+            ),
+            active,
         })
     }
 
@@ -336,6 +342,7 @@ impl Scorer {
             } else {
                 self.telemetry.set_model(next.version());
             }
+            self.drift.set_reference(&next.model.manifest().calibration);
             self.active = next;
         }
     }
@@ -376,6 +383,10 @@ impl Scorer {
             },
         );
         self.telemetry.frame_scored(routed.band);
+        // A camera fault is not drift: its frames show the camera, not the parts.
+        if !self.camera.faulty() {
+            self.watch_drift(scored.score, &origin);
+        }
         let arrived_unix_us = unix_us() - latency.as_micros() as i64;
         // Register before publishing, so a fast verdict finds its frame waiting.
         self.book.scored(routed.decision.clone());
@@ -421,6 +432,39 @@ impl Scorer {
 }
 
 impl Scorer {
+    /// Feeds the drift watch one score; logs and publishes what it raised or cleared.
+    fn watch_drift(&mut self, score: f32, origin: &str) {
+        use crate::drift::DriftChange;
+        let describe = |s: &insp_core::score_shift::ScoreShift| {
+            format!("median shift {:.2} spreads, KS {:.2}", s.median_shift, s.ks)
+        };
+        let change = self.drift.observe(score, unix_ms());
+        match &change {
+            Some(DriftChange::Raised(_, s)) => tracing::warn!(
+                "drift raised at {origin}: the latest scores left the bundle's held-out good ones ({})",
+                describe(s)
+            ),
+            Some(DriftChange::Cleared(s)) => {
+                tracing::info!("drift cleared at {origin} ({})", describe(s))
+            }
+            None => {}
+        }
+        if change.is_some() || self.drift.last_shift().is_some() {
+            let active = self.drift.active_since().map(|t| {
+                (
+                    t,
+                    self.drift
+                        .last_shift()
+                        .map(|s| describe(&s))
+                        .unwrap_or_default(),
+                )
+            });
+            self.telemetry
+                .camera
+                .set_drift(self.drift.last_shift(), active);
+        }
+    }
+
     /// Feeds the camera watch one frame; logs and publishes what it raised or cleared.
     fn watch_camera(&mut self, look: crate::camera::FrameLook, origin: &str) {
         use crate::camera::Change;

@@ -79,21 +79,26 @@ pub struct Telemetry {
     /// Model status reports, numbered from 1, the last [`MODEL_STATUS_KEPT`] kept.
     model_status: std::sync::Mutex<(u64, std::collections::VecDeque<ModelStatus>)>,
     http_refused: Family<Label, Counter>,
-    /// The camera watch's metrics.
-    pub camera: CameraMetrics,
+    /// The alarms' metrics: camera faults and drift.
+    pub camera: AlarmMetrics,
 }
 
-/// What the camera watch ([`crate::camera`]) exports: each fault's alarm, and the frames
-/// scored and not escalated while one was active.
+/// What the camera watch ([`crate::camera`]) and the drift watch ([`crate::drift`])
+/// export: each alarm, the frames scored and not escalated under a camera fault, and the
+/// last drift figures.
 #[derive(Default)]
-pub struct CameraMetrics {
+pub struct AlarmMetrics {
     alarm: Family<Label, Gauge>,
     under_fault: Counter,
     not_escalated: Counter,
+    drift: Gauge,
+    drift_median_shift: Gauge<f64, AtomicU64>,
+    drift_ks: Gauge<f64, AtomicU64>,
     active: std::sync::Mutex<Vec<(crate::camera::Fault, i64)>>,
+    drift_since: std::sync::Mutex<Option<(i64, String)>>,
 }
 
-impl CameraMetrics {
+impl AlarmMetrics {
     fn register(&self, r: &mut Registry) {
         r.register(
             "camera_alarm",
@@ -110,6 +115,35 @@ impl CameraMetrics {
             "UNCERTAIN frames not escalated because a camera fault was active (decided by the fallback)",
             self.not_escalated.clone(),
         );
+        r.register(
+            "drift_alarm",
+            "1 while the scores have drifted from the bundle's held-out good scores",
+            self.drift.clone(),
+        );
+        r.register(
+            "drift_median_shift",
+            "Median shift of the latest scores from the held-out good ones, in calibration spreads (last check)",
+            self.drift_median_shift.clone(),
+        );
+        r.register(
+            "drift_ks",
+            "Kolmogorov-Smirnov statistic of the latest scores against the held-out good ones (last check)",
+            self.drift_ks.clone(),
+        );
+    }
+
+    /// The drift watch's last figures and whether (since when, why) it is active.
+    pub fn set_drift(
+        &self,
+        shift: Option<insp_core::score_shift::ScoreShift>,
+        active: Option<(i64, String)>,
+    ) {
+        if let Some(s) = shift {
+            self.drift_median_shift.set(s.median_shift);
+            self.drift_ks.set(s.ks);
+        }
+        self.drift.set(active.is_some() as i64);
+        *self.drift_since.lock().unwrap_or_else(|p| p.into_inner()) = active;
     }
 
     /// The faults active now, with the time each was raised.
@@ -134,16 +168,27 @@ impl CameraMetrics {
     }
 
     /// The active alarms, for the metrics message.
-    pub fn alarms(&self) -> Vec<insp_proto::v1::CameraAlarm> {
-        self.active
+    pub fn alarms(&self) -> Vec<insp_proto::v1::Alarm> {
+        let mut out: Vec<insp_proto::v1::Alarm> = self
+            .active
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(f, since)| insp_proto::v1::CameraAlarm {
-                fault: f.as_str().to_string(),
+            .map(|(f, since)| insp_proto::v1::Alarm {
+                kind: f.as_str().to_string(),
                 since_unix_ms: *since,
+                detail: String::new(),
             })
-            .collect()
+            .collect();
+        if let Some((since, detail)) = &*self.drift_since.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            out.push(insp_proto::v1::Alarm {
+                kind: "drift".into(),
+                since_unix_ms: *since,
+                detail: detail.clone(),
+            });
+        }
+        out
     }
 }
 
@@ -198,7 +243,7 @@ impl Telemetry {
             verdicts_rejected: Family::default(),
             model_status: Default::default(),
             http_refused: Family::default(),
-            camera: CameraMetrics::default(),
+            camera: AlarmMetrics::default(),
         };
         t.camera.register(&mut t.registry);
         let r = &mut t.registry;
@@ -798,7 +843,7 @@ impl Telemetry {
             late_verdicts: self.late_verdicts(),
             score_latency_ms_mean: mean_ms as f32,
             streams: Vec::new(),
-            camera_alarms: self.camera.alarms(),
+            alarms: self.camera.alarms(),
         }
     }
 }

@@ -1420,7 +1420,7 @@ fn flat_png(level: u8) -> Vec<u8> {
 }
 
 #[test]
-fn black_and_frozen_cameras_raise_alarms_that_clear_and_their_frames_are_not_escalated() {
+fn black_and_frozen_cameras_and_drifting_scores_raise_alarms_that_clear() {
     let f = fixture();
     let site = unique("t");
     let http_port = free_port();
@@ -1445,6 +1445,9 @@ fn black_and_frozen_cameras_raise_alarms_that_clear_and_their_frames_are_not_esc
             "camera.raise_after_frames=3".to_string(),
             "camera.frozen_after_frames=4".to_string(),
             "camera.clear_after_frames=2".to_string(),
+            "drift.window_frames=10".to_string(),
+            "drift.check_every_frames=5".to_string(),
+            "drift.raise_after_checks=1".to_string(),
         ],
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -1527,6 +1530,39 @@ fn black_and_frozen_cameras_raise_alarms_that_clear_and_their_frames_are_not_esc
     assert_eq!(
         metric(http_port, "insp_edge_frames_camera_fault_total"),
         Some(6.0)
+    );
+
+    // Drift: a run of defective parts moves the scores away from the held-out good
+    // ones (not a camera fault: the frames are sound); good parts bring them back.
+    let defects: Vec<Vec<u8>> = frames
+        .iter()
+        .filter(|(name, _)| !name.starts_with("good"))
+        .map(|(_, b)| b.clone())
+        .collect();
+    for i in 0..15 {
+        push(&format!("defect-{i}"), &defects[i % defects.len()]);
+    }
+    assert_eq!(
+        metric(http_port, "insp_edge_drift_alarm"),
+        Some(1.0),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("drift raised"), "{}", agent.log());
+    assert!(metric(http_port, "insp_edge_drift_median_shift").unwrap_or(0.0) > 2.0);
+    let goods: Vec<Vec<u8>> = frames
+        .iter()
+        .filter(|(name, _)| name.starts_with("good"))
+        .map(|(_, b)| b.clone())
+        .collect();
+    for i in 0..15 {
+        push(&format!("good-{i}"), &goods[i % goods.len()]);
+    }
+    assert_eq!(
+        metric(http_port, "insp_edge_drift_alarm"),
+        Some(0.0),
+        "{}",
+        agent.log()
     );
     assert!(agent.terminate());
 }

@@ -27,9 +27,6 @@ use insp_core::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-/// z = 1.645 is the 95th percentile of a standard normal.
-const Z95: f32 = 1.644_853_6;
-
 /// How one member's raw scores become z-scores.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Normaliser {
@@ -42,22 +39,10 @@ pub struct Normaliser {
 impl Normaliser {
     /// From a model's held-out good scores; an error if there are none.
     pub fn from_calibration(c: &Calibration) -> Result<Self> {
-        let (Some(median), Some(q95), Some(min), Some(max)) = (
-            c.quantile(0.5),
-            c.quantile(0.95),
-            c.quantile(0.0),
-            c.quantile(1.0),
-        ) else {
-            return Err(Error::Config(
-                "fusion: a model has no held-out good scores to normalise with".into(),
-            ));
-        };
-        // A floor for degenerate calibrations (all equal scores).
-        let floor = 1e-3 * (max - min).abs().max(median.abs()).max(1e-6);
-        Ok(Self {
-            location: median,
-            scale: ((q95 - median) / Z95).max(floor),
-        })
+        let (location, scale) = c.median_and_spread().ok_or_else(|| {
+            Error::Config("fusion: a model has no held-out good scores to normalise with".into())
+        })?;
+        Ok(Self { location, scale })
     }
 
     /// The z-score of a raw score.
@@ -294,6 +279,7 @@ fn combine(members: &[(String, Normaliser)], rule: Rule, scores: &[f32]) -> f32 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use insp_core::calibration::Z95;
 
     fn cal(scores: &[f32], names: &[&str]) -> Calibration {
         let mut pairs: Vec<(f32, String)> = scores

@@ -19,4 +19,24 @@ impl Calibration {
     pub fn quantile(&self, q: f64) -> Option<f32> {
         crate::quantile::interpolated(&self.good_scores, q)
     }
+
+    /// The median and the upper-tail spread of the held-out good scores,
+    /// `(q95 - median) / 1.645` (a standard normal's 95th percentile is 1.645 spreads
+    /// above its median), floored for degenerate calibrations (all scores equal); `None`
+    /// without scores. What fusion normalises by and score shifts are measured in.
+    pub fn median_and_spread(&self) -> Option<(f32, f32)> {
+        let (Some(median), Some(q95), Some(min), Some(max)) = (
+            self.quantile(0.5),
+            self.quantile(0.95),
+            self.quantile(0.0),
+            self.quantile(1.0),
+        ) else {
+            return None;
+        };
+        let floor = 1e-3 * (max - min).abs().max(median.abs()).max(1e-6);
+        Some((median, ((q95 - median) / Z95).max(floor)))
+    }
 }
+
+/// z = 1.645 is the 95th percentile of a standard normal.
+pub const Z95: f32 = 1.644_853_6;

@@ -29,6 +29,7 @@ pub mod pointwise;
 pub mod quantile;
 pub mod rng;
 pub mod routing;
+pub mod score_shift;
 pub mod signing;
 pub mod stem_conv;
 pub mod synthetic;
