@@ -27,7 +27,7 @@ use crate::heavy::{
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use image::DynamicImage;
-use insp_core::bundle::{BackboneSpec, Calibration, FitReport, Manifest, FORMAT_VERSION};
+use insp_core::bundle::{BackboneSpec, Calibration, FitReport, Manifest};
 use insp_core::dataset;
 use insp_core::error::{Error, Result};
 use insp_core::image::Preprocessing;
@@ -571,29 +571,17 @@ fn calibrate_and_write(
     progress: &mut dyn FnMut(TrainProgress),
 ) -> Result<Manifest<HeavyParams>> {
     let calibration_started = Instant::now();
-    let created = insp_core::clock::unix_seconds();
-    let kind = config.architecture.kind();
-    let mut manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        version: format!(
-            "{kind}-{created}-{}",
-            &insp_core::bundle::sha256_hex(&model_bytes)[..8]
-        ),
-        parent_version: None,
-        created_unix: created,
-        backbone: BackboneSpec {
+    let mut manifest = Manifest::fitted(
+        config.architecture.kind(),
+        &model_bytes,
+        BackboneSpec {
             variant: config.backbone.clone(),
             stages: config.stages.clone(),
             weights_file: "backbone.safetensors".into(),
         },
-        preprocessing: frozen.preprocessing,
-        model: params,
-        calibration: Calibration::default(),
-        thresholds: None,
-        fit: FitReport::default(),
-        files: Default::default(),
-        golden: Vec::new(),
-    };
+        frozen.preprocessing,
+        params,
+    );
     let model = HeavyModel::from_parts(manifest.clone(), &frozen.bytes, &model_bytes, device)?;
     let mut scored: Vec<(f32, String)> = Vec::with_capacity(holdout.len());
     for (i, path) in holdout.iter().enumerate() {

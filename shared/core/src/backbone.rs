@@ -19,6 +19,21 @@ use serde::{Deserialize, Serialize};
 
 const BN_EPS: f64 = 1e-3;
 
+/// A stage output (N, C, H, W) averaged over `pool` x `pool` neighbourhoods at stride 1,
+/// zero-padded so that the size stays (the zeros count in the average; `pool - 1` is
+/// split with the smaller half before): each patch feature sees its neighbours. A pool of
+/// 0 or 1 returns the features as they are.
+pub fn local_average(features: Tensor, pool: usize) -> Result<Tensor> {
+    if pool <= 1 {
+        return Ok(features);
+    }
+    let (lo, hi) = ((pool - 1) / 2, pool / 2);
+    Ok(features
+        .pad_with_zeros(2, lo, hi)?
+        .pad_with_zeros(3, lo, hi)?
+        .avg_pool2d_with_stride(pool, 1)?)
+}
+
 /// Per-stage settings of EfficientNet-B0, which Lite scales: (kernel, stride, expand ratio,
 /// output channels, repeats).
 const BASE_STAGES: [(usize, usize, usize, usize, usize); 7] = [
@@ -409,6 +424,20 @@ impl EfficientNetLite {
             }
         }
         Ok(out)
+    }
+
+    /// Stage outputs of [`Self::forward_stages`], each locally averaged with
+    /// [`local_average`]: the patch features PatchCore and the heavy models start from.
+    pub fn forward_stages_averaged(
+        &self,
+        x: &Tensor,
+        wanted: &[usize],
+        pool: usize,
+    ) -> Result<Vec<Tensor>> {
+        self.forward_stages(x, wanted)?
+            .into_iter()
+            .map(|f| local_average(f, pool))
+            .collect()
     }
 
     /// ImageNet logits (N, 1000); needs the model loaded with its head.

@@ -6,7 +6,7 @@ use super::{
     INDEX_FROM_ROWS, ROWS_PER_LIST,
 };
 use crate::backbone::{EfficientNetLite, LiteConfig};
-use crate::bundle::{BackboneSpec, FitReport, Manifest, FORMAT_VERSION};
+use crate::bundle::{BackboneSpec, FitReport, Manifest};
 use crate::calibration::Calibration;
 use crate::coreset;
 use crate::dataset;
@@ -273,24 +273,7 @@ pub fn fit(
         score: config.score,
         search,
     };
-    let created = crate::clock::unix_seconds();
-    let mut manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        version: format!(
-            "patchcore-{created}-{}",
-            &crate::bundle::sha256_hex(&bank_bytes)[..8]
-        ),
-        parent_version: None,
-        created_unix: created,
-        backbone: spec,
-        preprocessing,
-        model: params,
-        calibration: Calibration::default(),
-        thresholds: None,
-        fit: FitReport::default(),
-        files: Default::default(),
-        golden: Vec::new(),
-    };
+    let mut manifest = Manifest::fitted("patchcore", &bank_bytes, spec, preprocessing, params);
     let model = PatchCore {
         manifest: manifest.clone(),
         backbone,

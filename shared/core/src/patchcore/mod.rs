@@ -121,18 +121,10 @@ pub(crate) fn embed(
     pool: usize,
     x: &Tensor,
 ) -> Result<(Tensor, usize, usize)> {
-    let features = backbone.forward_stages(x, stages)?;
+    let features = backbone.forward_stages_averaged(x, stages, pool)?;
     let (n, _, h, w) = features[0].dims4()?;
     let mut parts = Vec::with_capacity(features.len());
     for f in features {
-        let f = if pool > 1 {
-            let (lo, hi) = ((pool - 1) / 2, pool / 2);
-            f.pad_with_zeros(2, lo, hi)?
-                .pad_with_zeros(3, lo, hi)?
-                .avg_pool2d_with_stride(pool, 1)?
-        } else {
-            f
-        };
         let (_, _, fh, fw) = f.dims4()?;
         parts.push(if (fh, fw) != (h, w) {
             f.upsample_bilinear2d(h, w, false)?
