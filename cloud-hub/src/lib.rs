@@ -16,6 +16,7 @@ pub mod db;
 pub mod decode;
 pub mod delivery;
 pub mod device;
+pub mod domain;
 pub mod eval_cmd;
 pub mod grpc;
 pub mod http;

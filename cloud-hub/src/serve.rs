@@ -126,7 +126,8 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         tokio::task::spawn_blocking(move || edge.scan()).await?
     };
     for (manifest, dir) in &found {
-        db.upsert_model(&model_row(manifest, dir, "edge")).await?;
+        db.upsert_model(&model_row(manifest, dir, crate::domain::ModelRole::Edge))
+            .await?;
     }
     tracing::info!("{} edge bundles in {}", found.len(), models_dir.display());
     let cloud = load_cloud_models(&config, &device, &db).await?;
