@@ -25,7 +25,7 @@ pub struct ApiAddress {
     #[arg(
         long,
         env = "HUB_API",
-        default_value = "http://127.0.0.1:50051",
+        default_value_t = crate::config::ApiConfig::default().grpc_url(),
         global = true
     )]
     pub api: String,

@@ -93,7 +93,7 @@ pub struct MqttConfig {
     pub site: String,
     /// Protocol with an external broker: `5` (the hub sets its own receive window) or
     /// `3.1.1`. The embedded broker is always spoken to in 3.1.1.
-    pub protocol: String,
+    pub protocol: MqttProtocol,
     /// MQTT 5: QoS 1 messages the broker may have in flight to the hub at once (at most
     /// 2,000: their acknowledgements, queued in the client with the verdicts, must fit its
     /// 4,096-entry request queue).
@@ -123,7 +123,7 @@ impl Default for MqttConfig {
             client_id: "cloud-hub-1".into(),
             group: "cloud-hub".into(),
             site: "+".into(),
-            protocol: "5".into(),
+            protocol: MqttProtocol::V5,
             receive_maximum: 1000,
             session_expiry_s: 7 * 24 * 3600,
             username: None,
@@ -133,6 +133,17 @@ impl Default for MqttConfig {
             max_packet_bytes: 256 << 20,
         }
     }
+}
+
+/// The MQTT protocol version the hub speaks with an external broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 5 (`"5"`): session expiry and the hub's own receive window.
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1 (`"3.1.1"`).
+    #[serde(rename = "3.1.1")]
+    V311,
 }
 
 /// The in-process rumqttd broker.
@@ -318,6 +329,12 @@ impl Default for ApiConfig {
 }
 
 impl ApiConfig {
+    /// The `http://` address of the gRPC listener, as the `cloud-hub` client calls it
+    /// (its `--api` default is the default listener's).
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_listen)
+    }
+
     /// Refuses plaintext listeners beyond loopback unless `allow_plaintext` is set.
     pub fn check_plaintext(&self) -> Result<()> {
         if self.tls.is_some() || self.allow_plaintext {
@@ -697,6 +714,19 @@ mod tests {
         let mut bad = c.clone();
         bad.ingest.max_inflight_messages = 5000;
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn the_protocol_is_one_of_two_and_an_unknown_one_names_them() {
+        let c: HubConfig = toml::from_str("[mqtt]\nprotocol = \"3.1.1\"\n").unwrap();
+        assert_eq!(c.mqtt.protocol, MqttProtocol::V311);
+        assert_eq!(HubConfig::default().mqtt.protocol, MqttProtocol::V5);
+        let e = toml::from_str::<HubConfig>("[mqtt]\nprotocol = \"4\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`5`") && e.contains("`3.1.1`"), "{e}");
+        let shown = toml::to_string(&HubConfig::default()).unwrap();
+        assert!(shown.contains("protocol = \"5\""), "{shown}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub use scorer::PatchCore;
 use crate::anomaly_map::AnomalyMap;
 use crate::backbone::EfficientNetLite;
 use crate::bundle::{Bundle, Manifest, ModelKind};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::memory_bank::BankDtype;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,37 @@ pub enum ScoreRule {
         /// Bank neighbours of the matched row considered.
         neighbours: usize,
     },
+}
+
+impl std::fmt::Display for ScoreRule {
+    /// The rule as `fit --score` takes it: `max`, `map-max` or `reweighted:K`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScoreRule::Max => f.write_str("max"),
+            ScoreRule::MapMax => f.write_str("map-max"),
+            ScoreRule::Reweighted { neighbours } => write!(f, "reweighted:{neighbours}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ScoreRule {
+    type Err = Error;
+
+    /// Reads `map-max`, `max` or `reweighted:K` (what [`ScoreRule`]'s `Display` writes).
+    fn from_str(s: &str) -> Result<Self> {
+        match s.split_once(':') {
+            None if s == "max" => Ok(ScoreRule::Max),
+            None if s == "map-max" => Ok(ScoreRule::MapMax),
+            Some(("reweighted", k)) => Ok(ScoreRule::Reweighted {
+                neighbours: k.parse().map_err(|_| {
+                    Error::Config(format!("score rule {s:?}: reweighted:K needs a number"))
+                })?,
+            }),
+            _ => Err(Error::Config(format!(
+                "score rule {s:?}: use `map-max`, `max` or `reweighted:K`"
+            ))),
+        }
+    }
 }
 
 /// PatchCore parameters stored in the manifest.
