@@ -90,7 +90,7 @@ pub struct MqttConfig {
     pub group: String,
     /// Sites this hub ingests: `+` (every site) or one site name (a hub per site or
     /// region on a shared broker).
-    pub site: String,
+    pub site: SiteFilter,
     /// Protocol with an external broker: `5` (the hub sets its own receive window) or
     /// `3.1.1`. The embedded broker is always spoken to in 3.1.1.
     pub protocol: MqttProtocol,
@@ -122,7 +122,7 @@ impl Default for MqttConfig {
             port: 1883,
             client_id: "cloud-hub-1".into(),
             group: "cloud-hub".into(),
-            site: "+".into(),
+            site: SiteFilter::Every,
             protocol: MqttProtocol::V5,
             receive_maximum: 1000,
             session_expiry_s: 7 * 24 * 3600,
@@ -132,6 +132,44 @@ impl Default for MqttConfig {
             keep_alive_s: 30,
             max_packet_bytes: 256 << 20,
         }
+    }
+}
+
+/// The sites a hub ingests (`mqtt.site`): every site (`"+"`, the topic wildcard), or
+/// one, named by the devices' naming rule ([`insp_proto::check_name`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SiteFilter {
+    /// `"+"`: every site.
+    Every,
+    /// One site.
+    One(String),
+}
+
+impl SiteFilter {
+    /// The site level of the hub's subscriptions: `+` or the site's name.
+    pub fn topic_level(&self) -> &str {
+        match self {
+            SiteFilter::Every => "+",
+            SiteFilter::One(site) => site,
+        }
+    }
+}
+
+impl Serialize for SiteFilter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.topic_level())
+    }
+}
+
+impl<'de> Deserialize<'de> for SiteFilter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = insp_config::lenient::string(d)?;
+        if text == "+" {
+            return Ok(SiteFilter::Every);
+        }
+        insp_proto::check_name("site", &text)
+            .map_err(|e| serde::de::Error::custom(format!("{e}; or \"+\" for every site")))?;
+        Ok(SiteFilter::One(text))
     }
 }
 
@@ -510,12 +548,6 @@ impl HubConfig {
              in plain TCP on loopback"
         );
         anyhow::ensure!(
-            self.mqtt.site == "+"
-                || (!self.mqtt.site.is_empty() && !self.mqtt.site.contains(['/', '+', '#'])),
-            "mqtt.site {:?} must be \"+\" (every site) or one site name",
-            self.mqtt.site
-        );
-        anyhow::ensure!(
             self.ingest.max_batch > 0,
             "ingest.max_batch must be above 0"
         );
@@ -727,6 +759,23 @@ mod tests {
         assert!(e.contains("`5`") && e.contains("`3.1.1`"), "{e}");
         let shown = toml::to_string(&HubConfig::default()).unwrap();
         assert!(shown.contains("protocol = \"5\""), "{shown}");
+    }
+
+    #[test]
+    fn the_site_is_every_one_or_one_well_named_site() {
+        let c: HubConfig = toml::from_str("[mqtt]\nsite = \"plant-2\"\n").unwrap();
+        assert_eq!(c.mqtt.site, SiteFilter::One("plant-2".into()));
+        assert_eq!(c.mqtt.site.topic_level(), "plant-2");
+        assert_eq!(HubConfig::default().mqtt.site, SiteFilter::Every);
+        assert_eq!(HubConfig::default().mqtt.site.topic_level(), "+");
+        for bad in ["plant/1", "#", "", "a+b"] {
+            let e = toml::from_str::<HubConfig>(&format!("[mqtt]\nsite = {bad:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("for every site"), "{bad}: {e}");
+        }
+        let shown = toml::to_string(&c).unwrap();
+        assert!(shown.contains("site = \"plant-2\""), "{shown}");
     }
 
     #[test]

@@ -273,7 +273,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         keep_bytes: config.ingest.dead_letter_keep_bytes,
         group: config.mqtt.group.clone(),
         shared: !config.embedded_broker(),
-        site: config.mqtt.site.clone(),
+        site: config.mqtt.site.topic_level().to_string(),
         budget: Budget::new(
             config.ingest.max_inflight_bytes,
             config.ingest.max_inflight_messages,
