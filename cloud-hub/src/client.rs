@@ -3,6 +3,7 @@
 //! `HUB_TOKEN`, else the file `--token-file` / `HUB_TOKEN_FILE`, else
 //! `<HUB_DATA_DIR or hub-data>/admin.token` (what a hub on the embedded defaults writes).
 
+use crate::domain;
 use crate::grpc::MAX_MESSAGE;
 use crate::table::{time, Table};
 use anyhow::{Context, Result};
@@ -24,7 +25,7 @@ pub struct ApiAddress {
     #[arg(
         long,
         env = "HUB_API",
-        default_value = "http://127.0.0.1:50051",
+        default_value_t = crate::config::ApiConfig::default().grpc_url(),
         global = true
     )]
     pub api: String,
@@ -302,7 +303,7 @@ pub enum ReviewsCommand {
         /// Frame id.
         frame_id: String,
         /// `good`, `defect`, `camera-fault` or `unsure`.
-        label: String,
+        label: domain::ReviewLabel,
         /// A note.
         #[arg(long, default_value = "")]
         note: String,
@@ -317,6 +318,18 @@ fn band(b: i32) -> &'static str {
         .ok()
         .and_then(|b| insp_core::routing::Band::try_from(b).ok())
         .map_or("-", insp_core::routing::Band::as_str)
+}
+
+/// An escalation's state as the hub sent it; an unspecified one is an error.
+fn state_of(s: &EscalationSummary) -> Result<domain::EscalationState> {
+    domain::EscalationState::try_from(s.escalation_state())
+        .with_context(|| format!("the hub sent escalation {} without its state", s.frame_id))
+}
+
+/// A review's label as the hub sent it; an unspecified one is an error.
+fn label_of(r: &Review) -> Result<domain::ReviewLabel> {
+    domain::ReviewLabel::try_from(r.review_label())
+        .with_context(|| format!("the hub sent review {} without its label", r.id))
 }
 
 /// Runs a `reviews` command.
@@ -336,13 +349,14 @@ pub async fn reviews(cmd: ReviewsCommand) -> Result<()> {
                 "FRAME", "DEVICE", "CAPTURED", "EDGE", "STATE", "VERDICT", "FUSED", "CLOUD",
             ]);
             for e in list.escalations {
+                let state = state_of(&e)?;
                 let v = e.verdict.as_ref();
                 t.row(vec![
                     e.frame_id,
                     e.device,
                     time(e.captured_unix_ms),
                     format!("{:.4}", e.edge_score),
-                    e.state,
+                    state.to_string(),
                     v.map_or("-".into(), |v| band(v.band).to_string()),
                     v.map_or("-".into(), |v| format!("{:.3}", v.fused)),
                     v.filter(|v| v.cloud_score.is_finite())
@@ -374,7 +388,7 @@ pub async fn reviews(cmd: ReviewsCommand) -> Result<()> {
             );
             println!(
                 "state     {}{}",
-                s.state,
+                state_of(&s)?,
                 if d.error.is_empty() {
                     String::new()
                 } else {
@@ -410,7 +424,7 @@ pub async fn reviews(cmd: ReviewsCommand) -> Result<()> {
             for r in &d.reviews {
                 println!(
                     "label     {} by {} at {} {}",
-                    r.label,
+                    label_of(r)?,
                     r.operator,
                     time(r.created_unix_ms),
                     r.note
@@ -451,7 +465,7 @@ pub async fn reviews(cmd: ReviewsCommand) -> Result<()> {
             let r = c
                 .submit_review(SubmitReviewRequest {
                     frame_id,
-                    label,
+                    review_label: insp_proto::hub::ReviewLabel::from(label) as i32,
                     note,
                 })
                 .await
@@ -459,7 +473,10 @@ pub async fn reviews(cmd: ReviewsCommand) -> Result<()> {
                 .into_inner();
             println!(
                 "label {} recorded for {} by {} (review {})",
-                r.label, r.frame_id, r.operator, r.id
+                label_of(&r)?,
+                r.frame_id,
+                r.operator,
+                r.id
             );
         }
     }
@@ -570,9 +587,12 @@ pub async fn models(cmd: ModelsCommand) -> Result<()> {
                 "MB", "DEVICES",
             ]);
             for m in list.models {
+                let role = domain::ModelRole::try_from(m.model_role()).with_context(|| {
+                    format!("the hub sent model {} without its role", m.version)
+                })?;
                 t.row(vec![
                     m.version,
-                    m.role,
+                    role.to_string(),
                     m.kind,
                     m.backbone,
                     format!("{}x{}", m.input_width, m.input_height),

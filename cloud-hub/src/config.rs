@@ -90,10 +90,10 @@ pub struct MqttConfig {
     pub group: String,
     /// Sites this hub ingests: `+` (every site) or one site name (a hub per site or
     /// region on a shared broker).
-    pub site: String,
+    pub site: SiteFilter,
     /// Protocol with an external broker: `5` (the hub sets its own receive window) or
     /// `3.1.1`. The embedded broker is always spoken to in 3.1.1.
-    pub protocol: String,
+    pub protocol: MqttProtocol,
     /// MQTT 5: QoS 1 messages the broker may have in flight to the hub at once (at most
     /// 2,000: their acknowledgements, queued in the client with the verdicts, must fit its
     /// 4,096-entry request queue).
@@ -123,8 +123,8 @@ impl Default for MqttConfig {
             port: 1883,
             client_id: "cloud-hub-1".into(),
             group: "cloud-hub".into(),
-            site: "+".into(),
-            protocol: "5".into(),
+            site: SiteFilter::Every,
+            protocol: MqttProtocol::V5,
             receive_maximum: 1000,
             session_expiry_s: 7 * 24 * 3600,
             username: None,
@@ -134,6 +134,55 @@ impl Default for MqttConfig {
             max_packet_bytes: 256 << 20,
         }
     }
+}
+
+/// The sites a hub ingests (`mqtt.site`): every site (`"+"`, the topic wildcard), or
+/// one, named by the devices' naming rule ([`insp_proto::check_name`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SiteFilter {
+    /// `"+"`: every site.
+    Every,
+    /// One site.
+    One(String),
+}
+
+impl SiteFilter {
+    /// The site level of the hub's subscriptions: `+` or the site's name.
+    pub fn topic_level(&self) -> &str {
+        match self {
+            SiteFilter::Every => "+",
+            SiteFilter::One(site) => site,
+        }
+    }
+}
+
+impl Serialize for SiteFilter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.topic_level())
+    }
+}
+
+impl<'de> Deserialize<'de> for SiteFilter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = insp_config::lenient::string(d)?;
+        if text == "+" {
+            return Ok(SiteFilter::Every);
+        }
+        insp_proto::check_name("site", &text)
+            .map_err(|e| serde::de::Error::custom(format!("{e}; or \"+\" for every site")))?;
+        Ok(SiteFilter::One(text))
+    }
+}
+
+/// The MQTT protocol version the hub speaks with an external broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 5 (`"5"`): session expiry and the hub's own receive window.
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1 (`"3.1.1"`).
+    #[serde(rename = "3.1.1")]
+    V311,
 }
 
 /// The in-process rumqttd broker.
@@ -333,6 +382,12 @@ impl Default for ApiConfig {
 }
 
 impl ApiConfig {
+    /// The `http://` address of the gRPC listener, as the `cloud-hub` client calls it
+    /// (its `--api` default is the default listener's).
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_listen)
+    }
+
     /// Refuses plaintext listeners beyond loopback unless `allow_plaintext` is set.
     pub fn check_plaintext(&self) -> Result<()> {
         if self.tls.is_some() || self.allow_plaintext {
@@ -518,12 +573,6 @@ impl HubConfig {
                  [embedded_broker.tls] (the broker's certificate) go together"
             );
         }
-        anyhow::ensure!(
-            self.mqtt.site == "+"
-                || (!self.mqtt.site.is_empty() && !self.mqtt.site.contains(['/', '+', '#'])),
-            "mqtt.site {:?} must be \"+\" (every site) or one site name",
-            self.mqtt.site
-        );
         anyhow::ensure!(
             self.ingest.max_batch > 0,
             "ingest.max_batch must be above 0"
@@ -723,6 +772,36 @@ mod tests {
         let mut bad = c.clone();
         bad.ingest.max_inflight_messages = 5000;
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn the_protocol_is_one_of_two_and_an_unknown_one_names_them() {
+        let c: HubConfig = toml::from_str("[mqtt]\nprotocol = \"3.1.1\"\n").unwrap();
+        assert_eq!(c.mqtt.protocol, MqttProtocol::V311);
+        assert_eq!(HubConfig::default().mqtt.protocol, MqttProtocol::V5);
+        let e = toml::from_str::<HubConfig>("[mqtt]\nprotocol = \"4\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`5`") && e.contains("`3.1.1`"), "{e}");
+        let shown = toml::to_string(&HubConfig::default()).unwrap();
+        assert!(shown.contains("protocol = \"5\""), "{shown}");
+    }
+
+    #[test]
+    fn the_site_is_every_one_or_one_well_named_site() {
+        let c: HubConfig = toml::from_str("[mqtt]\nsite = \"plant-2\"\n").unwrap();
+        assert_eq!(c.mqtt.site, SiteFilter::One("plant-2".into()));
+        assert_eq!(c.mqtt.site.topic_level(), "plant-2");
+        assert_eq!(HubConfig::default().mqtt.site, SiteFilter::Every);
+        assert_eq!(HubConfig::default().mqtt.site.topic_level(), "+");
+        for bad in ["plant/1", "#", "", "a+b"] {
+            let e = toml::from_str::<HubConfig>(&format!("[mqtt]\nsite = {bad:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("for every site"), "{bad}: {e}");
+        }
+        let shown = toml::to_string(&c).unwrap();
+        assert!(shown.contains("site = \"plant-2\""), "{shown}");
     }
 
     #[test]

@@ -36,8 +36,8 @@ pub struct EvalArgs {
     #[arg(long)]
     out: PathBuf,
     /// Fusion rule: `mean` or `max` of the models' normalised scores.
-    #[arg(long, default_value = "mean")]
-    rule: String,
+    #[arg(long, default_value_t = FusionSettings::default().rule)]
+    rule: insp_cloud::fusion::Rule,
     /// Verdict threshold: this quantile of the fused scores of held-out good images.
     #[arg(long, default_value_t = FusionSettings::default().quantile)]
     quantile: f64,
@@ -131,7 +131,7 @@ fn fmt(v: Option<f64>) -> String {
 /// Runs `eval`.
 pub fn run(args: EvalArgs, device: &candle_core::Device) -> Result<()> {
     let config = FusionSettings {
-        rule: args.rule.parse()?,
+        rule: args.rule,
         quantile: args.quantile,
     };
     let tier = Tier::open(&args.bundles, device)?;

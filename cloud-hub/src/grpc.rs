@@ -210,7 +210,7 @@ fn summary_msg(e: &EscalationSummaryRow) -> EscalationSummary {
         captured_unix_ms: e.captured_unix_ms,
         edge_score: e.edge_score,
         model_version: e.model_version.clone(),
-        state: e.state.clone(),
+        escalation_state: EscalationState::from(e.state) as i32,
         verdict: e.verdict.as_ref().map(|v| VerdictRecord {
             band: Band::from(v.band) as i32,
             fused: v.fused,
@@ -219,7 +219,7 @@ fn summary_msg(e: &EscalationSummaryRow) -> EscalationSummary {
             edge_score_reported: v.edge_score_reported,
             edge_score_reproduced: v.edge_score_reproduced,
             edge_reproduced_exactly: v.edge_exact,
-            model_versions: v.model_versions.clone(),
+            member_versions: v.model_versions.clone(),
             decided_unix_ms: v.decided_unix_ms,
         }),
         reviews: e.reviews.max(0) as u32,
@@ -230,7 +230,7 @@ fn review_msg(r: ReviewRow) -> Review {
     Review {
         id: r.id,
         frame_id: r.frame_id,
-        label: r.label,
+        review_label: ReviewLabel::from(r.label) as i32,
         operator: r.operator,
         note: r.note,
         created_unix_ms: r.created_unix_ms,
@@ -358,7 +358,9 @@ impl Reviews for Api {
     ) -> Result<Response<Review>, Status> {
         let who = self.authorize(&r, "SubmitReview").await?;
         let r = r.into_inner();
-        let review = crate::labels::submit(&self.db, &who, &r.frame_id, &r.label, &r.note)
+        // An unspecified or unknown label number reads as REVIEW_LABEL_UNSPECIFIED, which
+        // the label's conversion refuses (INVALID_ARGUMENT).
+        let review = crate::labels::submit(&self.db, &who, &r.frame_id, r.review_label(), &r.note)
             .await
             .map_err(label_status)?;
         Ok(Response::new(review_msg(review)))
@@ -380,7 +382,11 @@ impl Models for Api {
             .map_err(|e| Status::internal(e.to_string()))?;
         for (m, dir) in &found {
             self.db
-                .upsert_model(&crate::models::model_row(m, dir, "edge"))
+                .upsert_model(&crate::models::model_row(
+                    m,
+                    dir,
+                    crate::domain::ModelRole::Edge,
+                ))
                 .await
                 .map_err(internal)?;
         }
@@ -390,7 +396,7 @@ impl Models for Api {
                 .into_iter()
                 .map(|(m, devices)| ModelInfo {
                     version: m.version,
-                    role: m.role,
+                    model_role: ModelRole::from(m.role) as i32,
                     kind: m.kind,
                     backbone: m.backbone,
                     input_height: m.input_height as u32,

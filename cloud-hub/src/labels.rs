@@ -5,9 +5,7 @@
 use crate::auth::{AuthError, Principal, Role};
 use crate::db::api::ReviewRow;
 use crate::db::Db;
-
-/// The labels an operator gives.
-pub const LABELS: [&str; 4] = ["good", "defect", "camera-fault", "unsure"];
+use crate::domain::{ReviewLabel, UnknownLabel};
 
 /// Longest note, in bytes.
 pub const MAX_NOTE_BYTES: usize = 4096;
@@ -18,9 +16,9 @@ pub enum LabelError {
     /// The principal may not label.
     #[error(transparent)]
     Denied(#[from] AuthError),
-    /// Not one of [`LABELS`].
-    #[error("label {0:?}: use \"good\", \"defect\", \"camera-fault\" or \"unsure\"")]
-    UnknownLabel(String),
+    /// Not a [`ReviewLabel`].
+    #[error(transparent)]
+    UnknownLabel(#[from] UnknownLabel),
     /// A note longer than [`MAX_NOTE_BYTES`].
     #[error("the note has {0} bytes; at most {MAX_NOTE_BYTES}")]
     NoteTooLong(usize),
@@ -32,19 +30,18 @@ pub enum LabelError {
     Database(anyhow::Error),
 }
 
-/// Records `label` (one of [`LABELS`]) with `note` on the escalation `frame_id`, given by
-/// `who` (an operator or above).
+/// Records `label` (a [`ReviewLabel`], or what names one: a page's form value, a gRPC
+/// enum) with `note` on the escalation `frame_id`, given by `who` (an operator or above;
+/// the role is checked before the label).
 pub async fn submit(
     db: &Db,
     who: &Principal,
     frame_id: &str,
-    label: &str,
+    label: impl TryInto<ReviewLabel, Error = UnknownLabel>,
     note: &str,
 ) -> Result<ReviewRow, LabelError> {
     who.require(Role::Operator)?;
-    if !LABELS.contains(&label) {
-        return Err(LabelError::UnknownLabel(label.to_string()));
-    }
+    let label = label.try_into()?;
     if note.len() > MAX_NOTE_BYTES {
         return Err(LabelError::NoteTooLong(note.len()));
     }

@@ -18,6 +18,7 @@ pub mod db;
 pub mod decode;
 pub mod delivery;
 pub mod device;
+pub mod domain;
 pub mod eval_cmd;
 pub mod grpc;
 pub mod http;

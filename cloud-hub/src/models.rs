@@ -4,6 +4,7 @@
 //! [`FrameModel`] (PatchCore, recon, flow).
 
 use crate::db::api::ModelRow;
+use crate::domain::ModelRole;
 use anyhow::{Context, Result};
 use insp_cloud::heavy::HeavyModel;
 use insp_cloud::model::FrameModel;
@@ -38,7 +39,7 @@ pub fn open_cloud(
             "the cloud bundle {} has no calibrated thresholds; refit it",
             dir.display()
         );
-        let row = model_row(model.manifest(), dir, "cloud");
+        let row = model_row(model.manifest(), dir, ModelRole::Cloud);
         Ok((Arc::new(model), row))
     } else {
         let model = HeavyModel::open(dir, device).with_context(|| {
@@ -55,14 +56,14 @@ pub fn open_cloud(
         let row = ModelRow {
             kind: model.kind().to_string(),
             bank_rows: 0,
-            ..row_of(model.manifest(), dir, "cloud")
+            ..row_of(model.manifest(), dir, ModelRole::Cloud)
         };
         Ok((Arc::new(model), row))
     }
 }
 
 /// The registry row of a PatchCore bundle.
-pub fn model_row(manifest: &PatchCoreManifest, dir: &Path, role: &str) -> ModelRow {
+pub fn model_row(manifest: &PatchCoreManifest, dir: &Path, role: ModelRole) -> ModelRow {
     ModelRow {
         kind: manifest.model.kind.clone(),
         bank_rows: manifest.model.bank_rows as i64,
@@ -71,7 +72,7 @@ pub fn model_row(manifest: &PatchCoreManifest, dir: &Path, role: &str) -> ModelR
 }
 
 /// The registry row of any bundle; `kind` and `bank_rows` are left for the caller.
-fn row_of<M>(manifest: &Manifest<M>, dir: &Path, role: &str) -> ModelRow {
+fn row_of<M>(manifest: &Manifest<M>, dir: &Path, role: ModelRole) -> ModelRow {
     let size: u64 = std::fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -84,7 +85,7 @@ fn row_of<M>(manifest: &Manifest<M>, dir: &Path, role: &str) -> ModelRow {
         .unwrap_or(0);
     ModelRow {
         version: manifest.version.clone(),
-        role: role.to_string(),
+        role,
         kind: String::new(),
         backbone: manifest.backbone.variant.clone(),
         path: dir.display().to_string(),

@@ -67,7 +67,7 @@ pub fn connect(config: &HubConfig) -> Result<(Client, EventLoop)> {
     let keep_alive = Duration::from_secs(m.keep_alive_s.max(5));
     let transport = insp_mqtt::transport(m.tls.as_ref())?;
     let password = m.password.as_ref().map(|p| p.expose()).unwrap_or_default();
-    if config.embedded_broker() || m.protocol == "3.1.1" {
+    if config.embedded_broker() || m.protocol == crate::config::MqttProtocol::V311 {
         let mut o = rumqttc::MqttOptions::new(m.client_id.clone(), host, port);
         o.set_keep_alive(keep_alive)
             .set_clean_session(false)

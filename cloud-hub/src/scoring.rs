@@ -382,7 +382,7 @@ fn score(ctx: &ScoringContext, job: Job) -> Result<()> {
         edge_score_reported: e.edge_score,
         edge_score_reproduced: reproduced,
         edge_exact: reproduced.to_bits() == e.edge_score.to_bits(),
-        model_versions: versions.join("+"),
+        model_versions: versions,
         rule: judgement.fusion.describe(),
         received_unix_ms: e.received_unix_ms,
         decided_unix_ms: unix_ms(),
@@ -438,18 +438,18 @@ pub fn verdict_message(
 ) -> Result<(String, Vec<u8>)> {
     let topic =
         insp_proto::topic(&v.site, &v.device, TopicKind::Verdict).map_err(anyhow::Error::msg)?;
-    let payload = Verdict {
+    let mut verdict = Verdict {
         frame_id: v.frame_id.clone(),
         device: v.device.clone(),
         band: insp_proto::v1::Band::from(v.band) as i32,
         cloud_score: v.cloud_score,
         edge_score_reproduced: v.edge_score_reproduced,
-        model_versions: v.model_versions.clone(),
         decided_unix_ms: v.decided_unix_ms,
-        signature: None,
-    }
-    .encode_to_vec();
-    let mut payload = payload;
+        ..Default::default()
+    };
+    // Both forms for one release: agents of the previous one read the joined string.
+    verdict.set_member_versions(v.model_versions.clone());
+    let mut payload = verdict.encode_to_vec();
     signer.sign(&topic, &mut payload)?;
     Ok((topic, payload))
 }

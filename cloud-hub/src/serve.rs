@@ -152,7 +152,8 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         tokio::task::spawn_blocking(move || edge.scan()).await?
     };
     for (manifest, dir) in &found {
-        db.upsert_model(&model_row(manifest, dir, "edge")).await?;
+        db.upsert_model(&model_row(manifest, dir, crate::domain::ModelRole::Edge))
+            .await?;
     }
     tracing::info!("{} edge bundles in {}", found.len(), models_dir.display());
     let cloud = load_cloud_models(&config, &device, &db).await?;
@@ -299,7 +300,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         keep_bytes: config.ingest.dead_letter_keep_bytes,
         group: config.mqtt.group.clone(),
         shared: !config.embedded_broker(),
-        site: config.mqtt.site.clone(),
+        site: config.mqtt.site.topic_level().to_string(),
         budget: Budget::new(
             config.ingest.max_inflight_bytes,
             config.ingest.max_inflight_messages,

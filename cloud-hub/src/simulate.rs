@@ -25,8 +25,8 @@ pub struct SimulateArgs {
     /// Broker host.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// Broker port (the hub's embedded broker listens on 1884 by default).
-    #[arg(long, default_value_t = 1884)]
+    /// Broker port (default: the hub's embedded broker's).
+    #[arg(long, default_value_t = crate::config::EmbeddedBrokerConfig::default().listen.port())]
     pub port: u16,
     /// Site name.
     #[arg(long, default_value = "sim")]

@@ -33,7 +33,7 @@ pub struct TrainArgs {
     out: PathBuf,
     /// Backbone: lite0, lite1 or lite2 [default: lite0].
     #[arg(long)]
-    backbone: Option<String>,
+    backbone: Option<insp_core::backbone::BackboneVariant>,
     /// Backbone stages used, ascending (3 = stride 8, 5 = stride 16) [default: 3,5].
     #[arg(long, value_delimiter = ',')]
     stages: Option<Vec<usize>>,
@@ -128,7 +128,7 @@ impl TrainArgs {
         };
         let d = TrainConfig::new(architecture);
         TrainConfig {
-            backbone: self.backbone.clone().unwrap_or(d.backbone.clone()),
+            backbone: self.backbone.unwrap_or(d.backbone),
             stages: self.stages.clone().unwrap_or(d.stages.clone()),
             size: self.size.unwrap_or(d.size),
             keep_aspect: self.keep_aspect.unwrap_or(d.keep_aspect),
@@ -160,7 +160,7 @@ pub fn run(args: TrainArgs, device: &candle_core::Device) -> Result<()> {
         .weights_dir
         .clone()
         .unwrap_or_else(insp_core::weights::default_dir);
-    let weights = insp_core::weights::locate(&weights_dir, &config.backbone)?;
+    let weights = insp_core::weights::locate(&weights_dir, config.backbone.as_str())?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>11} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")

@@ -12,7 +12,7 @@ use insp_proto::hub::devices_client::DevicesClient;
 use insp_proto::hub::models_client::ModelsClient;
 use insp_proto::hub::reviews_client::ReviewsClient;
 use insp_proto::hub::{
-    ListDevicesRequest, ListModelsRequest, ListPendingRequest, SubmitReviewRequest,
+    ListDevicesRequest, ListModelsRequest, ListPendingRequest, ReviewLabel, SubmitReviewRequest,
 };
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -216,7 +216,7 @@ async fn grpc_needs_a_token_and_a_role_and_the_audit_trail_detects_tampering() {
             .submit_review(req(
                 SubmitReviewRequest {
                     frame_id: frame_id.clone(),
-                    label: "good".into(),
+                    review_label: ReviewLabel::Good as i32,
                     note: String::new(),
                 },
                 header.as_deref(),
@@ -242,7 +242,7 @@ async fn grpc_needs_a_token_and_a_role_and_the_audit_trail_detects_tampering() {
         .submit_review(req(
             SubmitReviewRequest {
                 frame_id: frame_id.clone(),
-                label: "good".into(),
+                review_label: ReviewLabel::Good as i32,
                 note: "viewer".into(),
             },
             Some(&bearer(&vic)),
@@ -261,7 +261,7 @@ async fn grpc_needs_a_token_and_a_role_and_the_audit_trail_detects_tampering() {
         .submit_review(req(
             SubmitReviewRequest {
                 frame_id: frame_id.clone(),
-                label: "defect".into(),
+                review_label: ReviewLabel::Defect as i32,
                 note: "scratch at the edge".into(),
             },
             Some(&bearer(&ana)),
@@ -270,18 +270,21 @@ async fn grpc_needs_a_token_and_a_role_and_the_audit_trail_detects_tampering() {
         .unwrap()
         .into_inner();
     assert_eq!(review.operator, "ana");
-    let e = reviews
-        .submit_review(req(
-            SubmitReviewRequest {
-                frame_id: frame_id.clone(),
-                label: "maybe".into(),
-                note: String::new(),
-            },
-            Some(&bearer(&ana)),
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // No label (REVIEW_LABEL_UNSPECIFIED), or a number this hub does not know.
+    for review_label in [ReviewLabel::Unspecified as i32, 99] {
+        let e = reviews
+            .submit_review(req(
+                SubmitReviewRequest {
+                    frame_id: frame_id.clone(),
+                    review_label,
+                    note: String::new(),
+                },
+                Some(&bearer(&ana)),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
     let (operator, label): (String, String) =
         sqlx::query("SELECT operator, label FROM reviews WHERE frame_id = $1")
             .bind(frame_id.clone())

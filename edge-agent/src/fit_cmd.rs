@@ -1,8 +1,9 @@
 //! `edge-agent fit`: build a PatchCore bundle from good images.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use insp_core::backbone::BackboneVariant;
 use insp_core::memory_bank::BankDtype;
 use insp_core::patchcore::{self, FitConfig, FitStage, ScoreRule};
 use std::path::PathBuf;
@@ -17,26 +18,26 @@ pub struct FitArgs {
     #[arg(long)]
     out: PathBuf,
     /// Backbone: lite0, lite1 or lite2.
-    #[arg(long, default_value = "lite0")]
-    backbone: String,
+    #[arg(long, default_value_t = FitConfig::default().backbone)]
+    backbone: BackboneVariant,
     /// Backbone stages whose features are used (1-based; 3 = stride 8, 5 = stride 16).
-    #[arg(long, value_delimiter = ',', default_value = "3,5")]
+    #[arg(long, value_delimiter = ',', default_values_t = FitConfig::default().stages)]
     stages: Vec<usize>,
     /// Square input side in pixels.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = FitConfig::default().size)]
     size: usize,
     /// Keep each frame's aspect ratio (input of about size x size pixels, sides multiples of
     /// 16); `--keep-aspect false` stretches frames to size x size.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = FitConfig::default().keep_aspect, action = clap::ArgAction::Set)]
     keep_aspect: bool,
     /// Local averaging window over feature cells.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = FitConfig::default().pool)]
     pool: usize,
     /// Upper bound on memory bank rows.
     #[arg(long, default_value_t = FitConfig::default().bank_rows)]
     bank_rows: usize,
     /// Bank rows as a share of all training patches (the smaller bound wins).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = FitConfig::default().coreset_ratio)]
     coreset_ratio: f64,
     /// Training patches the coreset chooses from, at most.
     #[arg(long, default_value_t = FitConfig::default().max_candidates)]
@@ -45,23 +46,23 @@ pub struct FitArgs {
     #[arg(long, default_value_t = FitConfig::default().coreset_dims)]
     coreset_dims: usize,
     /// Share of train/good held out for threshold calibration.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = FitConfig::default().holdout)]
     holdout: f64,
     /// Seed of the hold-out split and sampling.
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = FitConfig::default().seed)]
     seed: u64,
     /// Gaussian blur of the map in input pixels.
     #[arg(long, default_value_t = FitConfig::default().blur_sigma)]
     blur_sigma: f32,
     /// Image score: `map-max` (largest value of the blurred map), `max` (largest patch
     /// score), or `reweighted:K` (PatchCore's re-weighting over K bank neighbours).
-    #[arg(long, default_value = "map-max")]
-    score: String,
+    #[arg(long, default_value_t = FitConfig::default().score)]
+    score: ScoreRule,
     /// Bank file precision: f32 or f16.
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value_t = FitConfig::default().bank_dtype)]
     bank_dtype: BankDtype,
     /// Images per backbone batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = FitConfig::default().batch)]
     batch: usize,
     /// Inverted lists (k-means groups) over the bank for fast approximate search; 0 searches
     /// every row; default: one list per 128 rows for banks of 4096 rows or more.
@@ -71,10 +72,10 @@ pub struct FitArgs {
     #[arg(long, default_value_t = FitConfig::default().ivf_probes)]
     ivf_probes: usize,
     /// OK band: scores below this quantile of the held-out good scores.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = FitConfig::default().routing.ok_quantile)]
     ok_quantile: f64,
     /// NG band: scores above the largest held-out good score times (1 + margin).
-    #[arg(long, default_value_t = 0.10)]
+    #[arg(long, default_value_t = FitConfig::default().routing.ng_margin)]
     ng_margin: f64,
     /// Aim the OK threshold at escalating about this share of good frames (overrides --ok-quantile).
     #[arg(long)]
@@ -83,29 +84,17 @@ pub struct FitArgs {
     #[arg(long)]
     validation: Option<PathBuf>,
     /// Share of validation defects allowed in the OK band.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = FitConfig::default().routing.max_missed_defects)]
     max_missed_defects: f64,
     /// Folder of converted weights (default: where `weights fetch` puts them).
     #[arg(long, env = "INSP_WEIGHTS_DIR")]
     weights_dir: Option<PathBuf>,
 }
 
-/// Parses `map-max`, `max` or `reweighted:K`.
-pub fn parse_score_rule(s: &str) -> Result<ScoreRule> {
-    match s.split_once(':') {
-        None if s == "max" => Ok(ScoreRule::Max),
-        None if s == "map-max" => Ok(ScoreRule::MapMax),
-        Some(("reweighted", k)) => Ok(ScoreRule::Reweighted {
-            neighbours: k.parse().context("reweighted:K needs a number")?,
-        }),
-        _ => anyhow::bail!("score rule {s:?}: use `map-max`, `max` or `reweighted:K`"),
-    }
-}
-
 /// Runs `fit`.
 pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
     let config = FitConfig {
-        backbone: args.backbone.clone(),
+        backbone: args.backbone,
         stages: args.stages,
         size: args.size,
         keep_aspect: args.keep_aspect,
@@ -117,7 +106,7 @@ pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
         holdout: args.holdout,
         seed: args.seed,
         blur_sigma: args.blur_sigma,
-        score: parse_score_rule(&args.score)?,
+        score: args.score,
         bank_dtype: args.bank_dtype,
         batch: args.batch,
         ivf_lists: args.ivf_lists,
@@ -130,8 +119,10 @@ pub fn run(args: FitArgs, device: &candle_core::Device) -> Result<()> {
         },
         validation: args.validation,
     };
-    let weights =
-        insp_core::weights::locate(&crate::cli::weights_dir(args.weights_dir), &args.backbone)?;
+    let weights = insp_core::weights::locate(
+        &crate::cli::weights_dir(args.weights_dir),
+        args.backbone.as_str(),
+    )?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}<{eta}")
@@ -210,14 +201,17 @@ mod tests {
 
     #[test]
     fn score_rules_parse() {
-        assert_eq!(parse_score_rule("map-max").unwrap(), ScoreRule::MapMax);
-        assert_eq!(parse_score_rule("max").unwrap(), ScoreRule::Max);
+        // What `--score` shows as its default reads back as the default.
+        let default = FitConfig::default().score;
+        assert_eq!(default.to_string().parse::<ScoreRule>().unwrap(), default);
+        assert_eq!("map-max".parse::<ScoreRule>().unwrap(), ScoreRule::MapMax);
+        assert_eq!("max".parse::<ScoreRule>().unwrap(), ScoreRule::Max);
         assert_eq!(
-            parse_score_rule("reweighted:3").unwrap(),
+            "reweighted:3".parse::<ScoreRule>().unwrap(),
             ScoreRule::Reweighted { neighbours: 3 }
         );
         for bad in ["", "mapmax", "reweighted:x", "reweighted"] {
-            let e = parse_score_rule(bad).unwrap_err().to_string();
+            let e = bad.parse::<ScoreRule>().unwrap_err().to_string();
             assert!(e.contains("map-max") || e.contains("number"), "{bad}: {e}");
         }
     }

@@ -647,6 +647,7 @@ impl Link {
                 return;
             }
         };
+        tracing::debug!(frame = %frame_id, models = ?verdict.judged_by(), "verdict {band}");
         self.book
             .verdict(frame_id, band, verdict.cloud_score.unwrap_or(f32::NAN));
     }

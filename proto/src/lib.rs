@@ -9,10 +9,11 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/insp.v1.rs"));
 }
 
-/// The hub's gRPC services and their messages (`insp.hub.v1`), with the `grpc` feature.
+/// The hub's gRPC services and their messages (`insp.hub.v2`; v2 broke v1, see
+/// `hub.proto`), with the `grpc` feature.
 #[cfg(feature = "grpc")]
 pub mod hub {
-    include!(concat!(env!("OUT_DIR"), "/insp.hub.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/insp.hub.v2.rs"));
 }
 
 pub use prost::Message;
@@ -97,9 +98,21 @@ pub enum TopicError {
         /// The name as given (lossy for display).
         name: String,
     },
-    /// Not `insp/v1/{site}/{device}/{kind}`.
-    #[error("topic {0:?} is not insp/v1/{{site}}/{{device}}/{{kind}}")]
-    NotOurs(String),
+    /// The topic does not begin with [`TOPIC_PREFIX`] and a `/`.
+    #[error(
+        "topic {0:?} does not begin with {TOPIC_PREFIX}/ (insp/v1/{{site}}/{{device}}/{{kind}})"
+    )]
+    WrongPrefix(String),
+    /// The topic has not exactly three levels after the prefix.
+    #[error(
+        "topic {topic:?} has {levels} levels after {TOPIC_PREFIX}/, not 3 (insp/v1/{{site}}/{{device}}/{{kind}})"
+    )]
+    WrongLevelCount {
+        /// The topic (its first 200 characters).
+        topic: String,
+        /// Levels after the prefix.
+        levels: usize,
+    },
     /// The last level names no known kind.
     #[error("unknown topic kind {0:?}")]
     UnknownKind(String),
@@ -136,20 +149,62 @@ pub fn topic(site: &str, device: &str, kind: TopicKind) -> Result<String, TopicE
 /// Splits a topic into (site, device, kind), checking site and device against
 /// [`check_name`].
 pub fn parse_topic(topic: &str) -> Result<(&str, &str, TopicKind), TopicError> {
-    let not_ours = || TopicError::NotOurs(topic.chars().take(200).collect());
+    let shown = || topic.chars().take(200).collect::<String>();
     let rest = topic
         .strip_prefix(TOPIC_PREFIX)
         .and_then(|r| r.strip_prefix('/'))
-        .ok_or_else(not_ours)?;
+        .ok_or_else(|| TopicError::WrongPrefix(shown()))?;
     let mut parts = rest.split('/');
     let (Some(site), Some(device), Some(kind), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(not_ours());
+        return Err(TopicError::WrongLevelCount {
+            topic: shown(),
+            levels: rest.split('/').count(),
+        });
     };
     check_name("site", site)?;
     check_name("device", device)?;
     Ok((site, device, kind.parse()?))
+}
+
+/// Separator of the joined model versions in [`v1::Verdict::model_versions`] (the form
+/// agents of the previous release read) and in the hub's database.
+pub const VERSION_SEPARATOR: char = '+';
+
+/// Model versions joined with [`VERSION_SEPARATOR`].
+pub fn join_versions(versions: &[String]) -> String {
+    versions.join(&VERSION_SEPARATOR.to_string())
+}
+
+/// The versions of a [`join_versions`] string (none for an empty one).
+pub fn split_versions(joined: &str) -> Vec<String> {
+    if joined.is_empty() {
+        return Vec::new();
+    }
+    joined
+        .split(VERSION_SEPARATOR)
+        .map(str::to_string)
+        .collect()
+}
+
+impl v1::Verdict {
+    /// Sets the versions of the models that judged in both forms the wire carries for one
+    /// release: the list, and the joined string agents of the previous release read.
+    pub fn set_member_versions(&mut self, versions: Vec<String>) {
+        self.model_versions = join_versions(&versions);
+        self.member_versions = versions;
+    }
+
+    /// The versions of the models that judged: the list, or, from a hub of the previous
+    /// release that sent only the joined string, that string split.
+    pub fn judged_by(&self) -> Vec<String> {
+        if self.member_versions.is_empty() {
+            split_versions(&self.model_versions)
+        } else {
+            self.member_versions.clone()
+        }
+    }
 }
 
 /// Appends `delivery` to an encoded [`v1::FrameResult`] (`kind` Result) or
@@ -351,6 +406,7 @@ mod tests {
             model_versions: "m".into(),
             decided_unix_ms: 7,
             signature: None,
+            member_versions: vec!["m".into()],
         };
         let topic = "insp/v1/s/cam-1/verdict";
         let mut bytes = v.encode_to_vec();
@@ -400,6 +456,90 @@ mod tests {
     }
 
     #[test]
+    fn every_topic_error_names_what_was_wrong() {
+        let wrong_prefix = parse_topic("insp/v2/p/d/result").unwrap_err();
+        assert_eq!(
+            wrong_prefix,
+            TopicError::WrongPrefix("insp/v2/p/d/result".into())
+        );
+        assert!(wrong_prefix
+            .to_string()
+            .contains("does not begin with insp/v1/"));
+        assert!(matches!(
+            parse_topic("insp/v1"),
+            Err(TopicError::WrongPrefix(_))
+        ));
+        for (t, levels) in [
+            ("insp/v1/p/d", 2),
+            ("insp/v1/p/d/result/x", 4),
+            ("insp/v1/", 1),
+        ] {
+            let e = parse_topic(t).unwrap_err();
+            assert_eq!(
+                e,
+                TopicError::WrongLevelCount {
+                    topic: t.into(),
+                    levels
+                },
+                "{t}"
+            );
+            assert!(
+                e.to_string().contains(&format!("has {levels} levels")),
+                "{e}"
+            );
+        }
+        let empty_site = parse_topic("insp/v1//d/result").unwrap_err();
+        assert_eq!(
+            empty_site,
+            TopicError::BadName {
+                what: "site",
+                name: String::new()
+            }
+        );
+        let bad_device = parse_topic("insp/v1/p/d+1/result").unwrap_err();
+        assert_eq!(
+            bad_device,
+            TopicError::BadName {
+                what: "device",
+                name: "d+1".into()
+            }
+        );
+        assert!(bad_device.to_string().starts_with("device name \"d+1\""));
+        let unknown = parse_topic("insp/v1/p/d/verdicts").unwrap_err();
+        assert_eq!(unknown, TopicError::UnknownKind("verdicts".into()));
+        assert_eq!(unknown.to_string(), "unknown topic kind \"verdicts\"");
+        // A std error: callers box it or log it like any other.
+        let boxed: Box<dyn std::error::Error> = Box::new(unknown);
+        assert!(boxed.source().is_none());
+    }
+
+    #[test]
+    fn model_versions_travel_as_a_list_and_the_joined_string_is_read_as_a_fallback() {
+        let mut v = Verdict::default();
+        v.set_member_versions(vec!["edge-1".into(), "recon-2".into(), "flow-3".into()]);
+        assert_eq!(v.model_versions, "edge-1+recon-2+flow-3");
+        let back = Verdict::decode(v.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back.judged_by(), ["edge-1", "recon-2", "flow-3"]);
+        // A verdict of the previous release's hub: the joined string only.
+        let old = Verdict {
+            model_versions: "edge-1+recon-2".into(),
+            ..Default::default()
+        };
+        let back = Verdict::decode(old.encode_to_vec().as_slice()).unwrap();
+        assert!(back.member_versions.is_empty());
+        assert_eq!(back.judged_by(), ["edge-1", "recon-2"]);
+        // The list wins when both are there; nothing is nothing.
+        let both = Verdict {
+            model_versions: "stale".into(),
+            member_versions: vec!["edge-1".into()],
+            ..Default::default()
+        };
+        assert_eq!(both.judged_by(), ["edge-1"]);
+        assert!(Verdict::default().judged_by().is_empty());
+        assert_eq!(split_versions(&join_versions(&[])), Vec::<String>::new());
+    }
+
+    #[test]
     fn topics_build_and_parse() {
         let t = topic("plant-1", "cam-3", TopicKind::ModelStatus).unwrap();
         assert_eq!(t, "insp/v1/plant-1/cam-3/model-status");
@@ -415,11 +555,11 @@ mod tests {
         );
         assert!(matches!(
             parse_topic("other/v1/p/d/result"),
-            Err(TopicError::NotOurs(_))
+            Err(TopicError::WrongPrefix(_))
         ));
         assert!(matches!(
             parse_topic("insp/v1/p/d/result/extra"),
-            Err(TopicError::NotOurs(_))
+            Err(TopicError::WrongLevelCount { .. })
         ));
         for k in TopicKind::ALL {
             assert_eq!(k.as_str().parse::<TopicKind>(), Ok(k));

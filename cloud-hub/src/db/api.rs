@@ -2,6 +2,7 @@
 
 use super::verdicts::VerdictRow;
 use super::{escape_text, unescape_text, Db};
+use crate::domain::{EscalationState, ModelRole, ReviewLabel};
 use anyhow::Result;
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -63,8 +64,8 @@ pub struct EscalationSummaryRow {
     pub edge_score: f32,
     /// Edge bundle.
     pub model_version: String,
-    /// `pending`, `decided`, `failed`.
-    pub state: String,
+    /// Where its scoring is.
+    pub state: EscalationState,
     /// Scoring error, if failed.
     pub error: Option<String>,
     /// Object key of the frame.
@@ -86,8 +87,8 @@ pub struct ReviewRow {
     pub id: i64,
     /// Frame UUID.
     pub frame_id: String,
-    /// `good`, `defect`, `camera-fault` or `unsure`.
-    pub label: String,
+    /// The label.
+    pub label: ReviewLabel,
     /// Who.
     pub operator: String,
     /// Free text.
@@ -101,8 +102,8 @@ pub struct ReviewRow {
 pub struct ModelRow {
     /// Manifest version.
     pub version: String,
-    /// `edge` or `cloud`.
-    pub role: String,
+    /// What the bundle is for.
+    pub role: ModelRole,
     /// Model kind.
     pub kind: String,
     /// Backbone variant.
@@ -174,7 +175,7 @@ impl Db {
                 captured_unix_ms: r.try_get("captured_unix_ms")?,
                 edge_score: r.try_get::<f64, _>("edge_score")? as f32,
                 model_version: unescape_text(r.try_get("model_version")?),
-                state: r.try_get("state")?,
+                state: r.try_get::<String, _>("state")?.parse()?,
                 error: r.try_get("error")?,
                 frame_key: r.try_get("frame_key")?,
                 frame_format: unescape_text(r.try_get("frame_format")?),
@@ -229,14 +230,14 @@ impl Db {
     pub async fn add_review(
         &self,
         frame_id: &str,
-        label: &str,
+        label: ReviewLabel,
         operator: &str,
         note: &str,
     ) -> Result<ReviewRow> {
         let now = super::unix_ms();
         let (f, l, o, n) = (
             frame_id.to_string(),
-            label.to_string(),
+            label.as_str(),
             escape_text(operator).into_owned(),
             escape_text(note).into_owned(),
         );
@@ -248,7 +249,7 @@ impl Db {
                          VALUES ($1, $2, $3, $4, $5) RETURNING id",
                     )
                     .bind(f.clone())
-                    .bind(l.clone())
+                    .bind(l)
                     .bind(o.clone())
                     .bind(n.clone())
                     .bind(now)
@@ -258,7 +259,7 @@ impl Db {
                     Ok(super::audit::AuditEntry::new(
                         operator,
                         "review.label",
-                        serde_json::json!({"frame_id": frame_id, "label": label, "note": note, "review": id}),
+                        serde_json::json!({"frame_id": frame_id, "label": label.as_str(), "note": note, "review": id}),
                     ))
                 },
             )
@@ -267,7 +268,7 @@ impl Db {
         Ok(ReviewRow {
             id: row.try_get(0)?,
             frame_id: frame_id.to_string(),
-            label: label.to_string(),
+            label,
             operator: operator.to_string(),
             note: note.to_string(),
             created_unix_ms: now,
@@ -321,7 +322,7 @@ impl Db {
                 Ok(ReviewRow {
                     id: r.try_get(0)?,
                     frame_id: r.try_get(1)?,
-                    label: r.try_get(2)?,
+                    label: r.try_get::<String, _>(2)?.parse()?,
                     operator: unescape_text(r.try_get(3)?),
                     note: unescape_text(r.try_get(4)?),
                     created_unix_ms: r.try_get(5)?,
@@ -340,7 +341,7 @@ impl Db {
              size_bytes = excluded.size_bytes",
         )
         .bind(m.version.clone())
-        .bind(m.role.clone())
+        .bind(m.role.as_str())
         .bind(m.kind.clone())
         .bind(m.backbone.clone())
         .bind(m.path.clone())
@@ -371,7 +372,7 @@ impl Db {
                 Ok((
                     ModelRow {
                         version: r.try_get("version")?,
-                        role: r.try_get("role")?,
+                        role: r.try_get::<String, _>("role")?.parse()?,
                         kind: r.try_get("kind")?,
                         backbone: r.try_get("backbone")?,
                         path: r.try_get("path")?,

@@ -268,7 +268,7 @@ impl Db {
                     .bind(escape_text(&e.frame_format).into_owned())
                     .bind(e.edge_map_key.clone())
                     .bind(f.received_unix_ms)
-                    .bind("pending")
+                    .bind(crate::domain::EscalationState::Pending.as_str())
                     .bind(e.edge_search.clone());
             }
             for row in q.fetch_all(&mut *tx).await? {

@@ -3,6 +3,7 @@
 //! its verdict threshold, then oldest first), with filters and a count per device.
 
 use super::{unescape_text, Db};
+use crate::domain::EscalationState;
 use anyhow::Result;
 use sqlx::Row;
 
@@ -27,8 +28,8 @@ pub struct QueueRow {
     pub received_unix_ms: i64,
     /// Edge score.
     pub edge_score: f64,
-    /// `pending`, `decided`, `failed`.
-    pub state: String,
+    /// Where its scoring is.
+    pub state: EscalationState,
     /// `OK` / `NG`, if decided.
     pub verdict: Option<String>,
     /// Fused score, if decided.
@@ -74,7 +75,7 @@ pub fn threshold_of_rule(rule: &str) -> Option<f64> {
 /// Orders rows as the queue shows them.
 pub fn order(rows: &mut [QueueRow]) {
     rows.sort_by(|a, b| {
-        let undecided = |r: &QueueRow| r.state != "decided";
+        let undecided = |r: &QueueRow| r.state != EscalationState::Decided;
         undecided(b)
             .cmp(&undecided(a))
             .then_with(|| {
@@ -123,7 +124,7 @@ impl Db {
                     captured_unix_ms: r.try_get(4)?,
                     received_unix_ms: r.try_get(5)?,
                     edge_score: r.try_get(6)?,
-                    state: r.try_get(7)?,
+                    state: r.try_get::<String, _>(7)?.parse()?,
                     verdict: r.try_get(8)?,
                     fused: r.try_get(9)?,
                     threshold: rule.as_deref().and_then(threshold_of_rule),
@@ -162,7 +163,7 @@ mod tests {
             captured_unix_ms: 0,
             received_unix_ms: received,
             edge_score: 0.0,
-            state: state.into(),
+            state: state.parse().unwrap(),
             verdict: fused.map(|_| "OK".into()),
             fused,
             threshold: fused.map(|_| 2.0),

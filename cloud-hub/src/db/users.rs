@@ -480,6 +480,7 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ReviewLabel;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn users_tokens_and_sessions_on_sqlite() {
@@ -571,9 +572,16 @@ mod tests {
         .execute(db.pool())
         .await
         .unwrap();
-        db.add_review("f1", "good", "ana", "").await.unwrap();
-        let mine = db.add_review("f1", "defect", "ana", "").await.unwrap();
-        db.add_review("f1", "unsure", "bob", "").await.unwrap();
+        db.add_review("f1", ReviewLabel::Good, "ana", "")
+            .await
+            .unwrap();
+        let mine = db
+            .add_review("f1", ReviewLabel::Defect, "ana", "")
+            .await
+            .unwrap();
+        db.add_review("f1", ReviewLabel::Unsure, "bob", "")
+            .await
+            .unwrap();
         assert_eq!(db.undo_review("f1", "eve").await.unwrap(), None);
         assert_eq!(
             db.undo_review("f1", "ana").await.unwrap(),
@@ -584,7 +592,7 @@ mod tests {
             .await
             .unwrap()
             .into_iter()
-            .map(|r| (r.operator, r.label))
+            .map(|r| (r.operator, r.label.to_string()))
             .collect();
         assert_eq!(
             left,

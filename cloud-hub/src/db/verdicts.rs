@@ -4,6 +4,7 @@
 //! two hubs recovering the same backlog) leaves one verdict.
 
 use super::{unescape_text, Db};
+use crate::domain::EscalationState;
 use anyhow::Result;
 use insp_core::routing::Band;
 use sqlx::any::AnyRow;
@@ -74,8 +75,9 @@ pub struct VerdictRow {
     pub edge_score_reproduced: f32,
     /// Whether the two are bit-identical.
     pub edge_exact: bool,
-    /// Versions of the models used, `+`-separated.
-    pub model_versions: String,
+    /// Versions of the models that judged: the edge bundle first, then each cloud member
+    /// (stored joined with [`insp_proto::VERSION_SEPARATOR`]).
+    pub model_versions: Vec<String>,
     /// The fusion rule, for the record.
     pub rule: String,
     /// When the escalation arrived.
@@ -129,7 +131,7 @@ pub fn verdict_from(r: &AnyRow) -> Result<VerdictRow> {
         edge_score_reported: r.try_get::<f64, _>("edge_score_reported")? as f32,
         edge_score_reproduced: load_score(r.try_get("edge_score_reproduced")?),
         edge_exact: r.try_get::<i64, _>("edge_exact")? != 0,
-        model_versions: r.try_get("model_versions")?,
+        model_versions: insp_proto::split_versions(&r.try_get::<String, _>("model_versions")?),
         rule: r.try_get("rule")?,
         received_unix_ms: r.try_get("received_unix_ms")?,
         decided_unix_ms: r.try_get("decided_unix_ms")?,
@@ -154,9 +156,10 @@ impl Db {
     /// Escalations with no verdict yet, oldest first.
     pub async fn pending_escalations(&self, limit: i64) -> Result<Vec<PendingEscalation>> {
         let rows = sqlx::query(super::sql(format!(
-            "SELECT {PENDING_COLUMNS} FROM escalations WHERE state = 'pending' \
-             ORDER BY received_unix_ms LIMIT $1"
+            "SELECT {PENDING_COLUMNS} FROM escalations WHERE state = $1 \
+             ORDER BY received_unix_ms LIMIT $2"
         )))
+        .bind(EscalationState::Pending.as_str())
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
@@ -205,14 +208,15 @@ impl Db {
         .bind(v.edge_score_reported as f64)
         .bind(store_score(v.edge_score_reproduced))
         .bind(v.edge_exact as i64)
-        .bind(v.model_versions.clone())
+        .bind(insp_proto::join_versions(&v.model_versions))
         .bind(v.rule.clone())
         .bind(v.received_unix_ms)
         .bind(v.decided_unix_ms)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE escalations SET state = 'decided', error = NULL WHERE frame_id = $1")
+        sqlx::query("UPDATE escalations SET state = $2, error = NULL WHERE frame_id = $1")
             .bind(v.frame_id.clone())
+            .bind(EscalationState::Decided.as_str())
             .execute(&mut *tx)
             .await?;
         let row = sqlx::query("SELECT * FROM verdicts WHERE frame_id = $1")
@@ -226,9 +230,10 @@ impl Db {
     /// Marks an escalation as failed (it gets no verdict; the edge's deadline fallback
     /// decides the part).
     pub async fn mark_failed(&self, frame_id: &str, error: &str) -> Result<()> {
-        sqlx::query("UPDATE escalations SET state = 'failed', error = $2 WHERE frame_id = $1")
+        sqlx::query("UPDATE escalations SET state = $3, error = $2 WHERE frame_id = $1")
             .bind(frame_id.to_string())
             .bind(error.to_string())
+            .bind(EscalationState::Failed.as_str())
             .execute(self.pool())
             .await?;
         Ok(())
@@ -298,7 +303,7 @@ mod tests {
             edge_score_reported: 0.25,
             edge_score_reproduced: reproduced,
             edge_exact: false,
-            model_versions: "m".into(),
+            model_versions: vec!["m".into()],
             rule: "mean".into(),
             received_unix_ms: 1,
             decided_unix_ms: 2,

@@ -73,7 +73,7 @@ fn rows_html(rows: &[QueueRow], q: &str) -> String {
             source = esc(&r.source),
             captured = time_cell(r.captured_unix_ms),
             edge = r.edge_score,
-            state = esc(&r.state),
+            state = r.state,
             verdict = r.verdict.as_deref().map(esc).unwrap_or_else(|| "-".into()),
             margin = number(r.margin(), 3),
         ));
@@ -297,7 +297,7 @@ pub async fn item(
         ),
         None => format!(
             "<p class=\"verdict\">No verdict yet: {}{}</p>",
-            esc(&e.state),
+            e.state,
             e.error
                 .as_deref()
                 .map(|err| format!(" ({})", esc(err)))
@@ -341,7 +341,7 @@ pub async fn item(
                     esc(&r.operator),
                     time_cell(r.created_unix_ms),
                     esc(&r.note),
-                    l = esc(&r.label)
+                    l = r.label
                 )
             })
             .collect()
@@ -399,8 +399,8 @@ pub async fn item(
         captured = time_cell(e.captured_unix_ms),
         edge = e.edge_score,
         model = esc(&e.model_version),
-        state = esc(&e.state),
-        versions = esc(verdict.map(|v| v.model_versions.as_str()).unwrap_or("-")),
+        state = e.state,
+        versions = esc(&verdict.map_or("-".into(), |v| insp_proto::join_versions(&v.model_versions))),
         csrf = esc(&session.csrf),
         filter = esc(&q),
     );
@@ -439,7 +439,7 @@ pub async fn label(
         &s.db,
         &session.principal,
         &frame_id,
-        &form.label,
+        form.label.as_str(),
         &form.note,
     )
     .await
@@ -599,7 +599,7 @@ mod tests {
             captured_unix_ms: 0,
             received_unix_ms: 0,
             edge_score: 1.0,
-            state: "pending".into(),
+            state: crate::domain::EscalationState::Pending,
             verdict: None,
             fused: None,
             threshold: None,

@@ -84,7 +84,7 @@ pub fn fixture() -> &'static Fixture {
                 panic!("pretrained weights missing ({e}): run `edge-agent weights fetch` (scripts/test.sh does)")
             });
             let config = FitConfig {
-                backbone: variant.into(),
+                backbone: variant.parse().expect("a backbone variant"),
                 size,
                 bank_rows: bank,
                 ivf_lists: lists,

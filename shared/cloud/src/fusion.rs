@@ -62,6 +62,16 @@ pub enum Rule {
     Max,
 }
 
+impl std::fmt::Display for Rule {
+    /// `mean` or `max`, as the configuration and `--rule` take it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Rule::Mean => "mean",
+            Rule::Max => "max",
+        })
+    }
+}
+
 impl std::str::FromStr for Rule {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

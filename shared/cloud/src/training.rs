@@ -27,7 +27,7 @@ use crate::heavy::{
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use image::DynamicImage;
-use insp_core::bundle::{BackboneSpec, Calibration, FitReport, Manifest, FORMAT_VERSION};
+use insp_core::bundle::{BackboneSpec, Calibration, FitReport, Manifest};
 use insp_core::dataset;
 use insp_core::error::{Error, Result};
 use insp_core::image::Preprocessing;
@@ -43,7 +43,7 @@ pub struct TrainConfig {
     /// Which model and its architecture.
     pub architecture: Architecture,
     /// Backbone variant.
-    pub backbone: String,
+    pub backbone: insp_core::backbone::BackboneVariant,
     /// 1-based backbone stages used, ascending; the first sets the map's grid.
     pub stages: Vec<usize>,
     /// Input side (with `keep_aspect`, the input has as many pixels).
@@ -88,7 +88,7 @@ impl TrainConfig {
         let recon = matches!(architecture, Architecture::Recon(_));
         Self {
             architecture,
-            backbone: "lite0".into(),
+            backbone: insp_core::backbone::BackboneVariant::Lite0,
             stages: vec![3, 5],
             size: 176,
             keep_aspect: true,
@@ -267,7 +267,7 @@ struct Frozen {
 
 impl Frozen {
     fn load(weights_file: &Path, config: &TrainConfig, device: &Device) -> Result<Frozen> {
-        let lite = insp_core::backbone::LiteConfig::for_variant(&config.backbone)?;
+        let lite = insp_core::backbone::LiteConfig::for_variant(config.backbone.as_str())?;
         let last_stage = config.stages.iter().copied().max().unwrap_or(0);
         let all = insp_core::weights::load(weights_file, &Device::Cpu, DType::F32)?;
         let subset = insp_core::weights::stem_and_blocks(all, lite.blocks_through(last_stage));
@@ -279,7 +279,7 @@ impl Frozen {
             .collect::<Result<_>>()?;
         let backbone = insp_core::backbone::EfficientNetLite::from_tensors(
             on_device,
-            &config.backbone,
+            config.backbone.as_str(),
             &config.stages,
             device,
         )
@@ -571,29 +571,17 @@ fn calibrate_and_write(
     progress: &mut dyn FnMut(TrainProgress),
 ) -> Result<Manifest<HeavyParams>> {
     let calibration_started = Instant::now();
-    let created = insp_core::clock::unix_seconds();
-    let kind = config.architecture.kind();
-    let mut manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        version: format!(
-            "{kind}-{created}-{}",
-            &insp_core::bundle::sha256_hex(&model_bytes)[..8]
-        ),
-        parent_version: None,
-        created_unix: created,
-        backbone: BackboneSpec {
-            variant: config.backbone.clone(),
+    let mut manifest = Manifest::fitted(
+        config.architecture.kind(),
+        &model_bytes,
+        BackboneSpec {
+            variant: config.backbone.to_string(),
             stages: config.stages.clone(),
             weights_file: "backbone.safetensors".into(),
         },
-        preprocessing: frozen.preprocessing,
-        model: params,
-        calibration: Calibration::default(),
-        thresholds: None,
-        fit: FitReport::default(),
-        files: Default::default(),
-        golden: Vec::new(),
-    };
+        frozen.preprocessing,
+        params,
+    );
     let model = HeavyModel::from_parts(manifest.clone(), &frozen.bytes, &model_bytes, device)?;
     let mut scored: Vec<(f32, String)> = Vec::with_capacity(holdout.len());
     for (i, path) in holdout.iter().enumerate() {

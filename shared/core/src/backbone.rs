@@ -19,6 +19,21 @@ use serde::{Deserialize, Serialize};
 
 const BN_EPS: f64 = 1e-3;
 
+/// A stage output (N, C, H, W) averaged over `pool` x `pool` neighbourhoods at stride 1,
+/// zero-padded so that the size stays (the zeros count in the average; `pool - 1` is
+/// split with the smaller half before): each patch feature sees its neighbours. A pool of
+/// 0 or 1 returns the features as they are.
+pub fn local_average(features: Tensor, pool: usize) -> Result<Tensor> {
+    if pool <= 1 {
+        return Ok(features);
+    }
+    let (lo, hi) = ((pool - 1) / 2, pool / 2);
+    Ok(features
+        .pad_with_zeros(2, lo, hi)?
+        .pad_with_zeros(3, lo, hi)?
+        .avg_pool2d_with_stride(pool, 1)?)
+}
+
 /// Per-stage settings of EfficientNet-B0, which Lite scales: (kernel, stride, expand ratio,
 /// output channels, repeats).
 const BASE_STAGES: [(usize, usize, usize, usize, usize); 7] = [
@@ -30,6 +45,60 @@ const BASE_STAGES: [(usize, usize, usize, usize, usize); 7] = [
     (5, 2, 6, 192, 4),
     (3, 1, 6, 320, 1),
 ];
+
+/// The EfficientNet-Lite variants there are pretrained weights for (`lite0`, `lite1`,
+/// `lite2` in configurations, flags and manifests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackboneVariant {
+    /// The smallest (224-pixel native input): the edge default.
+    #[default]
+    Lite0,
+    /// Deeper (240 pixels).
+    Lite1,
+    /// Wider and deeper (260 pixels).
+    Lite2,
+}
+
+impl BackboneVariant {
+    /// Every variant.
+    pub const ALL: [BackboneVariant; 3] = [
+        BackboneVariant::Lite0,
+        BackboneVariant::Lite1,
+        BackboneVariant::Lite2,
+    ];
+
+    /// The variant's name (`lite0`, `lite1`, `lite2`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackboneVariant::Lite0 => "lite0",
+            BackboneVariant::Lite1 => "lite1",
+            BackboneVariant::Lite2 => "lite2",
+        }
+    }
+}
+
+impl std::fmt::Display for BackboneVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for BackboneVariant {
+    type Err = Error;
+
+    /// Reads the names [`BackboneVariant::as_str`] writes.
+    fn from_str(s: &str) -> Result<Self> {
+        BackboneVariant::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown backbone {s:?}; choose lite0, lite1 or lite2"
+                ))
+            })
+    }
+}
 
 /// Architecture of one Lite variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,15 +132,10 @@ pub fn check_input(stages: &[usize], size: usize) -> Result<()> {
 impl LiteConfig {
     /// Settings of a named variant.
     pub fn for_variant(variant: &str) -> Result<Self> {
-        let (width, depth, native_size) = match variant {
-            "lite0" => (1.0, 1.0, 224),
-            "lite1" => (1.0, 1.1, 240),
-            "lite2" => (1.1, 1.2, 260),
-            other => {
-                return Err(Error::Config(format!(
-                    "unknown backbone {other:?}; choose lite0, lite1 or lite2"
-                )))
-            }
+        let (width, depth, native_size) = match variant.parse::<BackboneVariant>()? {
+            BackboneVariant::Lite0 => (1.0, 1.0, 224),
+            BackboneVariant::Lite1 => (1.0, 1.1, 240),
+            BackboneVariant::Lite2 => (1.1, 1.2, 260),
         };
         Ok(Self {
             variant: variant.to_string(),
@@ -409,6 +473,20 @@ impl EfficientNetLite {
             }
         }
         Ok(out)
+    }
+
+    /// Stage outputs of [`Self::forward_stages`], each locally averaged with
+    /// [`local_average`]: the patch features PatchCore and the heavy models start from.
+    pub fn forward_stages_averaged(
+        &self,
+        x: &Tensor,
+        wanted: &[usize],
+        pool: usize,
+    ) -> Result<Vec<Tensor>> {
+        self.forward_stages(x, wanted)?
+            .into_iter()
+            .map(|f| local_average(f, pool))
+            .collect()
     }
 
     /// ImageNet logits (N, 1000); needs the model loaded with its head.

@@ -94,6 +94,36 @@ pub struct Manifest<M> {
     pub golden: Vec<GoldenFrame>,
 }
 
+impl<M> Manifest<M> {
+    /// The manifest of a bundle just fitted: version `{kind}-{created}-{sha8}` (the
+    /// creation time and the first 8 hex digits of the sha256 of `weights`, the file that
+    /// makes the bundle what it is), created now, without a parent, and with calibration,
+    /// thresholds, fit report, files and golden frames still to fill in.
+    pub fn fitted(
+        kind: &str,
+        weights: &[u8],
+        backbone: BackboneSpec,
+        preprocessing: Preprocessing,
+        model: M,
+    ) -> Manifest<M> {
+        let created = crate::clock::unix_seconds();
+        Manifest {
+            format_version: FORMAT_VERSION,
+            version: format!("{kind}-{created}-{}", &sha256_hex(weights)[..8]),
+            parent_version: None,
+            created_unix: created,
+            backbone,
+            preprocessing,
+            model,
+            calibration: Calibration::default(),
+            thresholds: None,
+            fit: FitReport::default(),
+            files: Default::default(),
+            golden: Vec::new(),
+        }
+    }
+}
+
 /// A golden frame: a file of the bundle and the score and band the bundle gives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GoldenFrame {

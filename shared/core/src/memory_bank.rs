@@ -35,6 +35,16 @@ impl std::str::FromStr for BankDtype {
     }
 }
 
+impl std::fmt::Display for BankDtype {
+    /// `f32` or `f16`, as [`BankDtype`]'s `FromStr` reads it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BankDtype::F32 => "f32",
+            BankDtype::F16 => "f16",
+        })
+    }
+}
+
 /// How a query searches the bank. Scores depend on it, so the hub reproducing an edge
 /// score must search as that edge did (the edge sends its search with each escalation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -45,21 +45,10 @@ impl FeatureExtractor {
 
     /// Locally averaged stage outputs, channels-last, not standardised.
     pub fn raw(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let pool = self.pool;
         self.backbone
-            .forward_stages(x, &self.stages)?
+            .forward_stages_averaged(x, &self.stages, self.pool)?
             .into_iter()
-            .map(|f| {
-                let f = if pool > 1 {
-                    let (lo, hi) = ((pool - 1) / 2, pool / 2);
-                    f.pad_with_zeros(2, lo, hi)?
-                        .pad_with_zeros(3, lo, hi)?
-                        .avg_pool2d_with_stride(pool, 1)?
-                } else {
-                    f
-                };
-                Ok(f.permute((0, 2, 3, 1))?.contiguous()?)
-            })
+            .map(|f| Ok(f.permute((0, 2, 3, 1))?.contiguous()?))
             .collect()
     }
 

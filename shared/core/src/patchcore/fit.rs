@@ -5,8 +5,8 @@ use super::{
     embed, PatchCore, PatchCoreManifest, PatchCoreParams, ScoreRule, SearchParams, Timings,
     INDEX_FROM_ROWS, ROWS_PER_LIST,
 };
-use crate::backbone::{EfficientNetLite, LiteConfig};
-use crate::bundle::{BackboneSpec, FitReport, Manifest, FORMAT_VERSION};
+use crate::backbone::{BackboneVariant, EfficientNetLite, LiteConfig};
+use crate::bundle::{BackboneSpec, FitReport, Manifest};
 use crate::calibration::Calibration;
 use crate::coreset;
 use crate::dataset;
@@ -26,7 +26,7 @@ use std::time::Instant;
 #[serde(default)]
 pub struct FitConfig {
     /// Backbone variant.
-    pub backbone: String,
+    pub backbone: BackboneVariant,
     /// 1-based stages whose features are concatenated.
     pub stages: Vec<usize>,
     /// Square input side in pixels (with `keep_aspect`, the input has as many pixels).
@@ -71,7 +71,7 @@ pub struct FitConfig {
 impl Default for FitConfig {
     fn default() -> Self {
         Self {
-            backbone: "lite0".into(),
+            backbone: BackboneVariant::Lite0,
             stages: vec![3, 5],
             size: 256,
             keep_aspect: true,
@@ -123,14 +123,14 @@ pub fn fit(
     let (images, holdout) =
         dataset::holdout_split(dataset::train_images(data)?, config.holdout, &mut rng);
 
-    let lite = LiteConfig::for_variant(&config.backbone)?;
+    let lite = LiteConfig::for_variant(config.backbone.as_str())?;
     let last_stage = config.stages.iter().copied().max().unwrap_or(0);
     let all_weights = crate::weights::load(weights_file, &Device::Cpu, DType::F32)?;
     let subset = crate::weights::stem_and_blocks(all_weights, lite.blocks_through(last_stage));
     let weights_bytes = safetensors::serialize(&subset, None)
         .map_err(|e| Error::Config(format!("cannot serialise weights: {e}")))?;
     let spec = BackboneSpec {
-        variant: config.backbone.clone(),
+        variant: config.backbone.to_string(),
         stages: config.stages.clone(),
         weights_file: "backbone.safetensors".into(),
     };
@@ -273,24 +273,7 @@ pub fn fit(
         score: config.score,
         search,
     };
-    let created = crate::clock::unix_seconds();
-    let mut manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        version: format!(
-            "patchcore-{created}-{}",
-            &crate::bundle::sha256_hex(&bank_bytes)[..8]
-        ),
-        parent_version: None,
-        created_unix: created,
-        backbone: spec,
-        preprocessing,
-        model: params,
-        calibration: Calibration::default(),
-        thresholds: None,
-        fit: FitReport::default(),
-        files: Default::default(),
-        golden: Vec::new(),
-    };
+    let mut manifest = Manifest::fitted("patchcore", &bank_bytes, spec, preprocessing, params);
     let model = PatchCore {
         manifest: manifest.clone(),
         backbone,

@@ -17,7 +17,7 @@ pub use scorer::PatchCore;
 use crate::anomaly_map::AnomalyMap;
 use crate::backbone::EfficientNetLite;
 use crate::bundle::{Bundle, Manifest, ModelKind};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::memory_bank::BankDtype;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,37 @@ pub enum ScoreRule {
         /// Bank neighbours of the matched row considered.
         neighbours: usize,
     },
+}
+
+impl std::fmt::Display for ScoreRule {
+    /// The rule as `fit --score` takes it: `max`, `map-max` or `reweighted:K`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScoreRule::Max => f.write_str("max"),
+            ScoreRule::MapMax => f.write_str("map-max"),
+            ScoreRule::Reweighted { neighbours } => write!(f, "reweighted:{neighbours}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ScoreRule {
+    type Err = Error;
+
+    /// Reads `map-max`, `max` or `reweighted:K` (what [`ScoreRule`]'s `Display` writes).
+    fn from_str(s: &str) -> Result<Self> {
+        match s.split_once(':') {
+            None if s == "max" => Ok(ScoreRule::Max),
+            None if s == "map-max" => Ok(ScoreRule::MapMax),
+            Some(("reweighted", k)) => Ok(ScoreRule::Reweighted {
+                neighbours: k.parse().map_err(|_| {
+                    Error::Config(format!("score rule {s:?}: reweighted:K needs a number"))
+                })?,
+            }),
+            _ => Err(Error::Config(format!(
+                "score rule {s:?}: use `map-max`, `max` or `reweighted:K`"
+            ))),
+        }
+    }
 }
 
 /// PatchCore parameters stored in the manifest.
@@ -121,18 +152,10 @@ pub(crate) fn embed(
     pool: usize,
     x: &Tensor,
 ) -> Result<(Tensor, usize, usize)> {
-    let features = backbone.forward_stages(x, stages)?;
+    let features = backbone.forward_stages_averaged(x, stages, pool)?;
     let (n, _, h, w) = features[0].dims4()?;
     let mut parts = Vec::with_capacity(features.len());
     for f in features {
-        let f = if pool > 1 {
-            let (lo, hi) = ((pool - 1) / 2, pool / 2);
-            f.pad_with_zeros(2, lo, hi)?
-                .pad_with_zeros(3, lo, hi)?
-                .avg_pool2d_with_stride(pool, 1)?
-        } else {
-            f
-        };
         let (_, _, fh, fw) = f.dims4()?;
         parts.push(if (fh, fw) != (h, w) {
             f.upsample_bilinear2d(h, w, false)?
