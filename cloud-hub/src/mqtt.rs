@@ -111,24 +111,21 @@ impl Client {
 
     /// Publishes at QoS 1, not retained.
     pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<()> {
-        match self {
-            Client::V4(c) => {
-                c.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-                    .await?
-            }
-            Client::V5(c) => c.publish(topic, QoS5::AtLeastOnce, false, payload).await?,
-        }
-        Ok(())
+        self.publish_qos1(topic, payload, false).await
     }
 
     /// Publishes at QoS 1, retained (model assignments).
     pub async fn publish_retained(&self, topic: String, payload: Vec<u8>) -> Result<()> {
+        self.publish_qos1(topic, payload, true).await
+    }
+
+    async fn publish_qos1(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<()> {
         match self {
             Client::V4(c) => {
-                c.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+                c.publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
                     .await?
             }
-            Client::V5(c) => c.publish(topic, QoS5::AtLeastOnce, true, payload).await?,
+            Client::V5(c) => c.publish(topic, QoS5::AtLeastOnce, retain, payload).await?,
         }
         Ok(())
     }

@@ -46,6 +46,44 @@ fn hub_cmd(hub: &Hub, args: &[&str]) -> String {
     run(&bin("cloud-hub"), &all)
 }
 
+/// What the agents of a test fleet need: a viewer token for their downloads, and the
+/// fleet's signing key (private, public) in `dir/keys`.
+fn fleet_credentials(hub: &Hub, dir: &Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    hub_cmd(
+        hub,
+        &[
+            "users",
+            "add",
+            "fleet-fetch",
+            "--role",
+            "viewer",
+            "--no-password",
+        ],
+    );
+    let token_file = dir.join("fetch.token");
+    hub_cmd(
+        hub,
+        &[
+            "tokens",
+            "create",
+            "--user",
+            "fleet-fetch",
+            "--out",
+            s(&token_file),
+        ],
+    );
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let keys = dir.join("keys");
+    run(
+        &bin("cloud-hub"),
+        &["keys", "generate", "--out", s(&keys), "--name", "fleet"],
+    );
+    (token, keys.join("fleet.key"), keys.join("fleet.pub"))
+}
+
 /// `(running, state, reason)` of a device in `device_models` (via its count queries).
 fn device_state(hub: &Hub, device: &str, version: &str, state: &str) -> bool {
     hub.count(&format!(
@@ -63,41 +101,7 @@ fn assignments_reach_every_device_tampered_bundles_are_refused_and_downloads_res
     let mut broker = Mosquitto::start(&scratch.0.join("mosquitto"), "");
     let hub = Hub::start(&scratch.0.join("hub"), Some(broker.port), &[]);
     let site = "line-r";
-    // A viewer token for the devices' downloads.
-    hub_cmd(
-        &hub,
-        &[
-            "users",
-            "add",
-            "fleet-fetch",
-            "--role",
-            "viewer",
-            "--no-password",
-        ],
-    );
-    let token_file = scratch.0.join("fetch.token");
-    hub_cmd(
-        &hub,
-        &[
-            "tokens",
-            "create",
-            "--user",
-            "fleet-fetch",
-            "--out",
-            s(&token_file),
-        ],
-    );
-    let token = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    let keys = scratch.0.join("keys");
-    run(
-        &bin("cloud-hub"),
-        &["keys", "generate", "--out", s(&keys), "--name", "fleet"],
-    );
-    let key = keys.join("fleet.key");
-    let public = keys.join("fleet.pub");
+    let (token, key, public) = fleet_credentials(&hub, &scratch.0);
 
     let fetch = format!("model.fetch_token={token:?}");
     let base_version = serde_json::from_slice::<serde_json::Value>(
@@ -489,39 +493,7 @@ fn a_staged_rollout_reaches_every_device_and_a_misbehaving_bundle_stops_at_its_c
     let mut broker = Mosquitto::start(&scratch.0.join("mosquitto"), "");
     let hub = Hub::start(&scratch.0.join("hub"), Some(broker.port), &[]);
     let site = "line-s";
-    hub_cmd(
-        &hub,
-        &[
-            "users",
-            "add",
-            "fleet-fetch",
-            "--role",
-            "viewer",
-            "--no-password",
-        ],
-    );
-    let token_file = scratch.0.join("fetch.token");
-    hub_cmd(
-        &hub,
-        &[
-            "tokens",
-            "create",
-            "--user",
-            "fleet-fetch",
-            "--out",
-            s(&token_file),
-        ],
-    );
-    let token = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    let keys = scratch.0.join("keys");
-    run(
-        &bin("cloud-hub"),
-        &["keys", "generate", "--out", s(&keys), "--name", "fleet"],
-    );
-    let (key, public) = (keys.join("fleet.key"), keys.join("fleet.pub"));
+    let (token, key, public) = fleet_credentials(&hub, &scratch.0);
     let src = scratch.0.join("src");
     // Every device starts on v1, which is in the registry (what a rollback puts back).
     let v1 = "patchcore-staged-1";
