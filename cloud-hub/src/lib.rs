@@ -30,6 +30,7 @@ pub mod pki_cmd;
 pub mod registry_cmd;
 pub mod report;
 pub mod rollout;
+pub mod score_bins;
 pub mod scoring;
 pub mod serve;
 pub mod simulate;

@@ -164,6 +164,10 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         std::time::Duration::from_secs_f64(config.scoring.retry_after_s),
     )?;
     background.push(tokio::spawn(scoring.clone().sweep_forever(db.clone())));
+    background.push(tokio::spawn(db.clone().prune_minutes_forever(
+        config.fleet.minutes_retention_days,
+        Duration::from_secs_f64(config.fleet.prune_every_s),
+    )));
 
     // Both listeners' TLS configurations first: a bad certificate or key stops the
     // start before anything listens.

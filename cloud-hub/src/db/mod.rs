@@ -10,6 +10,7 @@ pub mod api;
 pub mod audit;
 pub mod delivery;
 pub mod ingest;
+pub mod minutes;
 pub mod queue;
 pub mod registry;
 pub mod users;
@@ -76,6 +77,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         "bundle registry",
         include_str!("../../../migrations/postgres/0006_registry.sql"),
     ),
+    (
+        7,
+        "device minutes",
+        include_str!("../../../migrations/postgres/0007_device_minutes.sql"),
+    ),
 ];
 const SQLITE: &[(i64, &str, &str)] = &[
     (
@@ -107,6 +113,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         6,
         "bundle registry",
         include_str!("../../../migrations/sqlite/0006_registry.sql"),
+    ),
+    (
+        7,
+        "device minutes",
+        include_str!("../../../migrations/sqlite/0007_device_minutes.sql"),
     ),
 ];
 
@@ -346,7 +357,7 @@ mod tests {
         // The same migrations for both databases, numbered without gaps.
         let versions = |k| migrator(k).iter().map(|m| m.version).collect::<Vec<_>>();
         assert_eq!(versions(DbKind::Sqlite), versions(DbKind::Postgres));
-        assert_eq!(versions(DbKind::Sqlite), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(versions(DbKind::Sqlite), vec![1, 2, 3, 4, 5, 6, 7]);
     }
 
     /// Migration 3 turns the -1 that stood for an absent score into NULL and keeps the
