@@ -207,6 +207,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         objects: objects.clone(),
         telemetry: telemetry.clone(),
         idle_ms: (config.auth.session_idle_s * 1000.0) as i64,
+        recent_minutes: config.fleet.recent_minutes,
         secure_cookies: config.auth.cookie_secure || http_tls.is_some(),
     }))
     .merge(crate::bundle_files::router(db.clone(), objects.clone()));

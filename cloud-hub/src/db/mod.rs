@@ -9,6 +9,7 @@
 pub mod api;
 pub mod audit;
 pub mod delivery;
+pub mod frame_search;
 pub mod ingest;
 pub mod minutes;
 pub mod queue;
