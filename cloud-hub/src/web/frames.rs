@@ -327,21 +327,32 @@ fn csv_field(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A CSV field of text a device sent: as [`csv_field`], with a `'` before a leading `=`,
+/// `+`, `-`, `@`, tab or carriage return, so that a spreadsheet opening the file shows it
+/// as text instead of running it as a formula.
+fn csv_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        csv_field(&format!("'{text}")).into_owned().into()
+    } else {
+        csv_field(text)
+    }
+}
+
 /// The CSV header line.
 const CSV_HEADER: &str = "frame_id,site,device,source,captured_unix_ms,captured_utc,received_unix_ms,edge_score,band,model_version,latency_ms,decided_by,escalation_state,verdict,fused\n";
 
 fn csv_line(h: &FrameHit, out: &mut String) {
     let fields: [std::borrow::Cow<'_, str>; 15] = [
         csv_field(&h.frame_id),
-        csv_field(&h.site),
-        csv_field(&h.device),
-        csv_field(&h.source),
+        csv_text(&h.site),
+        csv_text(&h.device),
+        csv_text(&h.source),
         h.captured_unix_ms.to_string().into(),
         crate::table::time(h.captured_unix_ms).into(),
         h.received_unix_ms.to_string().into(),
         h.edge_score.to_string().into(),
         csv_field(&h.band),
-        csv_field(&h.model_version),
+        csv_text(&h.model_version),
         h.latency_ms.to_string().into(),
         h.decided_by().as_str().into(),
         csv_field(h.escalation.as_deref().unwrap_or("")),
@@ -497,6 +508,9 @@ mod tests {
         assert_eq!(csv_field("plain"), "plain");
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\"\nthere"), "\"say \"\"hi\"\"\nthere\"");
+        assert_eq!(csv_text("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_text("@sum"), "'@sum");
+        assert_eq!(csv_text("cam-1"), "cam-1");
         let hit = FrameHit {
             frame_id: "f-1".into(),
             site: "s".into(),
