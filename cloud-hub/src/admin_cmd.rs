@@ -30,15 +30,20 @@ pub struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
-    async fn open(&self) -> Result<Db> {
-        let config = ServeOverrides {
+    /// The hub configuration these arguments name.
+    pub fn resolve(&self) -> Result<crate::config::HubConfig> {
+        ServeOverrides {
             config: self.config.clone(),
             data_dir: self.data_dir.clone(),
             database_url: self.database_url.clone(),
             ..Default::default()
         }
-        .resolve()?;
-        Db::open(&config.database_url(), 2).await
+        .resolve()
+    }
+
+    /// Opens the database these arguments name.
+    pub async fn open(&self) -> Result<Db> {
+        Db::open(&self.resolve()?.database_url(), 2).await
     }
 }
 

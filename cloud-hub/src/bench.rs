@@ -59,6 +59,116 @@ pub struct BenchArgs {
     /// Images to escalate.
     #[arg(long)]
     pub frames: PathBuf,
+    /// Broker transports to run on each database, in order: `plain`, `tls` (the broker's
+    /// certificate verified, logins checked) and `mtls` (client certificates too). TLS
+    /// runs use the embedded broker's TLS front with a throwaway CA: the hub and every
+    /// simulated device connect through it.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "plain")]
+    pub transports: Vec<Transport>,
+}
+
+/// How the hub and the simulated devices reach the broker in a run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain TCP, no logins (the embedded defaults).
+    Plain,
+    /// TLS with the broker's certificate verified, and broker logins.
+    Tls,
+    /// As `tls`, and every client presents a certificate of the CA.
+    Mtls,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Plain => "plain",
+            Transport::Tls => "tls",
+            Transport::Mtls => "mtls",
+        }
+    }
+}
+
+/// The throwaway CA, certificates and broker logins of the TLS runs.
+struct BenchPki {
+    dir: tempfile::TempDir,
+    hub_password: String,
+    device_password: String,
+}
+
+/// Login of every simulated device in TLS runs.
+const SIM_LOGIN: &str = "sim";
+
+impl BenchPki {
+    fn make() -> Result<BenchPki> {
+        use crate::pki::{Kind, Pki, Request};
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::at(dir.path());
+        pki.init("bench CA", 2)?;
+        let hosts = ["127.0.0.1".to_string()];
+        for (name, kind, hosts) in [
+            ("broker", Kind::Server, &hosts[..]),
+            ("cloud-hub", Kind::Hub, &[][..]),
+            (SIM_LOGIN, Kind::Device, &[][..]),
+        ] {
+            let c = pki.issue(&Request {
+                name,
+                kind,
+                hosts,
+                days: 2,
+                csr_pem: None,
+            })?;
+            std::fs::write(dir.path().join(format!("{name}.pem")), &c.cert_pem)?;
+            let key = c
+                .key_pem
+                .context("a key for a certificate issued without a CSR")?;
+            std::fs::write(dir.path().join(format!("{name}.key")), key)?;
+        }
+        let (hub_password, device_password) =
+            (crate::auth::random_hex(16), crate::auth::random_hex(16));
+        let mut logins = crate::broker_passwords::PasswordFile::default();
+        logins.set(
+            "cloud-hub",
+            &crate::auth::SecretText::new(hub_password.clone()),
+        )?;
+        logins.set(
+            SIM_LOGIN,
+            &crate::auth::SecretText::new(device_password.clone()),
+        )?;
+        logins.save(&dir.path().join("logins"))?;
+        Ok(BenchPki {
+            dir,
+            hub_password,
+            device_password,
+        })
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Points the hub's and the devices' settings at the broker's TLS front.
+    fn apply(&self, transport: Transport, config: &mut HubConfig, sim: &mut SimulateArgs) {
+        let mutual = transport == Transport::Mtls;
+        let ca = self.file(crate::pki::CA_CERT);
+        config.embedded_broker.tls = Some(crate::tls::ServerTls {
+            cert_file: self.file("broker.pem"),
+            key_file: self.file("broker.key"),
+            client_ca_file: mutual.then(|| ca.clone()),
+        });
+        config.embedded_broker.password_file = Some(self.file("logins"));
+        config.mqtt.username = Some("cloud-hub".into());
+        config.mqtt.password = Some(insp_mqtt::Secret::new(self.hub_password.clone()));
+        config.mqtt.tls = Some(insp_mqtt::TlsSettings {
+            ca_file: ca.clone(),
+            cert_file: mutual.then(|| self.file("cloud-hub.pem")),
+            key_file: mutual.then(|| self.file("cloud-hub.key")),
+        });
+        sim.ca_file = Some(ca);
+        sim.cert_file = mutual.then(|| self.file(&format!("{SIM_LOGIN}.pem")));
+        sim.key_file = mutual.then(|| self.file(&format!("{SIM_LOGIN}.key")));
+        sim.username = Some(SIM_LOGIN.into());
+        sim.password = Some(insp_mqtt::Secret::new(self.device_password.clone()));
+    }
 }
 
 /// One run's figures.
@@ -66,6 +176,8 @@ pub struct BenchArgs {
 pub struct BenchRow {
     /// Database.
     pub database: String,
+    /// Broker transport.
+    pub transport: Transport,
     /// Offered results per second.
     pub offered: f64,
     /// Results published.
@@ -148,6 +260,8 @@ pub async fn clear_session(host: &str, port: u16, client_id: &str) {
 async fn run_one(
     args: &BenchArgs,
     database: &str,
+    transport: Transport,
+    pki: Option<&BenchPki>,
     frames: Arc<Vec<crate::simulate::SimFrame>>,
     version: &str,
 ) -> Result<BenchRow> {
@@ -181,6 +295,26 @@ async fn run_one(
             ("127.0.0.1".to_string(), port)
         }
     };
+    let mut sim = SimulateArgs {
+        host: host.clone(),
+        port,
+        site: format!("bench{}", &tag[..6]),
+        devices: args.devices,
+        rate: args.rate,
+        escalations: args.escalations,
+        duration: args.duration,
+        bundle: None,
+        frames: None,
+        verdict_wait: 10.0,
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+        username: None,
+        password: None,
+    };
+    if let (Some(pki), Transport::Tls | Transport::Mtls) = (pki, transport) {
+        pki.apply(transport, &mut config, &mut sim);
+    }
     let mut pg = None;
     match database {
         "sqlite" => {}
@@ -203,18 +337,6 @@ async fn run_one(
         }
         // Let the subscriptions settle.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let sim = SimulateArgs {
-            host: host.clone(),
-            port,
-            site: format!("bench{}", &tag[..6]),
-            devices: args.devices,
-            rate: args.rate,
-            escalations: args.escalations,
-            duration: args.duration,
-            bundle: None,
-            frames: None,
-            verdict_wait: 10.0,
-        };
         let mut fleet = run_fleet(&sim, frames, version.to_string()).await?;
         // Wait for the backlog to be stored.
         let t0 = Instant::now();
@@ -241,6 +363,7 @@ async fn run_one(
         hub.stop().await;
         let row = BenchRow {
             database: database.to_string(),
+            transport,
             offered: args.rate,
             published: fleet.results,
             stored: counts.frames,
@@ -270,6 +393,16 @@ async fn run_one(
 
 /// Runs the benchmark and prints its table.
 pub async fn run(args: BenchArgs) -> Result<()> {
+    let tls_runs = args.transports.iter().any(|t| *t != Transport::Plain);
+    anyhow::ensure!(
+        !(tls_runs && args.mqtt_host.is_some()),
+        "--transports tls and mtls run on the embedded broker's TLS front: leave out --mqtt-host"
+    );
+    let pki = if tls_runs {
+        Some(BenchPki::make()?)
+    } else {
+        None
+    };
     let (b, f) = (args.bundle.clone(), args.frames.clone());
     let (version, frames) = tokio::task::spawn_blocking(move || load_frames(&b, &f, 16)).await??;
     let frames = Arc::new(frames);
@@ -285,26 +418,46 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     );
     let mut rows = Vec::new();
     for db in &args.databases {
-        let row = run_one(&args, db, frames.clone(), &version)
-            .await
-            .with_context(|| format!("benchmark on {db}"))?;
-        println!(
-            "{:<9} stored {}/{} results, {:.0}/s ({:.2} x offered), lag p50 {:.0} ms p99 {:.0} ms; escalations {} -> verdicts {} ({:.2}/s, p50 {:.0} ms p99 {:.0} ms, edge score bit-identical {}/{})",
-            row.database, row.stored, row.published, row.stored_per_s, row.stored_per_s / row.offered,
-            row.lag_p50_ms, row.lag_p99_ms, row.escalations, row.verdicts, row.scored_per_s,
-            row.verdict_p50_ms, row.verdict_p99_ms, row.exact, row.verdicts
-        );
-        rows.push(row);
+        for &transport in &args.transports {
+            let row = run_one(&args, db, transport, pki.as_ref(), frames.clone(), &version)
+                .await
+                .with_context(|| format!("benchmark on {db} over {}", transport.name()))?;
+            println!(
+                "{:<9} {:<5} stored {}/{} results, {:.0}/s ({:.2} x offered), lag p50 {:.0} ms p99 {:.0} ms; escalations {} -> verdicts {} ({:.2}/s, p50 {:.0} ms p99 {:.0} ms, edge score bit-identical {}/{})",
+                row.database, transport.name(), row.stored, row.published, row.stored_per_s, row.stored_per_s / row.offered,
+                row.lag_p50_ms, row.lag_p99_ms, row.escalations, row.verdicts, row.scored_per_s,
+                row.verdict_p50_ms, row.verdict_p99_ms, row.exact, row.verdicts
+            );
+            rows.push(row);
+        }
     }
-    if let (Some(s), Some(p)) = (
-        rows.iter().find(|r| r.database == "sqlite"),
-        rows.iter().find(|r| r.database == "postgres"),
-    ) {
-        println!(
-            "postgres / sqlite: stored rate {:.2}x, lag p99 {:.2}x",
-            p.stored_per_s / s.stored_per_s,
-            p.lag_p99_ms / s.lag_p99_ms
-        );
+    let find = |db: &str, t: Transport| rows.iter().find(|r| r.database == db && r.transport == t);
+    for &t in &args.transports {
+        if let (Some(s), Some(p)) = (find("sqlite", t), find("postgres", t)) {
+            println!(
+                "postgres / sqlite ({}): stored rate {:.2}x, lag p99 {:.2}x",
+                t.name(),
+                p.stored_per_s / s.stored_per_s,
+                p.lag_p99_ms / s.lag_p99_ms
+            );
+        }
+    }
+    for db in &args.databases {
+        let Some(plain) = find(db, Transport::Plain) else {
+            continue;
+        };
+        for t in [Transport::Tls, Transport::Mtls] {
+            if let Some(r) = find(db, t) {
+                println!(
+                    "{} / plain ({db}): stored rate {:.2}x, lag p99 {:.2}x, verdict p50 {:.2}x p99 {:.2}x",
+                    t.name(),
+                    r.stored_per_s / plain.stored_per_s,
+                    r.lag_p99_ms / plain.lag_p99_ms,
+                    r.verdict_p50_ms / plain.verdict_p50_ms,
+                    r.verdict_p99_ms / plain.verdict_p99_ms
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -11,7 +11,14 @@
 //! acknowledged. [`DropCounter`] turns rumqttd's warning about that into a count
 //! (`hub_broker_dropped_total`), and the delivery check ([`crate::delivery`]) asks the
 //! devices for the records again.
+//!
+//! On loopback (the default) it needs nothing. Beyond loopback it requires a TLS front
+//! (`[embedded_broker.tls]`) and a login per client (`embedded_broker.password_file`,
+//! [`crate::broker_passwords`]). It has no topic ACLs, so an authenticated device could
+//! still publish on another's topics (the hub refuses payloads naming another device):
+//! production fleets use the shipped Mosquitto configuration instead.
 
+use crate::broker_passwords::PasswordFile;
 use crate::config::EmbeddedBrokerConfig;
 use anyhow::{Context, Result};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
@@ -63,17 +70,105 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for DropCounter {
     }
 }
 
-/// Starts the broker and waits until it accepts connections.
-pub fn start(config: &EmbeddedBrokerConfig) -> Result<()> {
+/// Starts the broker, and its TLS front when `tls` is set, and waits until it accepts
+/// connections. Both run for the life of the process (rumqttd cannot be stopped).
+///
+/// With `tls`, rumqttd listens on a loopback port of its own and the front on `listen`
+/// completes each client's handshake (in a task of its own, as the hub's other TLS
+/// listeners do) and relays the bytes; with `password_file`, every CONNECT must carry a
+/// login of that file, on either port.
+pub async fn start(config: &EmbeddedBrokerConfig) -> Result<()> {
     let listen = config.listen;
-    // rumqttd reports a failed bind only in its log: check the port first.
-    drop(TcpListener::bind(listen).with_context(|| {
-        format!(
-            "the embedded MQTT broker cannot listen on {listen} (in use?): set embedded_broker.listen \
-             or --broker-listen to a free port, or mqtt.host to use an external broker"
-        )
-    })?);
-    let connections = ConnectionSettings {
+    let check_free = |addr: SocketAddr| {
+        // rumqttd reports a failed bind only in its log: check the port first.
+        TcpListener::bind(addr).map(drop).with_context(|| {
+            format!(
+                "the embedded MQTT broker cannot listen on {addr} (in use?): set embedded_broker.listen \
+                 or --broker-listen to a free port, or mqtt.host to use an external broker"
+            )
+        })
+    };
+    check_free(listen)?;
+    let passwords = match &config.password_file {
+        Some(path) => Some(PasswordFile::load(path, false)?),
+        None => None,
+    };
+    let front = match &config.tls {
+        Some(tls) => Some(crate::tls::server_config(
+            tls,
+            "embedded_broker.tls",
+            &[],
+            tls.client_ca_file.is_some(),
+        )?),
+        None => None,
+    };
+    let broker_addr = if front.is_some() {
+        let inner = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?.local_addr()?;
+        check_free(inner)?;
+        inner
+    } else {
+        listen
+    };
+    let settings = config.clone();
+    tokio::task::spawn_blocking(move || start_rumqttd(&settings, broker_addr, passwords)).await??;
+    match front {
+        Some(tls) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| {
+                    format!("the embedded broker's TLS front cannot listen on {listen}")
+                })?;
+            let incoming = crate::tls::TlsListener::new(listener, tls, "MQTT")?;
+            tokio::spawn(relay(incoming, broker_addr));
+            tracing::info!(
+                "embedded MQTT broker listening on {listen} (TLS{}), relaying to {broker_addr}",
+                if config
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.client_ca_file.is_some())
+                {
+                    ", client certificates required"
+                } else {
+                    ""
+                }
+            );
+        }
+        None => tracing::info!("embedded MQTT broker listening on {listen}"),
+    }
+    Ok(())
+}
+
+/// Relays every TLS connection of `incoming` to the broker at `broker`, until the
+/// process ends.
+async fn relay(mut incoming: crate::tls::TlsListener, broker: SocketAddr) {
+    use axum::serve::Listener;
+    loop {
+        let (mut tls, peer) = incoming.accept().await;
+        tokio::spawn(async move {
+            let mut plain = match tokio::net::TcpStream::connect(broker).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(
+                        "embedded broker front: cannot reach the broker for {peer}: {e}"
+                    );
+                    return;
+                }
+            };
+            let _ = plain.set_nodelay(true);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut tls, &mut plain).await {
+                tracing::debug!("embedded broker front: {peer}: {e}");
+            }
+        });
+    }
+}
+
+/// Starts rumqttd on `listen` on threads of its own.
+fn start_rumqttd(
+    config: &EmbeddedBrokerConfig,
+    listen: SocketAddr,
+    passwords: Option<PasswordFile>,
+) -> Result<()> {
+    let mut connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         // Room for the protocol overhead around the largest payload.
         max_payload_size: config.max_payload_bytes + 64 * 1024,
@@ -82,6 +177,9 @@ pub fn start(config: &EmbeddedBrokerConfig) -> Result<()> {
         external_auth: None,
         dynamic_filters: true,
     };
+    if let Some(passwords) = passwords {
+        connections.set_auth_handler(passwords.into_checker());
+    }
     let server = ServerSettings {
         name: "v4".into(),
         listen,
@@ -115,9 +213,7 @@ pub fn start(config: &EmbeddedBrokerConfig) -> Result<()> {
         })
         .context("cannot start the embedded broker thread")?;
     wait_listening(listen, Duration::from_secs(10))
-        .with_context(|| format!("the embedded MQTT broker did not come up on {listen}"))?;
-    tracing::info!("embedded MQTT broker listening on {listen}");
-    Ok(())
+        .with_context(|| format!("the embedded MQTT broker did not come up on {listen}"))
 }
 
 fn wait_listening(addr: SocketAddr, within: Duration) -> Result<()> {

@@ -4,8 +4,8 @@
 //! client, the PKI, the run report, the fleet simulator and the load benchmark.
 
 use crate::{
-    admin_cmd, bench, broker, client, config, device, eval_cmd, keys_cmd, pki_cmd, report, serve,
-    simulate, train_cmd,
+    admin_cmd, bench, broker, broker_cmd, client, config, device, eval_cmd, keys_cmd, pki_cmd,
+    report, serve, simulate, train_cmd,
 };
 use clap::{Parser, Subcommand};
 
@@ -39,6 +39,11 @@ pub enum Command {
     Pki {
         #[command(subcommand)]
         command: pki_cmd::PkiCommand,
+    },
+    /// Logins of the embedded broker (its password file).
+    Broker {
+        #[command(subcommand)]
+        command: broker_cmd::BrokerCommand,
     },
     /// The review queue of escalated frames.
     Reviews {
@@ -109,10 +114,6 @@ pub fn main() {
         Command::Keys { command } => keys_cmd::run(command),
         // Certificates are local file work: no runtime, no hub needed.
         Command::Pki { command } => pki_cmd::pki(command),
-        Command::Devices(client::DevicesArgs {
-            command: Some(command),
-            ..
-        }) => pki_cmd::devices(command),
         command => run_async(command, cli.device),
     };
     if let Err(err) = result {
@@ -140,7 +141,12 @@ fn run_async(command: Command, device: Option<String>) -> anyhow::Result<()> {
                 }
                 serve::run(args).await
             }
+            Command::Devices(client::DevicesArgs {
+                command: Some(command),
+                ..
+            }) => pki_cmd::devices(command).await,
             Command::Devices(args) => client::devices(args).await,
+            Command::Broker { command } => broker_cmd::run(command).await,
             Command::Reviews { command } => client::reviews(command).await,
             Command::Models { command } => client::models(command).await,
             Command::Users { command } => admin_cmd::users(command).await,

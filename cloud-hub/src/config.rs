@@ -108,8 +108,9 @@ pub struct MqttConfig {
     pub username: Option<String>,
     /// Optional credentials: the password (never printed; prefer `HUB_MQTT_PASSWORD`).
     pub password: Option<insp_mqtt::Secret>,
-    /// TLS towards an external broker (`[mqtt.tls]`: `ca_file`, and `cert_file` +
-    /// `key_file` for the hub's certificate from `cloud-hub pki hub`); absent: plain TCP.
+    /// TLS towards the broker (`[mqtt.tls]`: `ca_file`, and `cert_file` + `key_file` for
+    /// the hub's certificate from `cloud-hub pki hub`): an external broker's, or the
+    /// embedded broker's TLS front (`[embedded_broker.tls]`); absent: plain TCP.
     pub tls: Option<insp_mqtt::TlsSettings>,
     /// Keep-alive in seconds.
     pub keep_alive_s: u64,
@@ -154,6 +155,18 @@ pub struct EmbeddedBrokerConfig {
     /// while its database is away); beyond, rumqttd drops the oldest, which the hub counts
     /// (`hub_broker_dropped_total`) and asks the devices for again.
     pub max_log_bytes: usize,
+    /// TLS on `listen` (`[embedded_broker.tls]`: `cert_file`, `key_file`, and
+    /// `client_ca_file` to require client certificates): the broker itself then listens on
+    /// a loopback port of its own behind this TLS front. Required when `listen` is not a
+    /// loopback address; the hub connects through it like any client (`[mqtt.tls]`
+    /// `ca_file` naming the CA of `cert_file`).
+    pub tls: Option<crate::tls::ServerTls>,
+    /// The logins the broker accepts (`NAME:argon2 hash` lines, made by
+    /// `cloud-hub broker passwd NAME`); every client, the hub included (`mqtt.username`,
+    /// `HUB_MQTT_PASSWORD`), logs in with one. Required when `listen` is not a loopback
+    /// address. The embedded broker has no topic ACLs: production fleets use the shipped
+    /// Mosquitto configuration (deploy/mosquitto), which binds topics to identities.
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for EmbeddedBrokerConfig {
@@ -164,6 +177,8 @@ impl Default for EmbeddedBrokerConfig {
             max_connections: 10_000,
             max_inflight: 200,
             max_log_bytes: 256 << 20,
+            tls: None,
+            password_file: None,
         }
     }
 }
@@ -512,11 +527,22 @@ impl HubConfig {
             self.mqtt.group
         );
         anyhow::ensure!(!self.mqtt.client_id.is_empty(), "mqtt.client_id is empty");
-        anyhow::ensure!(
-            self.mqtt.tls.is_none() || !self.embedded_broker(),
-            "mqtt.tls is for an external broker (set mqtt.host): the embedded broker listens \
-             in plain TCP on loopback"
-        );
+        if self.embedded_broker() {
+            let b = &self.embedded_broker;
+            anyhow::ensure!(
+                b.listen.ip().is_loopback() || (b.tls.is_some() && b.password_file.is_some()),
+                "embedded_broker.listen {} is beyond loopback: the embedded broker then requires \
+                 [embedded_broker.tls] (cert_file, key_file) and embedded_broker.password_file \
+                 (`cloud-hub broker passwd NAME`); production fleets use the shipped Mosquitto \
+                 configuration (README, \"Secure deployment\")",
+                b.listen
+            );
+            anyhow::ensure!(
+                self.mqtt.tls.is_some() == b.tls.is_some(),
+                "with the embedded broker, [mqtt.tls] (the CA the hub checks the broker with) and \
+                 [embedded_broker.tls] (the broker's certificate) go together"
+            );
+        }
         anyhow::ensure!(
             self.mqtt.site == "+"
                 || (!self.mqtt.site.is_empty() && !self.mqtt.site.contains(['/', '+', '#'])),

@@ -8,6 +8,8 @@ pub mod audit;
 pub mod auth;
 pub mod bench;
 pub mod broker;
+pub mod broker_cmd;
+pub mod broker_passwords;
 pub mod bundle_files;
 pub mod cli;
 pub mod client;

@@ -1,6 +1,7 @@
 //! The fleet manager's certificate commands: `cloud-hub pki init|server|hub|crl|list`
 //! and `cloud-hub devices enroll|revoke` (see [`crate::pki`] for the folder).
 
+use crate::admin_cmd::{actor, DatabaseArgs};
 use crate::pki::{Kind, Pki, Request, CA_CERT, CRL};
 use crate::table::{time, Table};
 use anyhow::{Context, Result};
@@ -85,6 +86,9 @@ pub enum DevicesCommand {
         name: String,
         #[command(flatten)]
         dir: PkiDir,
+        /// The hub database whose audit trail records the revocation.
+        #[command(flatten)]
+        db: DatabaseArgs,
     },
 }
 
@@ -121,6 +125,9 @@ pub struct EnrollArgs {
     /// output folder).
     #[arg(long)]
     pub install_dir: Option<PathBuf>,
+    /// The hub database whose audit trail records the enrolment.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
 }
 
 fn copy_ca(pki: &Pki, out: &Path) -> Result<()> {
@@ -263,11 +270,14 @@ pub fn edge_snippet(site: &str, name: &str, host: &str, port: u16, files: &Path)
     )
 }
 
-/// Runs `cloud-hub devices enroll|revoke`.
-pub fn devices(command: DevicesCommand) -> Result<()> {
+/// Runs `cloud-hub devices enroll|revoke`: the CA folder's work, recorded in the hub
+/// database's audit trail (opened first, so an unreachable database stops the command
+/// before anything is issued).
+pub async fn devices(command: DevicesCommand) -> Result<()> {
     match command {
         DevicesCommand::Enroll(a) => {
             insp_proto::check_name("site", &a.site).map_err(anyhow::Error::msg)?;
+            let db = a.db.open().await?;
             let pki = Pki::at(&a.dir.pki);
             let csr = match &a.csr {
                 Some(path) => Some(
@@ -287,8 +297,29 @@ pub fn devices(command: DevicesCommand) -> Result<()> {
                 days: a.days,
                 csr_pem: csr.as_deref(),
             })?;
-            // AUDIT(enrolment): the coordinator appends an audit row here (actor: the CLI
-            // user, action "device.enroll", details: name, site, serial, csr or not).
+            let serial = pki
+                .issued()?
+                .into_iter()
+                .rev()
+                .find(|i| i.name == a.name && i.kind == Kind::Device)
+                .map(|i| i.serial)
+                .unwrap_or_default();
+            db.audit_append(
+                &actor(),
+                "device.enroll",
+                serde_json::json!({
+                    "device": a.name, "site": a.site, "serial": serial,
+                    "csr": csr.is_some(), "days": a.days,
+                }),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "{:?} was issued (serial {serial}) but the audit trail did not record it: \
+                     revoke it (`cloud-hub devices revoke {}`) or record it by hand",
+                    a.name, a.name
+                )
+            })?;
             prepare(&out)?;
             write_pair(&out, "device", &c)?;
             copy_ca(&pki, &out)?;
@@ -309,11 +340,19 @@ pub fn devices(command: DevicesCommand) -> Result<()> {
                 files.display()
             );
         }
-        DevicesCommand::Revoke { name, dir } => {
+        DevicesCommand::Revoke { name, dir, db } => {
+            let db = db.open().await?;
             let pki = Pki::at(&dir.pki);
             let n = pki.revoke(&name, Kind::Device)?;
-            // AUDIT(revocation): the coordinator appends an audit row here (actor: the CLI
-            // user, action "device.revoke", details: name, certificates revoked).
+            db.audit_append(
+                &actor(),
+                "device.revoke",
+                serde_json::json!({ "device": name, "certificates": n }),
+            )
+            .await
+            .with_context(|| {
+                format!("{name:?} was revoked but the audit trail did not record it")
+            })?;
             println!(
                 "revoked {n} certificate(s) of device {name:?}; {} updated: copy it to the \
                  broker and reload it (SIGHUP; see deploy/mosquitto/README.md)",

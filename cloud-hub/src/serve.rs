@@ -91,6 +91,30 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// With a password file the hub logs in to its own broker too: its `mqtt.username` and
+/// password must be a login of the file (checked here, with a clear error, rather than
+/// as a refused connection later).
+async fn check_hub_login(mqtt: &crate::config::MqttConfig, path: &std::path::Path) -> Result<()> {
+    let (Some(user), Some(password)) = (&mqtt.username, &mqtt.password) else {
+        anyhow::bail!(
+            "embedded_broker.password_file is set: the hub logs in to its broker too; add its \
+             login (`cloud-hub broker passwd cloud-hub`), then set mqtt.username and \
+             HUB_MQTT_PASSWORD"
+        );
+    };
+    let file = crate::broker_passwords::PasswordFile::load(path, false)?;
+    let (user, password) = (user.clone(), password.expose().to_string());
+    let name = user.clone();
+    let ok = tokio::task::spawn_blocking(move || file.check(&name, &password)).await?;
+    anyhow::ensure!(
+        ok,
+        "mqtt.username {user:?} and its password are not a login of {} (`cloud-hub broker \
+         passwd {user}` makes one)",
+        path.display()
+    );
+    Ok(())
+}
+
 /// Starts every part of the hub.
 pub async fn start(config: HubConfig) -> Result<Hub> {
     config.validate()?;
@@ -98,8 +122,10 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data folder {}", data_dir.display()))?;
     if config.embedded_broker() {
-        let b = config.embedded_broker.clone();
-        tokio::task::spawn_blocking(move || crate::broker::start(&b)).await??;
+        if let Some(path) = &config.embedded_broker.password_file {
+            check_hub_login(&config.mqtt, path).await?;
+        }
+        crate::broker::start(&config.embedded_broker).await?;
     }
     let db = Db::open(&config.database_url(), config.database.max_connections).await?;
     tracing::info!("database: {}", crate::db::redact(&config.database_url()));
@@ -288,10 +314,11 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     let (host, port) = config.broker_address();
     tracing::info!(
         "hub up: MQTT {host}:{port} ({}), gRPC {}, HTTP {} (review pages at /review){}",
-        if config.embedded_broker() {
-            "embedded"
-        } else {
-            "external"
+        match (config.embedded_broker(), config.mqtt.tls.is_some()) {
+            (true, false) => "embedded",
+            (true, true) => "embedded, TLS",
+            (false, false) => "external",
+            (false, true) => "external, TLS",
         },
         config.api.grpc_listen,
         config.api.http_listen,

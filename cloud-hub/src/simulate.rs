@@ -53,6 +53,38 @@ pub struct SimulateArgs {
     /// Seconds to wait for outstanding verdicts after the last publish.
     #[arg(long, default_value_t = 5.0)]
     pub verdict_wait: f64,
+    /// PEM file of the CA the broker's certificate must chain to: connect over TLS.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate of every simulated device (mutual TLS; with `--key-file`).
+    #[arg(long, requires_all = ["key_file", "ca_file"])]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// Broker login of every simulated device (`cloud-hub broker passwd NAME`).
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Its password.
+    #[arg(
+        long,
+        env = "SIM_MQTT_PASSWORD",
+        hide_env_values = true,
+        requires = "username"
+    )]
+    pub password: Option<insp_mqtt::Secret>,
+}
+
+impl SimulateArgs {
+    /// The devices' transport: TLS when `--ca-file` is given.
+    fn transport(&self) -> Result<rumqttc::Transport> {
+        let tls = self.ca_file.as_ref().map(|ca| insp_mqtt::TlsSettings {
+            ca_file: ca.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        });
+        Ok(insp_mqtt::transport(tls.as_ref())?)
+    }
 }
 
 /// What a run did.
@@ -172,6 +204,7 @@ pub async fn run_fleet(
         u64::MAX
     };
     let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let transport = args.transport()?;
     let started = Instant::now();
     let first = unix_ms();
     let mut tasks = Vec::new();
@@ -185,7 +218,16 @@ pub async fn run_fleet(
         o.set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
             .set_inflight(200)
-            .set_max_packet_size(64 << 20, 64 << 20);
+            .set_max_packet_size(64 << 20, 64 << 20)
+            .set_transport(transport.clone());
+        if let Some(user) = &args.username {
+            let password = args
+                .password
+                .as_ref()
+                .map(|p| p.expose())
+                .unwrap_or_default();
+            o.set_credentials(user.clone(), password);
+        }
         let (client, mut eventloop) = AsyncClient::new(o, 1024);
         let verdict_topic = insp_proto::topic(&args.site, &device, TopicKind::Verdict)
             .map_err(anyhow::Error::msg)?;

@@ -262,9 +262,14 @@ fn serve_print_config_redacts_the_password() {
         !shown.contains("env-pw-123") && shown.contains("<redacted>"),
         "{shown}"
     );
-    // TLS with the embedded broker is refused with a clear error.
+    // The hub's TLS towards the embedded broker without the broker's own TLS front is
+    // refused with a clear error.
     std::fs::write(&config, "[mqtt.tls]\nca_file = \"ca.pem\"\n").unwrap();
     let out = hub(&["serve", "--config", p(&config), "--print-config"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("mqtt.tls is for an external broker"));
+    assert!(
+        text(&out).contains("[mqtt.tls]") && text(&out).contains("[embedded_broker.tls]"),
+        "{}",
+        text(&out)
+    );
 }

@@ -7,7 +7,9 @@
 //! a certificate of the CA, which without a token authenticates as the user of its
 //! common name (refused while there is no such user). Then the hub's migrations run on a PostgreSQL cluster of the
 //! test's own with `ssl = on` through `sslmode=verify-full`, the session is encrypted,
-//! and a wrong CA is refused.
+//! and a wrong CA is refused. Last, the embedded broker beyond loopback: refused without
+//! TLS and logins; with them, plaintext clients and wrong passwords are refused, and a
+//! device logged in over TLS has its result stored by a hub that came in the same way.
 
 mod common;
 
@@ -110,15 +112,22 @@ struct Hub {
 
 impl Hub {
     fn start(dir: &Path, tls: &str) -> Hub {
-        let (grpc, http, broker) = (free_port(), free_port(), free_port());
+        let broker = format!("listen = \"127.0.0.1:{}\"\n", free_port());
+        Hub::configured(dir, &broker, "", tls)
+    }
+
+    /// A hub whose `[embedded_broker]` table holds `broker`, `[mqtt]` also `mqtt`, and
+    /// `rest` follows the `[api]` table.
+    fn configured(dir: &Path, broker: &str, mqtt: &str, rest: &str) -> Hub {
+        let (grpc, http) = (free_port(), free_port());
         let data = dir.join("data");
         let config = dir.join("hub.toml");
         std::fs::write(
             &config,
             format!(
-                "data_dir = {data:?}\n[embedded_broker]\nlisten = \"127.0.0.1:{broker}\"\n\
-                 [mqtt]\nclient_id = \"hub-tls\"\n\
-                 [api]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\n{tls}"
+                "data_dir = {data:?}\n[embedded_broker]\n{broker}\
+                 [mqtt]\nclient_id = \"hub-tls\"\n{mqtt}\
+                 [api]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\n{rest}"
             ),
         )
         .unwrap();
@@ -506,4 +515,169 @@ async fn migrations_run_on_postgres_with_verify_full() {
         e.contains("certificate") || e.contains("UnknownIssuer"),
         "the refusal names the certificate: {e}"
     );
+}
+
+/// An MQTT client of the embedded broker at `port`: whether the broker accepted its
+/// CONNECT (a CONNACK within 10 s).
+async fn broker_accepts(
+    port: u16,
+    tls: Option<&insp_mqtt::TlsSettings>,
+    login: Option<(&str, &str)>,
+) -> bool {
+    let mut o = rumqttc::MqttOptions::new(format!("probe-{}", free_port()), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(10));
+    o.set_transport(insp_mqtt::transport(tls).unwrap());
+    if let Some((user, password)) = login {
+        o.set_credentials(user, password);
+    }
+    let (_client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                    return a.code == rumqttc::ConnectReturnCode::Success
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_beyond_loopback_requires_tls_and_logins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, server) = ca_with_server(dir.path(), "broker");
+    let port = free_port();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+
+    // Beyond loopback without TLS and logins: the hub does not start.
+    let bare = dir.path().join("bare.toml");
+    std::fs::write(
+        &bare,
+        format!("[embedded_broker]\nlisten = \"0.0.0.0:{port}\"\n"),
+    )
+    .unwrap();
+    let e = failed(
+        &run(&["serve", "--config", &s(&bare)], &[], ""),
+        "serve with the embedded broker on 0.0.0.0 without TLS",
+    );
+    assert!(
+        e.contains("beyond loopback") && e.contains("password_file"),
+        "{e}"
+    );
+
+    // One login for the hub, one for a device; the file keeps neither password.
+    let logins = dir.path().join("broker.passwd");
+    let data = dir.path().join("data");
+    let passwd = |name: &str| {
+        ok(
+            &run(
+                &[
+                    "broker",
+                    "passwd",
+                    name,
+                    "--file",
+                    &s(&logins),
+                    "--data-dir",
+                    &s(&data),
+                ],
+                &[],
+                "",
+            ),
+            "broker passwd",
+        )
+        .trim()
+        .to_string()
+    };
+    let hub_password = passwd("cloud-hub");
+    let cam_password = passwd("cam-1");
+    assert!(cam_password.len() >= 32 && cam_password != hub_password);
+    let text = std::fs::read_to_string(&logins).unwrap();
+    assert!(
+        text.contains("cam-1:$argon2id$") && !text.contains(&cam_password),
+        "{text}"
+    );
+
+    let ca = pki.join("ca.pem");
+    let hub = Hub::configured(
+        dir.path(),
+        &format!(
+            "listen = \"0.0.0.0:{port}\"\npassword_file = {:?}\n[embedded_broker.tls]\n\
+             cert_file = {:?}\nkey_file = {:?}\n",
+            s(&logins),
+            s(&server.join("server.pem")),
+            s(&server.join("server.key")),
+        ),
+        &format!(
+            "username = \"cloud-hub\"\npassword = {hub_password:?}\n[mqtt.tls]\nca_file = {:?}\n",
+            s(&ca)
+        ),
+        "",
+    );
+    // The hub came in through its own TLS front with its login.
+    let metrics = format!("http://127.0.0.1:{}/metrics", hub.http);
+    let t0 = Instant::now();
+    loop {
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        if text.contains("hub_mqtt_connected 1") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the hub did not connect:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let tls = insp_mqtt::TlsSettings {
+        ca_file: ca.clone(),
+        cert_file: None,
+        key_file: None,
+    };
+    assert!(
+        !broker_accepts(port, None, Some(("cam-1", &cam_password))).await,
+        "a plaintext client got in"
+    );
+    assert!(
+        !broker_accepts(port, Some(&tls), Some(("cam-1", "wrong"))).await,
+        "a wrong password got in"
+    );
+    assert!(
+        !broker_accepts(port, Some(&tls), None).await,
+        "a client without a login got in"
+    );
+
+    // A device with its login over TLS: its result is stored.
+    let device = Device::connect_with(("127.0.0.1", port), "plant", "cam-1", |o| {
+        o.set_transport(insp_mqtt::transport(Some(&tls)).unwrap());
+        o.set_credentials("cam-1", cam_password.clone());
+    })
+    .await;
+    device
+        .publish_result(&device.result(
+            &uuid::Uuid::new_v4().to_string(),
+            0.1,
+            insp_proto::v1::Band::Ok,
+            "v1",
+        ))
+        .await;
+    let db = pool(&hub.database()).await;
+    let t0 = Instant::now();
+    while count(&db, "frames").await < 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the device's result was not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Both logins are in the audit trail.
+    let audit = ok(
+        &run(&["audit", "list", "--data-dir", &s(&data)], &[], ""),
+        "audit list",
+    );
+    assert_eq!(audit.matches("broker.login.set").count(), 2, "{audit}");
 }

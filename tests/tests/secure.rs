@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 struct Fleet {
     pki: PathBuf,
     site: String,
+    /// The hub data folder whose database's audit trail records enrolments.
+    audit: PathBuf,
 }
 
 impl Fleet {
@@ -41,6 +43,7 @@ impl Fleet {
         let fleet = Fleet {
             pki,
             site: site.to_string(),
+            audit: dir.join("audit"),
         };
         for d in devices {
             fleet.enroll(d, &[]);
@@ -58,6 +61,8 @@ impl Fleet {
             s(&self.pki),
             "--site",
             &self.site,
+            "--data-dir",
+            s(&self.audit),
         ];
         args.extend_from_slice(extra);
         let snippet = run(&bin("cloud-hub"), &args);
@@ -569,7 +574,27 @@ fn revoked_expired_and_foreign_certificates_are_refused_with_clear_errors() {
     // Revocation: refused once the new CRL is in place and the broker reloaded.
     run(
         &bin("cloud-hub"),
-        &["devices", "revoke", "cam-1", "--pki", s(&fleet.pki)],
+        &[
+            "devices",
+            "revoke",
+            "cam-1",
+            "--pki",
+            s(&fleet.pki),
+            "--data-dir",
+            s(&fleet.audit),
+        ],
+    );
+    // Enrolments and the revocation are in the audit trail, and its chain holds.
+    let audit = run(
+        &bin("cloud-hub"),
+        &["audit", "list", "--data-dir", s(&fleet.audit)],
+    );
+    assert_eq!(audit.matches("device.enroll").count(), 2, "{audit}");
+    assert_eq!(audit.matches("device.revoke").count(), 1, "{audit}");
+    assert!(audit.contains("\"device\":\"cam-1\""), "{audit}");
+    run(
+        &bin("cloud-hub"),
+        &["audit", "verify", "--data-dir", s(&fleet.audit)],
     );
     rt.block_on(async {
         assert!(

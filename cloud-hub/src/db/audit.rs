@@ -90,7 +90,6 @@ async fn append_in(conn: &mut AnyConnection, entry: &AuditEntry) -> Result<Audit
 impl Db {
     /// Appends one audit row: the API other commands call for what they do (enrolment,
     /// revocation, model uploads, rollouts).
-    #[allow(dead_code)] // the enrolment and model commands call it once wired in
     pub async fn audit_append(
         &self,
         actor: &str,

@@ -663,6 +663,17 @@ pub struct Device {
 impl Device {
     /// Connects and subscribes to its verdicts.
     pub async fn connect(broker: (&str, u16), site: &str, name: &str) -> Device {
+        Device::connect_with(broker, site, name, |_| {}).await
+    }
+
+    /// As [`Device::connect`], with `setup` applied to the connection options (TLS,
+    /// credentials).
+    pub async fn connect_with(
+        broker: (&str, u16),
+        site: &str,
+        name: &str,
+        setup: impl FnOnce(&mut MqttOptions),
+    ) -> Device {
         let mut o = MqttOptions::new(
             format!("dev-{name}-{}", uuid::Uuid::new_v4().simple()),
             broker.0,
@@ -671,6 +682,7 @@ impl Device {
         o.set_clean_session(true)
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(32 << 20, 32 << 20);
+        setup(&mut o);
         let (client, mut el) = AsyncClient::new(o, 1000);
         let (vtx, verdicts) = tokio::sync::mpsc::unbounded_channel();
         let (atx, acks) = tokio::sync::mpsc::unbounded_channel();
