@@ -283,3 +283,105 @@ impl Db {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::frame_search::{DecidedBy, FrameFilter};
+    use crate::db::ingest::{Batch, EscalationRow};
+    use futures::StreamExt;
+
+    fn frame(id: &str, device: &str, at: i64, score: f32, band: Band) -> FrameRow {
+        FrameRow {
+            frame_id: id.into(),
+            site: "s".into(),
+            device: device.into(),
+            source: format!("src/{id}"),
+            captured_unix_ms: at,
+            scored_unix_ms: at,
+            received_unix_ms: at,
+            edge_score: score,
+            band,
+            model_version: "v1".into(),
+            latency_ms: 1.0,
+            delivery: None,
+        }
+    }
+
+    /// The embedded default database runs the same statements: aggregates summed per
+    /// device and per minute, and the frame search and its stream (PostgreSQL is tested
+    /// in tests/hub.rs and tests/browser.rs).
+    #[tokio::test]
+    async fn aggregates_and_the_frame_search_run_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("m.db").display());
+        let db = Db::open(&url, 2).await.unwrap();
+        let t = 10 * MINUTE_MS;
+        let batch = Batch {
+            frames: vec![
+                frame("f1", "a", t + 1, 1.0, Band::Ok),
+                frame("f2", "a", t + MINUTE_MS, 3.0, Band::Ng),
+                frame("f3", "b", t + 2, -0.5, Band::Ok),
+            ],
+            escalations: vec![EscalationRow {
+                frame: frame("f4", "a", t + 3, 2.0, Band::Uncertain),
+                frame_key: "k".into(),
+                frame_format: "png".into(),
+                edge_map_key: None,
+                edge_search: None,
+                delivery: None,
+            }],
+            ..Default::default()
+        };
+        db.store_batch(&batch, t).await.unwrap();
+        db.store_batch(&batch, t).await.unwrap();
+        let per_device = db.minutes_per_device(t).await.unwrap();
+        assert_eq!(per_device.len(), 2);
+        let a = &per_device[0];
+        assert_eq!((a.device.as_str(), a.frames, a.escalated), ("a", 3, 1));
+        assert_eq!(
+            (a.score_min, a.score_max, a.score_sum),
+            (Some(1.0), Some(3.0), 6.0)
+        );
+        assert_eq!((a.band_ok, a.band_uncertain, a.band_ng), (1, 1, 1));
+        // A score below the first bin's edge (a negative one too) is in bin 0.
+        let b = &per_device[1];
+        assert_eq!(
+            (b.frames, b.scored, b.score_min, b.bins[0]),
+            (1, 1, Some(-0.5), 1)
+        );
+        let minutes = db.device_minutes("s", "a", 0).await.unwrap();
+        let shape: Vec<(i64, i64)> = minutes
+            .iter()
+            .map(|m| (m.minute_unix_ms, m.frames))
+            .collect();
+        assert_eq!(shape, vec![(t, 2), (t + MINUTE_MS, 1)]);
+        let cloud = FrameFilter {
+            decided_by: Some(DecidedBy::Pending),
+            ..Default::default()
+        };
+        let hits = db.search_frames(&cloud, 0, 10).await.unwrap();
+        assert_eq!(
+            hits.iter().map(|h| h.frame_id.as_str()).collect::<Vec<_>>(),
+            ["f4"]
+        );
+        let prefix = FrameFilter {
+            frame_id: Some("f".into()),
+            from_unix_ms: Some(t + 2),
+            ..Default::default()
+        };
+        let ids: Vec<String> = db
+            .frame_stream(&prefix)
+            .map(|h| h.unwrap().frame_id)
+            .collect()
+            .await;
+        assert_eq!(ids, ["f2", "f4", "f3"]);
+        // LIKE's wildcards in an id are literal.
+        let literal = FrameFilter {
+            frame_id: Some("_1".into()),
+            ..Default::default()
+        };
+        assert!(db.search_frames(&literal, 0, 10).await.unwrap().is_empty());
+        assert_eq!(db.prune_minutes(t + MINUTE_MS).await.unwrap(), 2);
+    }
+}
