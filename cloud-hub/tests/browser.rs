@@ -565,6 +565,20 @@ async fn the_fleet_and_frame_pages_show_every_device_as_text_and_export_every_fr
         );
         cam1.publish_result(&r).await;
     }
+    // Its metrics: a spool backlog and verdict counters since its start.
+    cam1.publish(
+        insp_proto::TopicKind::Metrics,
+        insp_proto::Message::encode_to_vec(&insp_proto::v1::DeviceMetrics {
+            device: "cam-1".into(),
+            sent_unix_ms: now_ms(),
+            spool_results: 3,
+            spool_escalations: 1,
+            verdict_fallbacks: 6,
+            late_verdicts: 2,
+            ..Default::default()
+        }),
+    )
+    .await;
     let (escalated, _) = cam1.escalate(defect_image()).await;
     assert_eq!(cam1.verdict(60).await.frame_id, escalated);
     cam2.publish(insp_proto::TopicKind::State, state(&cam2, true, connected))
@@ -667,6 +681,18 @@ async fn the_fleet_and_frame_pages_show_every_device_as_text_and_export_every_fr
     let median: f64 = cells[5].parse().unwrap_or_else(|_| panic!("{cells:?}"));
     assert!((1.6..2.5).contains(&median), "{cells:?}");
     assert!(cells[4].ends_with('%') && cells[4] != "0.0 %", "{cells:?}");
+    // Spool backlog and the verdict counters from its metrics (one message: no rise yet,
+    // the totals since the agent started on hover).
+    assert_eq!(
+        (cells[7].as_str(), cells[8].as_str(), cells[9].as_str()),
+        ("4", "0", "0"),
+        "{cells:?}"
+    );
+    assert_eq!(
+        b.script("return document.querySelector('#fleet-rows tr[data-device=\"plant-f/cam-1\"] td:nth-child(9) span').title")
+            .await,
+        json!("6 since the agent started")
+    );
     b.screenshot("fleet").await;
     // Sorted by frames per second, most first: cam-1 leads.
     b.click("#sort-fps").await;
@@ -700,7 +726,7 @@ async fn the_fleet_and_frame_pages_show_every_device_as_text_and_export_every_fr
         .await;
     b.wait_for(
         "the device's plots",
-        "return document.querySelectorAll('svg.chart').length === 4",
+        "return document.querySelectorAll('svg.chart').length === 5",
     )
     .await;
     assert_eq!(

@@ -1049,7 +1049,7 @@ async fn eval_and_a_running_hub_give_bit_identical_verdicts() {
 /// retention are deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_minute_device_aggregates_add_up_on_postgres() {
-    use cloud_hub::db::ingest::{Batch, EscalationRow, FrameRow};
+    use cloud_hub::db::ingest::{Batch, EscalationRow, FrameRow, MetricsRow};
     use cloud_hub::db::minutes::{minute_of, MINUTE_MS};
     use insp_core::routing::Band as EdgeBand;
     let pg = PgDatabase::create().await;
@@ -1092,6 +1092,19 @@ async fn per_minute_device_aggregates_add_up_on_postgres() {
             2.0,
             EdgeBand::Uncertain,
         ))],
+        // The agent's verdict counters: the minute keeps its latest metrics'.
+        metrics: [(4_000, 7, 3), (500, 5, 2)]
+            .into_iter()
+            .map(|(at, fallbacks, late)| MetricsRow {
+                site: "plant-m".into(),
+                device: "cam-a".into(),
+                payload: Vec::new(),
+                positions: Vec::new(),
+                verdict_fallbacks: fallbacks,
+                late_verdicts: late,
+                received_unix_ms: minute + at,
+            })
+            .collect(),
         ..Default::default()
     };
     db.store_batch(&first(), now_ms()).await.unwrap();
@@ -1115,6 +1128,7 @@ async fn per_minute_device_aggregates_add_up_on_postgres() {
     assert_eq!((m.score_min, m.score_max), (Some(1.0), Some(40.0)));
     assert_eq!(m.bins.iter().sum::<i64>(), 3);
     assert_eq!(m.bins[cloud_hub::score_bins::bin(40.0)], 1);
+    assert_eq!((m.fallbacks_total, m.late_total), (Some(7), Some(3)));
     // A later batch in the same minute adds to it, a lower score moves the minimum.
     db.store_batch(
         &Batch {
@@ -1128,6 +1142,14 @@ async fn per_minute_device_aggregates_add_up_on_postgres() {
     let m = &db.device_minutes("plant-m", "cam-a", minute).await.unwrap()[0];
     assert_eq!((m.frames, m.band_ok, m.scored), (4, 2, 4));
     assert_eq!((m.score_min, m.score_max), (Some(0.25), Some(40.0)));
+    // Frames alone leave the counters as they were.
+    assert_eq!((m.fallbacks_total, m.late_total), (Some(7), Some(3)));
+    let counters = db.verdict_counters(minute).await.unwrap();
+    assert_eq!(counters.len(), 1);
+    assert_eq!(
+        (counters[0].fallbacks_total, counters[0].late_total),
+        (7, 3)
+    );
     let median = m.quantile(0.5).unwrap();
     assert!((1.0..=2.0).contains(&median), "{median}");
     // Summed per device over the last three hours: the old minute counts too.

@@ -1,7 +1,8 @@
 -- Per device and minute (of the hub's receipt time), what the fleet pages show: frames
 -- stored, frames escalated, frames per edge band, and the edge scores as a fixed histogram
 -- of 48 bins (see cloud-hub's score_bins: quarter octaves from 1/8 up, the first bin every
--- score below, the last every score above) with their sum, minimum and maximum. Written by
+-- score below, the last every score above) with their sum, minimum and maximum, and the
+-- agent's verdict counters from its metrics. Written by
 -- the same transaction that stores the frames (one upsert per device and minute of a batch),
 -- deleted after `fleet.minutes_retention_days`.
 CREATE TABLE device_minutes (
@@ -17,6 +18,8 @@ CREATE TABLE device_minutes (
     score_sum DOUBLE PRECISION NOT NULL,
     score_min DOUBLE PRECISION,              -- NULL: no finite score this minute
     score_max DOUBLE PRECISION,
+    fallbacks_total BIGINT,                  -- the agent's verdict fallbacks and late verdicts since
+    late_total BIGINT,                       -- it started, as its last metrics of the minute said
     h00 BIGINT NOT NULL DEFAULT 0,
     h01 BIGINT NOT NULL DEFAULT 0,
     h02 BIGINT NOT NULL DEFAULT 0,

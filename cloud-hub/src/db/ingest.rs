@@ -113,6 +113,10 @@ pub struct MetricsRow {
     pub payload: Vec<u8>,
     /// Where the device says its delivery streams stand.
     pub positions: Vec<StreamPosition>,
+    /// Verdicts the agent decided itself since it started (no cloud verdict in time).
+    pub verdict_fallbacks: u64,
+    /// Cloud verdicts that came after the agent's fallback, since it started.
+    pub late_verdicts: u64,
     /// When the hub got it.
     pub received_unix_ms: i64,
 }
@@ -276,13 +280,15 @@ impl Db {
             }
         }
 
-        // Per-minute aggregates of the new frames: one upsert per device and minute.
+        // Per-minute aggregates of the new frames and the metrics' verdict counters: one
+        // upsert per device and minute.
         let minutes = super::minutes::minutes_of(
             frames
                 .iter()
                 .copied()
                 .filter(|f| new_frames.contains(&f.frame_id)),
             |id| new_escalations.contains(id),
+            &batch.metrics,
         );
         Db::add_minutes(&mut tx, &minutes).await?;
 

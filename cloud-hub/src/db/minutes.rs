@@ -4,7 +4,7 @@
 //! deletes minutes older than `fleet.minutes_retention_days` ([`Db::prune_minutes`]).
 //! Minutes are of the hub's receipt time.
 
-use super::ingest::FrameRow;
+use super::ingest::{FrameRow, MetricsRow};
 use super::{sql, values_sql, Db};
 use crate::score_bins::{self, BINS};
 use anyhow::{Context, Result};
@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 /// Milliseconds of a minute.
 pub const MINUTE_MS: i64 = 60_000;
 
-/// Rows per multi-row upsert (each binds 12 values and the bins: well below both
+/// Rows per multi-row upsert (each binds 14 values and the bins: well below both
 /// databases' bind limits).
 const CHUNK: usize = 200;
 
@@ -47,6 +47,11 @@ pub struct MinuteRow {
     pub score_min: Option<f64>,
     /// Greatest finite score, if any.
     pub score_max: Option<f64>,
+    /// Verdict fallbacks since the agent started, as its latest metrics of the minute
+    /// said (summed rows: the greatest).
+    pub fallbacks_total: Option<i64>,
+    /// Late verdicts since the agent started, likewise.
+    pub late_total: Option<i64>,
     /// Scores per [`score_bins`] bin.
     pub bins: Vec<i64>,
 }
@@ -67,6 +72,8 @@ impl MinuteRow {
             score_sum: 0.0,
             score_min: None,
             score_max: None,
+            fallbacks_total: None,
+            late_total: None,
             bins: vec![0; BINS],
         }
     }
@@ -104,16 +111,33 @@ impl MinuteRow {
     }
 }
 
+/// A device's verdict counters at the end of a minute (as its agent reported them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterRow {
+    /// Site.
+    pub site: String,
+    /// Device.
+    pub device: String,
+    /// Start of the minute.
+    pub minute_unix_ms: i64,
+    /// Verdict fallbacks since the agent started.
+    pub fallbacks_total: i64,
+    /// Late verdicts since the agent started.
+    pub late_total: i64,
+}
+
 /// The start of the minute of `unix_ms`.
 pub fn minute_of(unix_ms: i64) -> i64 {
     unix_ms.div_euclid(MINUTE_MS) * MINUTE_MS
 }
 
 /// The per-minute rows of a batch's new frames (`escalated` says which of them were
-/// escalated), in key order.
+/// escalated) and of its metrics (each minute keeps the verdict counters of its latest),
+/// in key order.
 pub fn minutes_of<'a>(
     frames: impl IntoIterator<Item = &'a FrameRow>,
     escalated: impl Fn(&str) -> bool,
+    metrics: &'a [MetricsRow],
 ) -> Vec<MinuteRow> {
     let mut minutes: BTreeMap<(&str, &str, i64), MinuteRow> = BTreeMap::new();
     for f in frames {
@@ -123,16 +147,56 @@ pub fn minutes_of<'a>(
             .or_insert_with(|| MinuteRow::empty(&f.site, &f.device, minute))
             .add(f.band, f64::from(f.edge_score), escalated(&f.frame_id));
     }
+    let mut latest: BTreeMap<(&str, &str, i64), &MetricsRow> = BTreeMap::new();
+    for m in metrics {
+        let key = (
+            m.site.as_str(),
+            m.device.as_str(),
+            minute_of(m.received_unix_ms),
+        );
+        let newer = latest
+            .get(&key)
+            .is_none_or(|l| m.received_unix_ms >= l.received_unix_ms);
+        if newer {
+            latest.insert(key, m);
+        }
+    }
+    for ((site, device, minute), m) in latest {
+        let row = minutes
+            .entry((site, device, minute))
+            .or_insert_with(|| MinuteRow::empty(site, device, minute));
+        row.fallbacks_total = Some(i64::try_from(m.verdict_fallbacks).unwrap_or(i64::MAX));
+        row.late_total = Some(i64::try_from(m.late_verdicts).unwrap_or(i64::MAX));
+    }
     minutes.into_values().collect()
 }
 
+/// How much a counter that restarts from 0 with its agent rose over `totals` (in time
+/// order; a drop is a restart, after which the new total is the rise).
+pub fn counter_rise(totals: impl IntoIterator<Item = i64>) -> i64 {
+    let mut rise = 0;
+    let mut last: Option<i64> = None;
+    for t in totals {
+        rise += match last {
+            Some(l) if t >= l => t - l,
+            Some(_) => t,
+            None => 0,
+        };
+        last = Some(t);
+    }
+    rise
+}
+
 const FIELDS: &str = "site, device, minute_unix_ms, frames, escalated, band_ok, band_uncertain, \
-                      band_ng, scored, score_sum, score_min, score_max";
+                      band_ng, scored, score_sum, score_min, score_max, fallbacks_total, late_total";
+
+/// Columns of [`FIELDS`], before the bins.
+const FIXED: usize = 14;
 
 fn minute_from(r: &AnyRow) -> Result<MinuteRow> {
     let mut bins = Vec::with_capacity(BINS);
     for i in 0..BINS {
-        bins.push(r.try_get::<i64, _>(12 + i)?);
+        bins.push(r.try_get::<i64, _>(FIXED + i)?);
     }
     Ok(MinuteRow {
         site: r.try_get(0)?,
@@ -147,6 +211,8 @@ fn minute_from(r: &AnyRow) -> Result<MinuteRow> {
         score_sum: r.try_get(9)?,
         score_min: r.try_get(10)?,
         score_max: r.try_get(11)?,
+        fallbacks_total: r.try_get(12)?,
+        late_total: r.try_get(13)?,
         bins,
     })
 }
@@ -158,7 +224,7 @@ impl Db {
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         minutes: &[MinuteRow],
     ) -> Result<()> {
-        let cols = 12 + BINS;
+        let cols = FIXED + BINS;
         let keep_least = |c: &str, op: &str| {
             format!(
                 "{c} = CASE WHEN device_minutes.{c} IS NULL OR excluded.{c} {op} device_minutes.{c} \
@@ -181,6 +247,10 @@ impl Db {
         .collect();
         sums.push(keep_least("score_min", "<"));
         sums.push(keep_least("score_max", ">"));
+        // Frames alone leave the counters as they are; metrics replace them.
+        for c in ["fallbacks_total", "late_total"] {
+            sums.push(format!("{c} = COALESCE(excluded.{c}, device_minutes.{c})"));
+        }
         for chunk in minutes.chunks(CHUNK) {
             let text = format!(
                 "INSERT INTO device_minutes ({FIELDS}, {}) VALUES {} \
@@ -189,7 +259,10 @@ impl Db {
                 values_sql(chunk.len(), cols),
                 sums.join(", ")
             );
-            let mut q = sqlx::query(sql(text));
+            // Not prepared once and kept: through the Any driver a NULL minimum (a minute
+            // of metrics alone) is bound with another type than a score, and PostgreSQL
+            // refuses a kept statement's parameter whose type changed.
+            let mut q = sqlx::query(sql(text)).persistent(false);
             for m in chunk {
                 q = q
                     .bind(m.site.clone())
@@ -203,7 +276,9 @@ impl Db {
                     .bind(m.scored)
                     .bind(m.score_sum)
                     .bind(m.score_min)
-                    .bind(m.score_max);
+                    .bind(m.score_max)
+                    .bind(m.fallbacks_total)
+                    .bind(m.late_total);
                 for b in &m.bins {
                     q = q.bind(*b);
                 }
@@ -223,7 +298,7 @@ impl Db {
              CAST(SUM(escalated) AS BIGINT), CAST(SUM(band_ok) AS BIGINT), \
              CAST(SUM(band_uncertain) AS BIGINT), CAST(SUM(band_ng) AS BIGINT), \
              CAST(SUM(scored) AS BIGINT), CAST(SUM(score_sum) AS DOUBLE PRECISION), \
-             MIN(score_min), MAX(score_max), {} FROM device_minutes WHERE minute_unix_ms >= $1 \
+             MIN(score_min), MAX(score_max), MAX(fallbacks_total), MAX(late_total), {} FROM device_minutes WHERE minute_unix_ms >= $1 \
              GROUP BY site, device ORDER BY site, device",
             score_bins::columns("CAST(SUM({}) AS BIGINT)")
         );
@@ -255,6 +330,31 @@ impl Db {
             .await
             .context("cannot read a device's per-minute aggregates")?;
         rows.iter().map(minute_from).collect()
+    }
+
+    /// Every device's verdict counters per minute from `since_unix_ms` on (minutes with
+    /// metrics only), by site, device and minute.
+    pub async fn verdict_counters(&self, since_unix_ms: i64) -> Result<Vec<CounterRow>> {
+        let rows = sqlx::query(
+            "SELECT site, device, minute_unix_ms, fallbacks_total, late_total FROM device_minutes \
+             WHERE minute_unix_ms >= $1 AND fallbacks_total IS NOT NULL \
+             ORDER BY site, device, minute_unix_ms",
+        )
+        .bind(since_unix_ms)
+        .fetch_all(self.pool())
+        .await
+        .context("cannot read the per-minute verdict counters")?;
+        rows.iter()
+            .map(|r| {
+                Ok(CounterRow {
+                    site: r.try_get(0)?,
+                    device: r.try_get(1)?,
+                    minute_unix_ms: r.try_get(2)?,
+                    fallbacks_total: r.try_get(3)?,
+                    late_total: r.try_get::<Option<i64>, _>(4)?.unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     /// Deletes the minutes that began before `before_unix_ms`; returns how many.
@@ -383,5 +483,14 @@ mod tests {
         };
         assert!(db.search_frames(&literal, 0, 10).await.unwrap().is_empty());
         assert_eq!(db.prune_minutes(t + MINUTE_MS).await.unwrap(), 2);
+    }
+
+    #[test]
+    fn a_counter_rises_across_agent_restarts() {
+        assert_eq!(counter_rise([]), 0);
+        assert_eq!(counter_rise([5]), 0);
+        assert_eq!(counter_rise([5, 7, 7, 10]), 5);
+        // Restarted after 10: counting from 0 again, 2 new, then 1 more.
+        assert_eq!(counter_rise([5, 10, 2, 3]), 8);
     }
 }

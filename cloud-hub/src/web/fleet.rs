@@ -3,10 +3,10 @@
 //! percentile over the last `fleet.recent_minutes`, spool backlog, verdict fallbacks,
 //! late verdicts, last seen, agent version), sortable by any column; and
 //! `/fleet/{site}/{device}`: one device's score distribution and escalation rate over
-//! time (SVG drawn here) and its latest frames. Rates and scores come from the
+//! time (SVG drawn here), its verdict fallbacks and late verdicts per minute, and its
+//! latest frames. Rates, scores and the rise of the verdict counters come from the
 //! per-minute aggregates ([`crate::db::minutes`]), never from the result rows; the spool
-//! and verdict counters from the device's latest metrics message (since its agent
-//! started).
+//! backlog and the counters' totals from the device's latest metrics message.
 
 use super::frames::frame_rows;
 use super::{
@@ -14,7 +14,7 @@ use super::{
 };
 use crate::db::api::DeviceRow;
 use crate::db::frame_search::FrameFilter;
-use crate::db::minutes::{minute_of, MinuteRow, MINUTE_MS};
+use crate::db::minutes::{counter_rise, minute_of, CounterRow, MinuteRow, MINUTE_MS};
 use crate::db::registry::DeviceModelRow;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -95,13 +95,13 @@ const COLUMNS: [(Column, &str, &str, &str); 12] = [
         Column::Fallbacks,
         "fallbacks",
         "Fallbacks",
-        "verdicts the agent decided itself (no cloud verdict in time), since it started",
+        "verdicts the agent decided itself (no cloud verdict in time), recent minutes",
     ),
     (
         Column::Late,
         "late",
         "Late",
-        "cloud verdicts that came after the agent's fallback, since it started",
+        "cloud verdicts that came after the agent's fallback, recent minutes",
     ),
     (
         Column::LastSeen,
@@ -145,6 +145,8 @@ struct FleetLine {
     model: Option<DeviceModelRow>,
     recent: Option<MinuteRow>,
     metrics: Option<DeviceMetrics>,
+    /// Its verdict counters per minute over the recent minutes and the one before.
+    counters: Vec<CounterRow>,
     window_s: f64,
 }
 
@@ -169,6 +171,16 @@ impl FleetLine {
             .map(|r| r.frames as f64 / self.window_s.max(1.0))
     }
 
+    /// How many verdict fallbacks and late verdicts the recent minutes added.
+    fn recent_verdicts(&self) -> Option<(i64, i64)> {
+        (!self.counters.is_empty()).then(|| {
+            (
+                counter_rise(self.counters.iter().map(|c| c.fallbacks_total)),
+                counter_rise(self.counters.iter().map(|c| c.late_total)),
+            )
+        })
+    }
+
     fn spool(&self) -> Option<u64> {
         self.metrics
             .as_ref()
@@ -186,8 +198,8 @@ impl FleetLine {
             Column::Median => n(self.recent.as_ref().and_then(|r| r.quantile(0.5))),
             Column::P99 => n(self.recent.as_ref().and_then(|r| r.quantile(0.99))),
             Column::Spool => n(self.spool().map(|v| v as f64)),
-            Column::Fallbacks => n(self.metrics.as_ref().map(|m| m.verdict_fallbacks as f64)),
-            Column::Late => n(self.metrics.as_ref().map(|m| m.late_verdicts as f64)),
+            Column::Fallbacks => n(self.recent_verdicts().map(|(f, _)| f as f64)),
+            Column::Late => n(self.recent_verdicts().map(|(_, l)| l as f64)),
             Column::LastSeen => Key::Number(self.device.last_seen_unix_ms as f64),
             Column::Agent => Key::Text(self.device.agent_version.clone()),
         }
@@ -230,6 +242,17 @@ fn model_cell(line: &FleetLine) -> String {
         }
     }
     s
+}
+
+/// A rise over the recent minutes, with the total since the agent started as its title.
+fn rise_cell(rise: Option<i64>, total: Option<u64>) -> String {
+    let title = total
+        .map(|t| format!(" title=\"{t} since the agent started\""))
+        .unwrap_or_default();
+    match rise {
+        Some(r) => format!("<span{title}>{r}</span>"),
+        None => format!("<span{title}>-</span>"),
+    }
 }
 
 fn count(v: Option<u64>) -> String {
@@ -276,6 +299,7 @@ pub async fn fleet(
     let devices = s.db.devices().await?;
     let models = s.db.device_models().await?;
     let recent = s.db.minutes_per_device(since).await?;
+    let counters = s.db.verdict_counters(since - MINUTE_MS).await?;
     let mut lines: Vec<FleetLine> = devices
         .into_iter()
         .map(|d| FleetLine {
@@ -291,6 +315,11 @@ pub async fn fleet(
                 .metrics
                 .as_deref()
                 .and_then(|b| DeviceMetrics::decode(b).ok()),
+            counters: counters
+                .iter()
+                .filter(|c| c.site == d.site && c.device == d.device)
+                .cloned()
+                .collect(),
             window_s,
             device: d,
         })
@@ -333,7 +362,7 @@ pub async fn fleet(
                 let d = &l.device;
                 let r = l.recent.as_ref();
                 format!(
-                    "<tr data-device=\"{id}\" data-status=\"{status}\"><td><a href=\"{link}\">{site}/{device}</a></td><td>{state}</td><td>{model}</td><td class=\"num\">{fps}</td><td class=\"num\">{esc_share}</td><td class=\"num\">{median}</td><td class=\"num\">{p99}</td><td class=\"num\">{spool}</td><td class=\"num\">{fallbacks}</td><td class=\"num\">{late}</td><td>{seen}</td><td class=\"version\">{agent}</td></tr>",
+                    "<tr data-device=\"{id}\" data-status=\"{status}\"><td><a href=\"{link}\">{site}/{device}</a></td><td>{state}</td><td>{model}</td><td class=\"num\">{fps}</td><td class=\"num\">{esc_share}</td><td class=\"num\">{median}</td><td class=\"num\">{p99}</td><td class=\"num\">{spool}</td><td class=\"num\">{fallbacks}</td><td class=\"num\">{late}</td><td>{seen}</td><td class=\"version agent\">{agent}</td></tr>",
                     id = esc(&format!("{}/{}", d.site, d.device)),
                     status = esc(&d.status),
                     link = esc(&device_path(&d.site, &d.device)),
@@ -346,8 +375,14 @@ pub async fn fleet(
                     median = number(r.and_then(|r| r.quantile(0.5)), 3),
                     p99 = number(r.and_then(|r| r.quantile(0.99)), 3),
                     spool = count(l.spool()),
-                    fallbacks = count(l.metrics.as_ref().map(|m| m.verdict_fallbacks)),
-                    late = count(l.metrics.as_ref().map(|m| m.late_verdicts)),
+                    fallbacks = rise_cell(
+                        l.recent_verdicts().map(|(f, _)| f),
+                        l.metrics.as_ref().map(|m| m.verdict_fallbacks)
+                    ),
+                    late = rise_cell(
+                        l.recent_verdicts().map(|(_, late)| late),
+                        l.metrics.as_ref().map(|m| m.late_verdicts)
+                    ),
                     seen = time_cell(d.last_seen_unix_ms),
                     agent = if d.agent_version.is_empty() { "-".into() } else { esc(&d.agent_version) },
                 )
@@ -357,12 +392,36 @@ pub async fn fleet(
     let online = lines.iter().filter(|l| l.device.status == "online").count();
     let body = format!(
         "<main><h1>Fleet <span class=\"count\" id=\"fleet-count\">{n}</span> <span class=\"hint\">{online} online</span></h1>\
-         <p class=\"hint\">Frames per second, share escalated and scores over the last {minutes} minutes; spool, fallbacks and late verdicts as each agent last reported them (since it started). Click a heading to sort.</p>\
+         <p class=\"hint\">Frames per second, share escalated, scores, verdict fallbacks and late verdicts over the last {minutes} minutes (hover a count for its total since the agent started); the spool backlog as each agent last reported it. Click a heading to sort.</p>\
          <div class=\"wide\"><table class=\"fleet\"><thead><tr>{heads}</tr></thead><tbody id=\"fleet-rows\">{rows}</tbody></table></div></main>",
         n = lines.len(),
         minutes = s.recent_minutes,
     );
     Ok(html(page("Fleet", Some(&session), &body)))
+}
+
+/// `N in the last 3 hours, M since the agent started`, what of it is known.
+fn verdicts_text(rise: Option<i64>, total: Option<u64>) -> String {
+    let parts: Vec<String> = [
+        rise.map(|r| format!("{r} in the last {} hours", DEVICE_MINUTES / 60)),
+        total.map(|t| format!("{t} since the agent started")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Per minute, how much a counter rose since the minute before with a total.
+fn rises(totals: &[(i64, i64)]) -> Vec<(i64, f64)> {
+    totals
+        .windows(2)
+        .map(|w| (w[1].0, counter_rise([w[0].1, w[1].1]) as f64))
+        .collect()
 }
 
 /// `GET /fleet/{site}/{device}`.
@@ -387,6 +446,8 @@ pub async fn device(
     };
     let now = crate::db::unix_ms();
     let from = minute_of(now) - (DEVICE_MINUTES - 1) * MINUTE_MS;
+    // The plots span exactly DEVICE_MINUTES up to now (their first minute starts after).
+    let plot_from = now - DEVICE_MINUTES * MINUTE_MS;
     let minutes = s.db.device_minutes(&site, &device, from).await?;
     let mut total = MinuteRow::empty(&site, &device, from);
     for m in &minutes {
@@ -412,6 +473,12 @@ pub async fn device(
             .filter_map(|m| f(m).map(|v| (m.minute_unix_ms, v)))
             .collect()
     };
+    let totals = |f: &dyn Fn(&MinuteRow) -> Option<i64>| -> Vec<(i64, i64)> {
+        minutes
+            .iter()
+            .filter_map(|m| f(m).map(|v| (m.minute_unix_ms, v)))
+            .collect()
+    };
     let plots = if minutes.is_empty() {
         format!(
             "<p class=\"empty\">No frames from this device in the last {} hours.</p>",
@@ -422,10 +489,11 @@ pub async fn device(
             "<div class=\"plots\"><figure><figcaption>Escalated share per minute</figcaption>{}</figure>\
              <figure><figcaption>Frames per second, per minute</figcaption>{}</figure>\
              <figure><figcaption>Edge score per minute: <span class=\"key series-0\">median</span> <span class=\"key series-1\">p99</span></figcaption>{}</figure>\
-             <figure><figcaption>Edge score distribution, last {} hours ({} frames, log scale)</figcaption>{}</figure></div>",
+             <figure><figcaption>Edge score distribution, last {} hours ({} frames, log scale)</figcaption>{}</figure>\
+             <figure><figcaption>Verdicts per minute: <span class=\"key series-0\">fallbacks</span> <span class=\"key series-1\">late</span></figcaption>{}</figure></div>",
             charts::lines(
                 "share escalated per minute",
-                from,
+                plot_from,
                 now,
                 &[("escalated", per_minute(&|m| (m.frames > 0).then(|| m.escalated_share())))],
                 "%",
@@ -433,7 +501,7 @@ pub async fn device(
             ),
             charts::lines(
                 "frames per second",
-                from,
+                plot_from,
                 now,
                 &[("frames/s", per_minute(&|m| Some(m.frames as f64 / 60.0)))],
                 "",
@@ -441,7 +509,7 @@ pub async fn device(
             ),
             charts::lines(
                 "edge score median and p99",
-                from,
+                plot_from,
                 now,
                 &[
                     ("median", per_minute(&|m| m.quantile(0.5))),
@@ -453,6 +521,17 @@ pub async fn device(
             DEVICE_MINUTES / 60,
             total.scored,
             charts::histogram("edge score distribution", &total.bins),
+            charts::lines(
+                "verdict fallbacks and late verdicts per minute",
+                plot_from,
+                now,
+                &[
+                    ("verdict fallbacks", rises(&totals(&|m| m.fallbacks_total))),
+                    ("late verdicts", rises(&totals(&|m| m.late_total))),
+                ],
+                "",
+                1.0
+            ),
         )
     };
     let latest =
@@ -472,6 +551,18 @@ pub async fn device(
             .into_iter()
             .find(|m| m.site == site && m.device == device),
         recent: None,
+        counters: minutes
+            .iter()
+            .filter_map(|m| {
+                Some(CounterRow {
+                    site: site.clone(),
+                    device: device.clone(),
+                    minute_unix_ms: m.minute_unix_ms,
+                    fallbacks_total: m.fallbacks_total?,
+                    late_total: m.late_total.unwrap_or(0),
+                })
+            })
+            .collect(),
         metrics: d
             .metrics
             .as_deref()
@@ -503,8 +594,8 @@ pub async fn device(
         median = number(total.quantile(0.5), 3),
         p99 = number(total.quantile(0.99), 3),
         spool = count(line.spool()),
-        fallbacks = count(m.map(|m| m.verdict_fallbacks)),
-        late = count(m.map(|m| m.late_verdicts)),
+        fallbacks = verdicts_text(line.recent_verdicts().map(|(f, _)| f), m.map(|m| m.verdict_fallbacks)),
+        late = verdicts_text(line.recent_verdicts().map(|(_, l)| l), m.map(|m| m.late_verdicts)),
         all = esc(&format!("/frames?site={}&device={}", url_encode(&site), url_encode(&device))),
         frames_head = super::frames::FRAMES_HEAD,
         rows = frame_rows(&latest, "No frames stored from this device yet."),
