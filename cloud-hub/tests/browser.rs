@@ -740,6 +740,27 @@ async fn the_fleet_and_frame_pages_show_every_device_as_text_and_export_every_fr
         json!(1)
     );
     b.screenshot("device").await;
+    // The markup device's page, reached by its link: its name as text, its frames.
+    b.goto(&format!("{site}/fleet")).await;
+    b.click("#fleet-rows tr[data-device='plant-f/<script>alert(1)</script>'] a")
+        .await;
+    let name = b
+        .wait_for(
+            "the markup device's page",
+            "const e = document.getElementById('device-name'); return e && e.textContent",
+        )
+        .await;
+    assert_eq!(name, json!(format!("plant-f/{HOSTILE}")));
+    assert_eq!(
+        b.script("return document.querySelectorAll('#device-frames tr[data-frame]').length")
+            .await,
+        json!(20)
+    );
+    assert_eq!(
+        b.script("return document.querySelectorAll('main script').length")
+            .await,
+        json!(0)
+    );
 
     // The frame search: the markup device's frames, a page of 100, its name as text.
     b.goto(&format!("{site}/frames")).await;
