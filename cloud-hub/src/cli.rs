@@ -5,7 +5,7 @@
 
 use crate::{
     admin_cmd, bench, broker, broker_cmd, client, config, device, eval_cmd, keys_cmd, pki_cmd,
-    report, serve, simulate, train_cmd,
+    report, rollouts_cmd, serve, simulate, train_cmd,
 };
 use clap::{Parser, Subcommand};
 
@@ -44,6 +44,11 @@ pub enum Command {
     Broker {
         #[command(subcommand)]
         command: broker_cmd::BrokerCommand,
+    },
+    /// Staged rollouts of a bundle: canary, waves, behaviour gates, rollback.
+    Rollouts {
+        #[command(subcommand)]
+        command: rollouts_cmd::RolloutsCommand,
     },
     /// The review queue of escalated frames.
     Reviews {
@@ -147,6 +152,7 @@ fn run_async(command: Command, device: Option<String>) -> anyhow::Result<()> {
             }) => pki_cmd::devices(command).await,
             Command::Devices(args) => client::devices(args).await,
             Command::Broker { command } => broker_cmd::run(command).await,
+            Command::Rollouts { command } => rollouts_cmd::run(command).await,
             Command::Reviews { command } => client::reviews(command).await,
             Command::Models { command } => client::models(command).await,
             Command::Users { command } => admin_cmd::users(command).await,

@@ -61,7 +61,7 @@ fn client_tls(a: &ApiAddress) -> Result<tonic::transport::ClientTlsConfig> {
         );
     };
     // Checked here, so a wrong file is named instead of failing in the handshake.
-    crate::tls::roots("--ca-file", ca_file)?;
+    insp_mqtt::pem::roots("--ca-file", ca_file)?;
     let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
         tonic::transport::Certificate::from_pem(read("the CA file", ca_file)?),
     );

@@ -32,6 +32,8 @@ pub mod pki_cmd;
 pub mod registry_cmd;
 pub mod report;
 pub mod rollout;
+pub mod rollout_driver;
+pub mod rollouts_cmd;
 pub mod score_bins;
 pub mod scoring;
 pub mod serve;

@@ -121,6 +121,18 @@ impl Client {
         Ok(())
     }
 
+    /// Publishes at QoS 1, retained (model assignments).
+    pub async fn publish_retained(&self, topic: String, payload: Vec<u8>) -> Result<()> {
+        match self {
+            Client::V4(c) => {
+                c.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+                    .await?
+            }
+            Client::V5(c) => c.publish(topic, QoS5::AtLeastOnce, true, payload).await?,
+        }
+        Ok(())
+    }
+
     /// Acknowledges a message (QoS 1).
     pub async fn ack(&self, m: &Message) -> Result<()> {
         match (self, &m.ack) {

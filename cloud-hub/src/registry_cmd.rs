@@ -351,6 +351,39 @@ pub struct AssignArgs {
     pub hub: HubArgs,
 }
 
+/// The base URL devices fetch bundle files from: `given`, or the hub's HTTP listener.
+pub fn public_url(config: &HubConfig, given: Option<&str>) -> Result<String> {
+    match given {
+        Some(u) => Ok(u.trim_end_matches('/').to_string()),
+        None => {
+            let listen = config.api.http_listen;
+            anyhow::ensure!(
+                !listen.ip().is_unspecified(),
+                "api.http_listen is {listen}: give devices an address with --public-url"
+            );
+            let scheme = if config.api.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            Ok(format!("{scheme}://{listen}"))
+        }
+    }
+}
+
+/// The retained assignment of bundle `b`, its files under `base`.
+pub fn assignment(b: &BundleRow, base: &str, rollback: bool) -> ModelAssignment {
+    ModelAssignment {
+        version: b.version.clone(),
+        manifest_sha256: b.manifest_sha256.clone(),
+        signature: b.signature.clone().unwrap_or_default().into_bytes(),
+        fetch_url: format!("{base}/v1/bundles/{}", b.version),
+        total_bytes: b.size_bytes as u64,
+        rollback,
+        unix_ms: crate::db::unix_ms(),
+    }
+}
+
 /// `models assign`: records and publishes a retained assignment to each device.
 pub async fn assign(args: &AssignArgs) -> Result<()> {
     let (config, db, _) = args.hub.open().await?;
@@ -370,26 +403,8 @@ pub async fn assign(args: &AssignArgs) -> Result<()> {
         "no device at site {:?}: name them with --device",
         args.site
     );
-    let base = match &args.public_url {
-        Some(u) => u.trim_end_matches('/').to_string(),
-        None => {
-            let listen = config.api.http_listen;
-            anyhow::ensure!(
-                !listen.ip().is_unspecified(),
-                "api.http_listen is {listen}: give devices an address with --public-url"
-            );
-            format!("http://{listen}")
-        }
-    };
-    let assignment = ModelAssignment {
-        version: b.version.clone(),
-        manifest_sha256: b.manifest_sha256.clone(),
-        signature: b.signature.clone().unwrap_or_default().into_bytes(),
-        fetch_url: format!("{base}/v1/bundles/{}", b.version),
-        total_bytes: b.size_bytes as u64,
-        rollback: args.rollback,
-        unix_ms: crate::db::unix_ms(),
-    };
+    let base = public_url(&config, args.public_url.as_deref())?;
+    let assignment = assignment(&b, &base, args.rollback);
     let mut topics = Vec::new();
     for d in &devices {
         topics

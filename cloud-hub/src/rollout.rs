@@ -9,10 +9,11 @@
 //! calibration spread, and the two-sample Kolmogorov-Smirnov statistic on image scores.
 //! Fleet managers pause, resume and abort; an abort rolls back every device that took it.
 
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One phase: which devices, how long to soak, how many frames each must score.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Phase {
     /// Devices of the phase (`site/device`).
     pub devices: Vec<String>,
@@ -25,7 +26,7 @@ pub struct Phase {
 }
 
 /// Abort conditions.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Gates {
     /// Abort when more than this share of a phase's devices failed to install.
     pub max_failed_share: f64,
@@ -75,10 +76,45 @@ pub enum State {
     Running(usize),
     /// Phase `n` succeeded; waiting for a fleet manager to resume.
     Paused(usize),
+    /// Phase `n` held by a fleet manager before it succeeded; resuming runs it on.
+    Held(usize),
     /// Every phase succeeded.
     Done,
     /// Stopped, with why; every device that took the bundle was rolled back.
     Aborted(String),
+}
+
+impl State {
+    /// Its stored name: `running`, `paused`, `done` or `aborted`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Running(_) => "running",
+            State::Paused(_) => "paused",
+            State::Held(_) => "held",
+            State::Done => "done",
+            State::Aborted(_) => "aborted",
+        }
+    }
+
+    /// The phase it is on (the last one once done or aborted: `last`).
+    pub fn phase(&self, last: usize) -> usize {
+        match self {
+            State::Running(n) | State::Paused(n) | State::Held(n) => *n,
+            State::Done | State::Aborted(_) => last,
+        }
+    }
+
+    /// From its stored name, phase and reason; `None` for an unknown name.
+    pub fn from_stored(name: &str, phase: usize, reason: &str) -> Option<State> {
+        Some(match name {
+            "running" => State::Running(phase),
+            "paused" => State::Paused(phase),
+            "held" => State::Held(phase),
+            "done" => State::Done,
+            "aborted" => State::Aborted(reason.to_string()),
+            _ => return None,
+        })
+    }
 }
 
 /// What the caller is to do.
@@ -95,7 +131,7 @@ pub enum Action {
 }
 
 /// A behaviour figure measured on a phase, against its limit.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Figures {
     /// Escalation rate after / before (1 when both are zero).
     pub escalation_ratio: f64,
@@ -219,16 +255,48 @@ impl Rollout {
         (r, Action::Assign(first))
     }
 
+    /// A rollout as stored: its plan, where it stands, and the devices assigned so far
+    /// (what an abort rolls back).
+    pub fn restore(
+        phases: Vec<Phase>,
+        gates: Gates,
+        spread: f64,
+        state: State,
+        assigned: Vec<String>,
+    ) -> Rollout {
+        Rollout {
+            phases,
+            gates,
+            spread,
+            state,
+            assigned,
+        }
+    }
+
     /// Where it stands.
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// The behaviour figures of the current phase's devices in `windows` (what
+    /// [`Rollout::step`] judges), for people.
+    pub fn phase_figures(&self, windows: &BTreeMap<String, DeviceWindow>) -> Option<Figures> {
+        let (State::Running(n) | State::Paused(n) | State::Held(n)) = self.state else {
+            return None;
+        };
+        let of: Vec<&DeviceWindow> = self.phases[n]
+            .devices
+            .iter()
+            .filter_map(|d| windows.get(d))
+            .collect();
+        Some(figures(&of, self.spread))
     }
 
     /// Moves on from what was observed (`windows` by device) at `now_ms`.
     pub fn step(&mut self, windows: &BTreeMap<String, DeviceWindow>, now_ms: i64) -> Action {
         let State::Running(n) = self.state else {
             return match self.state {
-                State::Paused(_) => Action::AwaitApproval,
+                State::Paused(_) | State::Held(_) => Action::AwaitApproval,
                 _ => Action::Wait,
             };
         };
@@ -292,18 +360,23 @@ impl Rollout {
         Action::Assign(devices)
     }
 
-    /// A fleet manager resumes a paused rollout.
+    /// A fleet manager resumes: a phase that succeeded and waited for approval hands
+    /// over to the next; a held phase runs on.
     pub fn resume(&mut self) -> Action {
         match self.state {
             State::Paused(n) => self.next(n),
+            State::Held(n) => {
+                self.state = State::Running(n);
+                Action::Wait
+            }
             _ => Action::Wait,
         }
     }
 
-    /// A fleet manager pauses a running one (it stays on its phase).
+    /// A fleet manager holds a running phase (nothing more is assigned until resumed).
     pub fn pause(&mut self) {
         if let State::Running(n) = self.state {
-            self.state = State::Paused(n);
+            self.state = State::Held(n);
         }
     }
 
@@ -430,7 +503,12 @@ mod tests {
         );
         w.insert("s/d1".into(), healthy(2100));
         r.pause();
+        assert_eq!(r.state(), &State::Held(1));
         assert_eq!(r.step(&w, 2200), Action::AwaitApproval);
+        // Resuming a held phase runs it on; it is not skipped.
+        assert_eq!(r.resume(), Action::Wait);
+        assert_eq!(r.state(), &State::Running(1));
+        r.pause();
         assert_eq!(
             r.abort("stopped by a fleet manager".into()),
             Action::RollBack(vec!["s/c1".into(), "s/d1".into(), "s/d2".into()])

@@ -190,6 +190,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         std::time::Duration::from_secs_f64(config.scoring.retry_after_s),
     )?;
     background.push(tokio::spawn(scoring.clone().sweep_forever(db.clone())));
+    background.push(crate::rollout_driver::spawn(db.clone(), client.clone()));
     background.push(tokio::spawn(db.clone().prune_minutes_forever(
         config.fleet.minutes_retention_days,
         Duration::from_secs_f64(config.fleet.prune_every_s),

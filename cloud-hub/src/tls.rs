@@ -7,11 +7,10 @@
 //! `axum::serve` (it implements [`axum::serve::Listener`]) or to tonic
 //! ([`TlsListener::into_stream`]).
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use insp_mqtt::pem::{self, PemError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -53,38 +52,9 @@ pub struct ServerTls {
 /// Why a TLS configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A file could not be read.
-    #[error("cannot read {key} {path}: {source}")]
-    Read {
-        /// The setting that names the file.
-        key: String,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A file is not the PEM it should be.
-    #[error("{key} {path} is not a PEM {what}: {reason}")]
-    Pem {
-        /// The setting that names the file.
-        key: String,
-        /// The file.
-        path: PathBuf,
-        /// What the file should hold.
-        what: &'static str,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A CA certificate that rustls does not accept as a trust anchor.
-    #[error("{key} {path}: not a usable CA certificate: {reason}")]
-    BadCa {
-        /// The setting that names the file.
-        key: String,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
+    /// A file the settings name cannot be used.
+    #[error(transparent)]
+    File(#[from] PemError),
     /// The certificate and key do not make an identity (a key of another certificate,
     /// an unsupported key type).
     #[error("{prefix}.cert_file and {prefix}.key_file do not make a server identity: {source}")]
@@ -94,47 +64,19 @@ pub enum TlsError {
         /// Why.
         source: rustls::Error,
     },
+    /// A client CA that rustls refuses to verify clients with.
+    #[error("{key} {path}: not a usable client CA: {reason}")]
+    BadClientCa {
+        /// The setting that names the file.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The ring provider refused the protocol versions (should not happen).
     #[error("TLS setup failed: {0}")]
     Setup(rustls::Error),
-}
-
-fn read(key: &str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        key: key.to_string(),
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// The certificates of the PEM file `path` (named by the setting `key` in errors).
-pub fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_error = |reason: String| TlsError::Pem {
-        key: key.to_string(),
-        path: path.to_path_buf(),
-        what: "certificate",
-        reason,
-    };
-    let certs = CertificateDer::pem_slice_iter(&read(key, path)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem_error("no CERTIFICATE block in it".into()));
-    }
-    Ok(certs)
-}
-
-/// The trust anchors of the CA file `path` (named by the setting `key` in errors).
-pub fn roots(key: &str, path: &Path) -> Result<rustls::RootCertStore, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in certificates(key, path)? {
-        roots.add(ca).map_err(|e| TlsError::BadCa {
-            key: key.to_string(),
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    }
-    Ok(roots)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -151,17 +93,8 @@ pub fn server_config(
     alpn: &[&[u8]],
     client_certs: bool,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let cert_key = format!("{prefix}.cert_file");
-    let key_key = format!("{prefix}.key_file");
-    let chain = certificates(&cert_key, &settings.cert_file)?;
-    let key = PrivateKeyDer::from_pem_slice(&read(&key_key, &settings.key_file)?).map_err(|e| {
-        TlsError::Pem {
-            key: key_key.clone(),
-            path: settings.key_file.clone(),
-            what: "private key",
-            reason: e.to_string(),
-        }
-    })?;
+    let chain = pem::certificates(&format!("{prefix}.cert_file"), &settings.cert_file)?;
+    let key = pem::private_key(&format!("{prefix}.key_file"), &settings.key_file)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Setup)?;
@@ -169,11 +102,11 @@ pub fn server_config(
         (Some(ca), true) => {
             let ca_key = format!("{prefix}.client_ca_file");
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots(&ca_key, ca)?),
+                Arc::new(pem::roots(&ca_key, ca)?),
                 provider(),
             )
             .build()
-            .map_err(|e| TlsError::BadCa {
+            .map_err(|e| TlsError::BadClientCa {
                 key: ca_key,
                 path: ca.clone(),
                 reason: e.to_string(),

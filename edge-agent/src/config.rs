@@ -37,6 +37,8 @@ pub struct AgentConfig {
     pub http: HttpConfig,
     /// What runs on a final NG decision (a reject gate).
     pub hooks: HookConfig,
+    /// Camera faults told from the frames (black, saturated, frozen).
+    pub camera: crate::camera::CameraConfig,
 }
 
 /// Identity of the device.
@@ -445,6 +447,7 @@ impl AgentConfig {
             insp_proto::check_name("device", &self.device.id).map_err(anyhow::Error::msg)?;
         }
         self.hooks.validate()?;
+        self.camera.validate().map_err(anyhow::Error::msg)?;
         if self.queue.capacity == 0 {
             bail!("queue.capacity must be at least 1");
         }

@@ -4,6 +4,7 @@
 
 pub mod assignment;
 pub mod bench_cmd;
+pub mod camera;
 pub mod cli;
 pub mod config;
 pub mod decisions;

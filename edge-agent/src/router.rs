@@ -45,6 +45,9 @@ pub struct Route<'a> {
     pub max_payload: usize,
     /// Whether the disk is low, so escalation images are not kept.
     pub disk_low: bool,
+    /// Whether a camera fault is active ([`crate::camera`]), so the frame is not sent as a
+    /// possible defect.
+    pub camera_fault: bool,
 }
 
 /// Why an UNCERTAIN frame's escalation is not sent.
@@ -57,6 +60,8 @@ pub enum Unsent {
     },
     /// The disk is low (`spool.min_free_bytes`).
     DiskLow,
+    /// A camera fault is active: the frame shows the camera, not the part.
+    CameraFault,
 }
 
 impl Unsent {
@@ -65,6 +70,7 @@ impl Unsent {
         match self {
             Unsent::Oversized { .. } => "escalation too large to send",
             Unsent::DiskLow => "the disk is low (spool.min_free_bytes): its escalation is not kept",
+            Unsent::CameraFault => "a camera fault is active: frames are not escalated",
         }
     }
 }
@@ -122,6 +128,10 @@ pub fn route(frame: Routable, scored: &Scored, at: &Route) -> Routed {
         decision,
     };
     if band != Band::Uncertain {
+        return routed;
+    }
+    if at.camera_fault {
+        routed.unsent = Some(Unsent::CameraFault);
         return routed;
     }
     if at.disk_low {
@@ -197,7 +207,21 @@ mod tests {
             search: Search::Probes(3),
             max_payload,
             disk_low,
+            camera_fault: false,
         }
+    }
+
+    #[test]
+    fn an_uncertain_frame_under_a_camera_fault_is_not_escalated() {
+        let mut faulty = at(1 << 20, false);
+        faulty.camera_fault = true;
+        let r = route(frame(), &scored(1.5), &faulty);
+        assert!(r.escalation.is_none());
+        assert_eq!(r.unsent, Some(Unsent::CameraFault));
+        assert_eq!(r.decision.decided_by, None);
+        // OK and NG frames are routed as ever.
+        let r = route(frame(), &scored(2.5), &faulty);
+        assert_eq!((r.band, r.unsent), (Band::Ng, None));
     }
 
     fn scored(score: f32) -> Scored {

@@ -275,6 +275,8 @@ pub struct Scorer {
     pub topics: (String, String),
     /// The image decoder ([`insp_core::image::decode`]; tests put a failing one here).
     pub decode: Decoder,
+    /// Camera faults told from the frames.
+    pub camera: crate::camera::CameraWatch,
 }
 
 /// Decodes an encoded frame; `origin` names it in errors.
@@ -305,6 +307,7 @@ impl Scorer {
             max_payload: config.mqtt.max_payload_bytes,
             topics: (topic(TopicKind::Result)?, topic(TopicKind::Escalation)?),
             decode: insp_core::image::decode,
+            camera: crate::camera::CameraWatch::new(config.camera.clone()),
         })
     }
 
@@ -340,16 +343,17 @@ impl Scorer {
     /// Scores one frame and routes it.
     pub fn handle(&mut self, mut frame: Frame) {
         let origin = format!("frame {} ({})", frame.id, frame.source);
-        let scored = match decode_and_score(self.decode, &self.active.model, &frame.bytes, &origin)
-        {
-            Ok(s) => s,
-            Err(refusal) => {
-                self.refuse(&mut frame, &origin, refusal);
-                return;
-            }
-        };
+        let (scored, look) =
+            match decode_and_score(self.decode, &self.active.model, &frame.bytes, &origin) {
+                Ok(s) => s,
+                Err(refusal) => {
+                    self.refuse(&mut frame, &origin, refusal);
+                    return;
+                }
+            };
         let latency = frame.arrived.elapsed();
         self.telemetry.observe_score_latency(latency.as_secs_f64());
+        self.watch_camera(look, &origin);
         let routed = route(
             Routable {
                 id: frame.id,
@@ -368,6 +372,7 @@ impl Scorer {
                 search: self.active.model.search(),
                 max_payload: self.max_payload,
                 disk_low: self.telemetry.disk_low(),
+                camera_fault: self.camera.faulty(),
             },
         );
         self.telemetry.frame_scored(routed.band);
@@ -379,6 +384,7 @@ impl Scorer {
         }
         match &routed.unsent {
             Some(Unsent::DiskLow) => self.telemetry.disk_shed("escalations", 1),
+            Some(Unsent::CameraFault) => self.telemetry.camera.frame_not_escalated(),
             Some(Unsent::Oversized { frame_bytes }) => {
                 self.telemetry.escalation_oversized();
                 tracing::error!("{origin}: frame of {frame_bytes} bytes cannot be escalated within the {} byte payload limit (raise mqtt.max_payload_bytes and the broker's limit)", self.max_payload);
@@ -415,6 +421,26 @@ impl Scorer {
 }
 
 impl Scorer {
+    /// Feeds the camera watch one frame; logs and publishes what it raised or cleared.
+    fn watch_camera(&mut self, look: crate::camera::FrameLook, origin: &str) {
+        use crate::camera::Change;
+        for change in self.camera.observe(look, unix_ms()) {
+            match change {
+                Change::Raised(fault, _) => tracing::warn!(
+                    "camera fault {} raised at {origin}: its frames are not escalated until it clears",
+                    fault.as_str()
+                ),
+                Change::Cleared(fault) => {
+                    tracing::info!("camera fault {} cleared at {origin}", fault.as_str())
+                }
+            }
+        }
+        self.telemetry.camera.set_active(&self.camera.active());
+        if self.camera.faulty() {
+            self.telemetry.camera.frame_under_fault();
+        }
+    }
+
     /// Counts and logs a frame that was not scored, and tells its source why (a push gets
     /// an error, a watched file goes to `rejected/` with the reason).
     fn refuse(&self, frame: &mut Frame, origin: &str, refusal: Refusal) {
@@ -461,12 +487,13 @@ fn decode_and_score(
     model: &PatchCore,
     bytes: &[u8],
     origin: &str,
-) -> Result<Scored, Refusal> {
+) -> Result<(Scored, crate::camera::FrameLook), Refusal> {
     guarded(|| {
         let image = decode(bytes, origin).map_err(|e| Refusal::Undecodable(e.to_string()))?;
-        model
+        let scored = model
             .score_image(&image, &mut Timings::default())
-            .map_err(|e| Refusal::Failed(format!("scoring failed: {e}")))
+            .map_err(|e| Refusal::Failed(format!("scoring failed: {e}")))?;
+        Ok((scored, crate::camera::FrameLook::of(&image)))
     })
 }
 

@@ -79,6 +79,72 @@ pub struct Telemetry {
     /// Model status reports, numbered from 1, the last [`MODEL_STATUS_KEPT`] kept.
     model_status: std::sync::Mutex<(u64, std::collections::VecDeque<ModelStatus>)>,
     http_refused: Family<Label, Counter>,
+    /// The camera watch's metrics.
+    pub camera: CameraMetrics,
+}
+
+/// What the camera watch ([`crate::camera`]) exports: each fault's alarm, and the frames
+/// scored and not escalated while one was active.
+#[derive(Default)]
+pub struct CameraMetrics {
+    alarm: Family<Label, Gauge>,
+    under_fault: Counter,
+    not_escalated: Counter,
+    active: std::sync::Mutex<Vec<(crate::camera::Fault, i64)>>,
+}
+
+impl CameraMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "camera_alarm",
+            "1 while a camera fault is active, by fault (black, saturated, frozen)",
+            self.alarm.clone(),
+        );
+        r.register(
+            "frames_camera_fault",
+            "Frames scored while a camera fault was active",
+            self.under_fault.clone(),
+        );
+        r.register(
+            "escalations_camera_fault",
+            "UNCERTAIN frames not escalated because a camera fault was active (decided by the fallback)",
+            self.not_escalated.clone(),
+        );
+    }
+
+    /// The faults active now, with the time each was raised.
+    pub fn set_active(&self, active: &[(crate::camera::Fault, i64)]) {
+        for f in crate::camera::Fault::ALL {
+            let on = active.iter().any(|(a, _)| *a == f);
+            self.alarm
+                .get_or_create(&label("fault", f.as_str()))
+                .set(on as i64);
+        }
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = active.to_vec();
+    }
+
+    /// A frame was scored while a fault was active.
+    pub fn frame_under_fault(&self) {
+        self.under_fault.inc();
+    }
+
+    /// An UNCERTAIN frame was not escalated because of a fault.
+    pub fn frame_not_escalated(&self) {
+        self.not_escalated.inc();
+    }
+
+    /// The active alarms, for the metrics message.
+    pub fn alarms(&self) -> Vec<insp_proto::v1::CameraAlarm> {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(f, since)| insp_proto::v1::CameraAlarm {
+                fault: f.as_str().to_string(),
+                since_unix_ms: *since,
+            })
+            .collect()
+    }
 }
 
 impl Default for Telemetry {
@@ -132,7 +198,9 @@ impl Telemetry {
             verdicts_rejected: Family::default(),
             model_status: Default::default(),
             http_refused: Family::default(),
+            camera: CameraMetrics::default(),
         };
+        t.camera.register(&mut t.registry);
         let r = &mut t.registry;
         r.register("frames", "Frames scored, by edge band", t.frames.clone());
         r.register(
@@ -730,6 +798,7 @@ impl Telemetry {
             late_verdicts: self.late_verdicts(),
             score_latency_ms_mean: mean_ms as f32,
             streams: Vec::new(),
+            camera_alarms: self.camera.alarms(),
         }
     }
 }

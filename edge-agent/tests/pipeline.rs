@@ -1408,3 +1408,125 @@ fn done_is_pruned_by_age_and_size_and_a_low_disk_sheds_escalations_first() {
     );
     assert!(agent.terminate());
 }
+
+/// A PNG of one grey level.
+fn flat_png(level: u8) -> Vec<u8> {
+    let img = image::GrayImage::from_pixel(128, 128, image::Luma([level]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageLuma8(img)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn black_and_frozen_cameras_raise_alarms_that_clear_and_their_frames_are_not_escalated() {
+    let f = fixture();
+    let site = unique("t");
+    let http_port = free_port();
+    let (_client, inbox) = subscribe(
+        SHARED_BROKER,
+        &unique("sub-"),
+        &format!("insp/v1/{site}/+/escalation"),
+        true,
+    );
+    // Every frame is UNCERTAIN, so every sound one is escalated.
+    let args = run_args(
+        &f,
+        &site,
+        "cam-eye",
+        &[
+            format!("http.listen=\"127.0.0.1:{http_port}\""),
+            "routing.ok_below=0.0".to_string(),
+            "routing.ng_above=1e9".to_string(),
+            "routing.verdict_deadline_ms=300".to_string(),
+            format!("mqtt.port={SHARED_BROKER}"),
+            "mqtt.persistent_session=false".to_string(),
+            "camera.raise_after_frames=3".to_string(),
+            "camera.frozen_after_frames=4".to_string(),
+            "camera.clear_after_frames=2".to_string(),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Process::start(&agent_bin(), &args, &f.root.join("agent.log"), &[]);
+    wait_for_http(&agent, http_port);
+    let alarm = |fault: &str| {
+        metric(
+            http_port,
+            &format!("insp_edge_camera_alarm{{fault=\"{fault}\"}}"),
+        )
+    };
+    let push = |source: &str, bytes: &[u8]| {
+        let (code, body) = push_frame(http_port, &format!("source={source}"), bytes);
+        assert_eq!(code, 200, "{source}: {body}");
+    };
+    let frames = test_frames(&f);
+    let sound = |i: usize| frames[i % frames.len()].1.clone();
+
+    // Black: raised by the third black frame in a row, cleared by two sound ones.
+    let black = flat_png(2);
+    for i in 1..=3 {
+        push(&format!("black-{i}"), &black);
+    }
+    assert_eq!(alarm("black"), Some(1.0), "{}", agent.log());
+    push("sound-1", &sound(0));
+    assert_eq!(
+        alarm("black"),
+        Some(1.0),
+        "one sound frame cleared the alarm"
+    );
+    push("sound-2", &sound(1));
+    assert_eq!(alarm("black"), Some(0.0));
+
+    // Frozen: the same picture four times raises it; moving pictures clear it.
+    let still = sound(2);
+    for i in 1..=6 {
+        push(&format!("frozen-{i}"), &still);
+    }
+    assert_eq!(alarm("frozen"), Some(1.0), "{}", agent.log());
+    push("sound-3", &sound(3));
+    push("sound-4", &sound(4));
+    assert_eq!(alarm("frozen"), Some(0.0));
+    assert!(
+        agent.log().contains("camera fault frozen raised"),
+        "{}",
+        agent.log()
+    );
+
+    // Escalated: the frames before each alarm and after it cleared; not those while it
+    // was active (the first sound frame after a fault included: one is not enough).
+    let expected: BTreeSet<String> = [
+        "black-1", "black-2", "sound-2", "frozen-1", "frozen-2", "frozen-3", "sound-4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert!(
+        wait_until(30, || {
+            of_kind::<Escalation>(&inbox, "escalation")
+                .iter()
+                .filter_map(|e| e.result.as_ref().map(|r| r.source.clone()))
+                .collect::<BTreeSet<_>>()
+                .is_superset(&expected)
+        }),
+        "not every sound frame was escalated: {:?}",
+        of_kind::<Escalation>(&inbox, "escalation")
+            .iter()
+            .filter_map(|e| e.result.as_ref().map(|r| r.source.clone()))
+            .collect::<BTreeSet<_>>()
+    );
+    let sent: BTreeSet<String> = of_kind::<Escalation>(&inbox, "escalation")
+        .iter()
+        .filter_map(|e| e.result.as_ref().map(|r| r.source.clone()))
+        .collect();
+    assert_eq!(sent, expected, "frames under a camera fault were escalated");
+    assert_eq!(
+        metric(http_port, "insp_edge_escalations_camera_fault_total"),
+        Some(6.0)
+    );
+    assert_eq!(
+        metric(http_port, "insp_edge_frames_camera_fault_total"),
+        Some(6.0)
+    );
+    assert!(agent.terminate());
+}

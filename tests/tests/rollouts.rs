@@ -458,3 +458,264 @@ fn the_registry_runs_on_postgresql() {
     );
     psql(&format!("DROP SCHEMA {schema} CASCADE"));
 }
+
+/// `bundle_version` with every frame UNCERTAIN under its thresholds (a threshold-only
+/// update set far too low: same bank, so its golden frames still score as listed).
+fn escalate_everything(dir: &Path, version: &str) -> std::path::PathBuf {
+    let to = bundle_version(dir, version);
+    let path = to.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    m["thresholds"] = serde_json::json!({"ok_below": 0.0, "ng_above": 1.0e9});
+    for g in m["golden"]
+        .as_array_mut()
+        .expect("the fixture bundle has golden frames")
+    {
+        g["band"] = serde_json::json!("UNCERTAIN");
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    to
+}
+
+/// `rollouts.state` of rollout `id`.
+fn rollout_state(hub: &Hub, id: &str, state: &str) -> bool {
+    hub.count(&format!(
+        "SELECT COUNT(*) FROM rollouts WHERE id = '{id}' AND state = '{state}'"
+    )) == 1
+}
+
+#[test]
+fn a_staged_rollout_reaches_every_device_and_a_misbehaving_bundle_stops_at_its_canary() {
+    let scratch = Scratch::new("staged");
+    let mut broker = Mosquitto::start(&scratch.0.join("mosquitto"), "");
+    let hub = Hub::start(&scratch.0.join("hub"), Some(broker.port), &[]);
+    let site = "line-s";
+    hub_cmd(
+        &hub,
+        &[
+            "users",
+            "add",
+            "fleet-fetch",
+            "--role",
+            "viewer",
+            "--no-password",
+        ],
+    );
+    let token_file = scratch.0.join("fetch.token");
+    hub_cmd(
+        &hub,
+        &[
+            "tokens",
+            "create",
+            "--user",
+            "fleet-fetch",
+            "--out",
+            s(&token_file),
+        ],
+    );
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let keys = scratch.0.join("keys");
+    run(
+        &bin("cloud-hub"),
+        &["keys", "generate", "--out", s(&keys), "--name", "fleet"],
+    );
+    let (key, public) = (keys.join("fleet.key"), keys.join("fleet.pub"));
+    let src = scratch.0.join("src");
+    // Every device starts on v1, which is in the registry (what a rollback puts back).
+    let v1 = "patchcore-staged-1";
+    let b1 = bundle_version(&src, v1);
+    hub_cmd(&hub, &["models", "upload", s(&b1), "--sign", s(&key)]);
+    let names = ["cam-1", "cam-2", "cam-3", "cam-4", "cam-5"];
+    let mut agents = Vec::new();
+    for name in names {
+        let dir = scratch.0.join(name);
+        let mut settings: Vec<String> = replay(1_000_000, 6);
+        settings.extend([
+            format!("model.store={:?}", s(&dir.join("store"))),
+            format!("model.fetch_token={token:?}"),
+            format!("model.trusted_keys=[{:?}]", s(&public)),
+        ]);
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        let running = scratch.0.join(format!("running-{name}"));
+        std::fs::create_dir_all(&running).unwrap();
+        for e in std::fs::read_dir(&b1).unwrap().flatten() {
+            std::fs::copy(e.path(), running.join(e.file_name())).unwrap();
+        }
+        agents.push(Agent::start_bundle(
+            &dir,
+            &running,
+            site,
+            name,
+            broker.port,
+            &settings,
+        ));
+    }
+    // A window of frames on v1 for every device before anything changes (two cycles of
+    // the replayed test images).
+    for a in &agents {
+        assert!(
+            wait_until(90, || hub.count(&format!(
+                "SELECT COUNT(*) FROM frames WHERE device = '{}' AND model_version = '{v1}'",
+                a.device
+            )) >= 24),
+            "{} has not scored 24 frames on {v1}:\n{}",
+            a.device,
+            a.log()
+        );
+    }
+    let url = format!("http://127.0.0.1:{}", hub.http);
+    let create = |version: &str| -> String {
+        let mut args = vec![
+            "rollouts",
+            "create",
+            "--bundle",
+            version,
+            "--site",
+            site,
+            "--canary",
+            "1",
+            "--waves",
+            "50,100",
+            "--soak-s",
+            "1",
+            "--min-frames",
+            "24",
+            "--window-frames",
+            "24",
+            "--public-url",
+            &url,
+        ];
+        for n in names {
+            args.extend(["--device", n]);
+        }
+        let out = hub_cmd(&hub, &args);
+        out.lines()
+            .find(|l| l.starts_with("r-"))
+            .unwrap_or_else(|| panic!("no rollout id in:\n{out}"))
+            .trim()
+            .to_string()
+    };
+
+    // A good bundle goes through the canary and both waves, in order.
+    let v2 = "patchcore-staged-2";
+    let b2 = bundle_version(&src, v2);
+    hub_cmd(&hub, &["models", "upload", s(&b2), "--sign", s(&key)]);
+    let t0 = Instant::now();
+    let good = create(v2);
+    assert!(
+        wait_until(240, || rollout_state(&hub, &good, "done")),
+        "the rollout of {v2} did not finish:\n{}\nhub:\n{}",
+        hub_cmd(&hub, &["rollouts", "show", &good]),
+        hub.log()
+    );
+    let good_took = t0.elapsed();
+    for n in names {
+        assert!(device_state(&hub, n, v2, "active"), "{n} is not on {v2}");
+    }
+    assert_eq!(
+        hub.count(&format!(
+            "SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = '{good}' AND acked_unix_ms IS NOT NULL"
+        )),
+        5
+    );
+    // Each wave was assigned only after the phase before it was acknowledged.
+    for phase in 1..3 {
+        assert_eq!(
+            hub.count(&format!(
+                "SELECT COUNT(*) FROM rollout_devices a, rollout_devices b WHERE a.rollout_id = '{good}' \
+                 AND b.rollout_id = '{good}' AND a.phase = {phase} AND b.phase = {} \
+                 AND a.assigned_unix_ms < b.acked_unix_ms",
+                phase - 1
+            )),
+            0,
+            "phase {phase} was assigned before phase {} was acknowledged",
+            phase - 1
+        );
+    }
+    let show = hub_cmd(&hub, &["rollouts", "show", &good]);
+    assert!(
+        show.contains("done") && show.contains("behaviour"),
+        "{show}"
+    );
+
+    // A bundle that installs fine but escalates every frame: stopped at its canary by the
+    // escalation-rate gate, the canary rolled back to v2, the waves never assigned.
+    let v3 = "patchcore-staged-3";
+    let b3 = escalate_everything(&src, v3);
+    hub_cmd(&hub, &["models", "upload", s(&b3), "--sign", s(&key)]);
+    let t1 = Instant::now();
+    let bad = create(v3);
+    assert!(
+        wait_until(180, || rollout_state(&hub, &bad, "aborted")),
+        "the rollout of {v3} was not stopped:\n{}\nhub:\n{}",
+        hub_cmd(&hub, &["rollouts", "show", &bad]),
+        hub.log()
+    );
+    let stopped_in = t1.elapsed();
+    let show = hub_cmd(&hub, &["rollouts", "show", &bad]);
+    assert!(show.contains("escalation-rate ratio"), "{show}");
+    assert!(
+        wait_until(90, || device_state(&hub, "cam-1", v2, "rolled_back")),
+        "the canary was not rolled back to {v2}:\n{}",
+        agents[0].log()
+    );
+    assert_eq!(
+        hub.count(&format!(
+            "SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = '{bad}' AND phase > 0 AND assigned_unix_ms IS NOT NULL"
+        )),
+        0,
+        "a wave device was assigned the misbehaving bundle"
+    );
+    assert_eq!(
+        hub.count(&format!(
+            "SELECT COUNT(*) FROM device_models WHERE assigned_version = '{v3}'"
+        )),
+        0
+    );
+    for a in &agents[1..] {
+        assert!(
+            device_state(&hub, &a.device, v2, "active"),
+            "{} left {v2}",
+            a.device
+        );
+    }
+    // Every step is in the audit trail.
+    for (action, at_least) in [
+        ("rollout.created", 2),
+        ("rollout.phase", 2),
+        ("rollout.done", 1),
+        ("rollout.aborted", 1),
+    ] {
+        assert!(
+            hub.count(&format!(
+                "SELECT COUNT(*) FROM audit WHERE action = '{action}'"
+            )) >= at_least,
+            "fewer than {at_least} {action} in the audit trail"
+        );
+    }
+    // The commands of a fleet manager on what is over: refused with the reason.
+    let abort = std::process::Command::new(bin("cloud-hub"))
+        .args([
+            "rollouts",
+            "abort",
+            &good,
+            "--config",
+            s(&hub.dir.join("hub.toml")),
+        ])
+        .output()
+        .unwrap();
+    assert!(!abort.status.success());
+    assert!(String::from_utf8_lossy(&abort.stderr).contains("no running, paused or held rollout"));
+    println!(
+        "staged rollout to 5 devices (canary 1, waves 2 + 2, 24 frames and 1 s soak a phase): \
+         create to done {:.1} s; the misbehaving bundle stopped at its canary after {:.1} s",
+        good_took.as_secs_f64(),
+        stopped_in.as_secs_f64()
+    );
+    for mut a in agents {
+        a.kill();
+    }
+    broker.stop();
+}

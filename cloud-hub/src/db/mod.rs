@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod minutes;
 pub mod queue;
 pub mod registry;
+pub mod rollouts;
 pub mod users;
 pub mod verdicts;
 
@@ -80,8 +81,13 @@ const POSTGRES: &[(i64, &str, &str)] = &[
     ),
     (
         7,
+        "rollouts",
+        include_str!("../../../migrations/postgres/0007_rollouts.sql"),
+    ),
+    (
+        8,
         "device minutes",
-        include_str!("../../../migrations/postgres/0007_device_minutes.sql"),
+        include_str!("../../../migrations/postgres/0008_device_minutes.sql"),
     ),
 ];
 const SQLITE: &[(i64, &str, &str)] = &[
@@ -117,8 +123,13 @@ const SQLITE: &[(i64, &str, &str)] = &[
     ),
     (
         7,
+        "rollouts",
+        include_str!("../../../migrations/sqlite/0007_rollouts.sql"),
+    ),
+    (
+        8,
         "device minutes",
-        include_str!("../../../migrations/sqlite/0007_device_minutes.sql"),
+        include_str!("../../../migrations/sqlite/0008_device_minutes.sql"),
     ),
 ];
 
@@ -358,7 +369,7 @@ mod tests {
         // The same migrations for both databases, numbered without gaps.
         let versions = |k| migrator(k).iter().map(|m| m.version).collect::<Vec<_>>();
         assert_eq!(versions(DbKind::Sqlite), versions(DbKind::Postgres));
-        assert_eq!(versions(DbKind::Sqlite), vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(versions(DbKind::Sqlite), vec![1, 2, 3, 4, 5, 6, 7, 8]);
     }
 
     /// Migration 3 turns the -1 that stood for an absent score into NULL and keeps the

@@ -9,6 +9,7 @@
 //!
 //! TLS runs on rustls with the *ring* provider only.
 
+pub mod pem;
 mod secret;
 mod tls;
 

@@ -1,10 +1,9 @@
 //! TLS towards the broker: the CA that signs the broker's certificate, and optionally
 //! this client's own certificate and key (mutual TLS).
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use crate::pem::{self, PemError};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// The `[mqtt.tls]` table: present, the connection is TLS (typically port 8883).
@@ -28,36 +27,9 @@ pub struct TlsSettings {
 /// Why a TLS configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A file could not be read.
-    #[error("cannot read mqtt.tls.{key} {path}: {source}")]
-    Read {
-        /// The setting that names the file.
-        key: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A file is not the PEM it should be.
-    #[error("mqtt.tls.{key} {path} is not a PEM {what}: {reason}")]
-    Pem {
-        /// The setting that names the file.
-        key: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// What the file should hold.
-        what: &'static str,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A CA certificate that rustls does not accept as a trust anchor.
-    #[error("mqtt.tls.ca_file {path}: not a usable CA certificate: {source}")]
-    BadCa {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: rustls::Error,
-    },
+    /// A file named by `[mqtt.tls]` cannot be used.
+    #[error(transparent)]
+    File(#[from] PemError),
     /// Only one of `cert_file` and `key_file` is set.
     #[error(
         "mqtt.tls.cert_file and mqtt.tls.key_file go together: set both (mutual TLS) or neither"
@@ -72,42 +44,12 @@ pub enum TlsError {
     Setup(rustls::Error),
 }
 
-fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        key,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_error = |reason: String| TlsError::Pem {
-        key,
-        path: path.to_path_buf(),
-        what: "certificate",
-        reason,
-    };
-    let certs = CertificateDer::pem_slice_iter(&read(key, path)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem_error("no CERTIFICATE block in it".into()));
-    }
-    Ok(certs)
-}
-
 /// The rustls client configuration of `settings`, on the ring provider: the broker is
 /// verified against `ca_file`; with `cert_file` and `key_file` the client presents its
 /// certificate. Every file is read and checked here, so a bad one stops the start with
 /// a clear error instead of failing each connection.
 pub fn client_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in certificates("ca_file", &settings.ca_file)? {
-        roots.add(ca).map_err(|source| TlsError::BadCa {
-            path: settings.ca_file.clone(),
-            source,
-        })?;
-    }
+    let roots = pem::roots("mqtt.tls.ca_file", &settings.ca_file)?;
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -117,15 +59,8 @@ pub fn client_config(settings: &TlsSettings) -> Result<Arc<rustls::ClientConfig>
     let config = match (&settings.cert_file, &settings.key_file) {
         (None, None) => builder.with_no_client_auth(),
         (Some(cert), Some(key)) => {
-            let chain = certificates("cert_file", cert)?;
-            let private = PrivateKeyDer::from_pem_slice(&read("key_file", key)?).map_err(|e| {
-                TlsError::Pem {
-                    key: "key_file",
-                    path: key.clone(),
-                    what: "private key",
-                    reason: e.to_string(),
-                }
-            })?;
+            let chain = pem::certificates("mqtt.tls.cert_file", cert)?;
+            let private = pem::private_key("mqtt.tls.key_file", key)?;
             builder
                 .with_client_auth_cert(chain, private)
                 .map_err(TlsError::ClientIdentity)?
@@ -176,7 +111,10 @@ mod tests {
             ..missing
         };
         // The CA is read first: with a missing CA that is the error.
-        assert!(matches!(client_config(&half), Err(TlsError::Read { .. })));
+        assert!(matches!(
+            client_config(&half),
+            Err(TlsError::File(PemError::Read { .. }))
+        ));
         assert!(transport(None).is_ok());
     }
 }
