@@ -575,6 +575,10 @@ async fn the_fleet_and_frame_pages_show_every_device_as_text_and_export_every_fr
             spool_escalations: 1,
             verdict_fallbacks: 6,
             late_verdicts: 2,
+            camera_alarms: vec![insp_proto::v1::CameraAlarm {
+                fault: "frozen".into(),
+                since_unix_ms: now_ms(),
+            }],
             ..Default::default()
         }),
     )
@@ -693,6 +697,8 @@ async fn the_fleet_and_frame_pages_show_every_device_as_text_and_export_every_fr
             .await,
         json!("6 since the agent started")
     );
+    // Its active camera alarm, next to its state.
+    assert!(cells[1].contains("frozen"), "{cells:?}");
     b.screenshot("fleet").await;
     // Sorted by frames per second, most first: cam-1 leads.
     b.click("#sort-fps").await;
@@ -738,6 +744,13 @@ async fn the_fleet_and_frame_pages_show_every_device_as_text_and_export_every_fr
         b.script(&format!("return document.querySelectorAll('#device-frames a[href=\"/review/{escalated}\"]').length"))
             .await,
         json!(1)
+    );
+    let alarms = b
+        .script("return document.getElementById('alarms').textContent")
+        .await;
+    assert!(
+        alarms.as_str().unwrap().starts_with("frozen since"),
+        "{alarms}"
     );
     b.screenshot("device").await;
     // The markup device's page, reached by its link: its name as text, its frames.

@@ -1,12 +1,13 @@
-//! `/fleet`: one row per device (online or offline and since when, the model it runs and
-//! the one it is assigned, frames per second, share escalated and score median / 99th
-//! percentile over the last `fleet.recent_minutes`, spool backlog, verdict fallbacks,
-//! late verdicts, last seen, agent version), sortable by any column; and
-//! `/fleet/{site}/{device}`: one device's score distribution and escalation rate over
-//! time (SVG drawn here), its verdict fallbacks and late verdicts per minute, and its
-//! latest frames. Rates, scores and the rise of the verdict counters come from the
-//! per-minute aggregates ([`crate::db::minutes`]), never from the result rows; the spool
-//! backlog and the counters' totals from the device's latest metrics message.
+//! `/fleet`: one row per device (online or offline and since when, its active camera
+//! alarms, the model it runs and the one it is assigned, frames per second, share
+//! escalated and score median / 99th percentile over the last `fleet.recent_minutes`,
+//! spool backlog, verdict fallbacks, late verdicts, last seen, agent version), sortable
+//! by any column; and `/fleet/{site}/{device}`: one device's score distribution and
+//! escalation rate over time (SVG drawn here), its verdict fallbacks and late verdicts per
+//! minute, its camera alarms and its latest frames. Rates, scores and the rise of the
+//! verdict counters come from the per-minute aggregates ([`crate::db::minutes`]), never
+//! from the result rows; the spool backlog, the counters' totals and the alarms from the
+//! device's latest metrics message.
 
 use super::frames::frame_rows;
 use super::{
@@ -223,6 +224,29 @@ fn state_cell(d: &DeviceRow) -> String {
     )
 }
 
+/// The camera alarms the device's latest metrics list as active (`black`, `saturated`,
+/// `frozen`), each with when it was raised; empty without any.
+fn alarms(metrics: Option<&DeviceMetrics>, long: bool) -> String {
+    let Some(m) = metrics else {
+        return String::new();
+    };
+    m.camera_alarms
+        .iter()
+        .map(|a| {
+            let since = if long && a.since_unix_ms > 0 {
+                format!(" since {}", time_cell(a.since_unix_ms))
+            } else {
+                String::new()
+            };
+            format!(
+                "<span class=\"alarm\" title=\"camera alarm: frames under it are not escalated\">{}{since}</span>",
+                esc(&a.fault)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The running version, and the assigned one (with its step) when it differs.
 fn model_cell(line: &FleetLine) -> String {
     let running = line.running();
@@ -368,7 +392,7 @@ pub async fn fleet(
                     link = esc(&device_path(&d.site, &d.device)),
                     site = esc(&d.site),
                     device = esc(&d.device),
-                    state = state_cell(d),
+                    state = format!("{}{}", state_cell(d), alarms(l.metrics.as_ref(), false)),
                     model = model_cell(l),
                     fps = number(l.fps(), 2),
                     esc_share = share(r.map(|r| r.escalated_share())),
@@ -576,7 +600,7 @@ pub async fn device(
         "<main><nav class=\"pager\"><a href=\"/fleet\">&larr; fleet</a></nav><h1>Device <code id=\"device-name\">{site}/{device}</code></h1>\
          <dl class=\"facts-inline\"><dt>State</dt><dd>{state}</dd><dt>Model</dt><dd>{model}</dd><dt>Agent</dt><dd class=\"version\">{agent}</dd><dt>Last seen</dt><dd>{seen}</dd>\
          <dt>Frames stored</dt><dd>{frames} ({escalations} escalated)</dd><dt>Last {hours} hours</dt><dd>{recent_frames} frames, {recent_share} escalated, median score {median}, p99 {p99}</dd>\
-         <dt>Spool backlog</dt><dd>{spool}</dd><dt>Verdict fallbacks</dt><dd>{fallbacks}</dd><dt>Late verdicts</dt><dd>{late}</dd></dl>\
+         <dt>Spool backlog</dt><dd>{spool}</dd><dt>Verdict fallbacks</dt><dd>{fallbacks}</dd><dt>Late verdicts</dt><dd>{late}</dd><dt>Camera alarms</dt><dd id=\"alarms\">{alarms}</dd></dl>\
          {plots}\
          <h2>Latest frames <a class=\"more\" href=\"{all}\">all of its frames</a></h2>\
          <div class=\"wide\"><table class=\"frames\">{frames_head}<tbody id=\"device-frames\">{rows}</tbody></table></div></main>",
@@ -595,6 +619,10 @@ pub async fn device(
         p99 = number(total.quantile(0.99), 3),
         spool = count(line.spool()),
         fallbacks = verdicts_text(line.recent_verdicts().map(|(f, _)| f), m.map(|m| m.verdict_fallbacks)),
+        alarms = match alarms(m, true) {
+            a if a.is_empty() => "none active".to_string(),
+            a => a,
+        },
         late = verdicts_text(line.recent_verdicts().map(|(_, l)| l), m.map(|m| m.late_verdicts)),
         all = esc(&format!("/frames?site={}&device={}", url_encode(&site), url_encode(&device))),
         frames_head = super::frames::FRAMES_HEAD,
