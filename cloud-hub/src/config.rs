@@ -52,6 +52,8 @@ pub struct HubConfig {
     pub auth: AuthConfig,
     /// The keys the hub signs with.
     pub signing: SigningConfig,
+    /// The fleet pages' per-minute device aggregates.
+    pub fleet: FleetConfig,
 }
 
 impl Default for HubConfig {
@@ -71,6 +73,7 @@ impl Default for HubConfig {
             delivery: DeliveryConfig::default(),
             auth: AuthConfig::default(),
             signing: SigningConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -490,6 +493,28 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// The per-minute device aggregates behind `/fleet` ([`crate::db::minutes`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Days a device's minutes are kept.
+    pub minutes_retention_days: f64,
+    /// Seconds between deletions of the older minutes.
+    pub prune_every_s: f64,
+    /// Minutes the fleet page's rates and score quantiles cover.
+    pub recent_minutes: u32,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            minutes_retention_days: 30.0,
+            prune_every_s: 3600.0,
+            recent_minutes: 10,
+        }
+    }
+}
+
 impl HubConfig {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<HubConfig> {
@@ -576,6 +601,12 @@ impl HubConfig {
         anyhow::ensure!(
             self.ingest.max_batch > 0,
             "ingest.max_batch must be above 0"
+        );
+        anyhow::ensure!(
+            self.fleet.minutes_retention_days > 0.0
+                && self.fleet.prune_every_s > 0.0
+                && self.fleet.recent_minutes > 0,
+            "fleet.minutes_retention_days, fleet.prune_every_s and fleet.recent_minutes must be above 0"
         );
         anyhow::ensure!(
             (1..=MAX_INFLIGHT_MESSAGES).contains(&(self.mqtt.receive_maximum as usize)),

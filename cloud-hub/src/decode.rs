@@ -196,6 +196,8 @@ pub fn decode(
                         })
                     })
                     .collect(),
+                verdict_fallbacks: m.verdict_fallbacks,
+                late_verdicts: m.late_verdicts,
                 received_unix_ms,
             }),
             Err(e) => dead(format!("malformed DeviceMetrics: {e}")),

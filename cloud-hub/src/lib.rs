@@ -35,6 +35,7 @@ pub mod report;
 pub mod rollout;
 pub mod rollout_driver;
 pub mod rollouts_cmd;
+pub mod score_bins;
 pub mod scoring;
 pub mod serve;
 pub mod simulate;

@@ -192,6 +192,10 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
     )?;
     background.push(tokio::spawn(scoring.clone().sweep_forever(db.clone())));
     background.push(crate::rollout_driver::spawn(db.clone(), client.clone()));
+    background.push(tokio::spawn(db.clone().prune_minutes_forever(
+        config.fleet.minutes_retention_days,
+        Duration::from_secs_f64(config.fleet.prune_every_s),
+    )));
 
     // Both listeners' TLS configurations first: a bad certificate or key stops the
     // start before anything listens.
@@ -231,6 +235,7 @@ pub async fn start(config: HubConfig) -> Result<Hub> {
         objects: objects.clone(),
         telemetry: telemetry.clone(),
         idle_ms: (config.auth.session_idle_s * 1000.0) as i64,
+        recent_minutes: config.fleet.recent_minutes,
         secure_cookies: config.auth.cookie_secure || http_tls.is_some(),
     }))
     .merge(crate::bundle_files::router(db.clone(), objects.clone()));

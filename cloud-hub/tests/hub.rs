@@ -1042,3 +1042,127 @@ async fn eval_and_a_running_hub_give_bit_identical_verdicts() {
     pool.close().await;
     drop(hub);
 }
+
+/// The per-minute device aggregates on PostgreSQL: a batch's new frames are counted per
+/// device and minute (bands, escalations, score histogram, sum, min, max), a redelivered
+/// batch adds nothing, a later batch in the same minute adds to it, and minutes beyond the
+/// retention are deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_minute_device_aggregates_add_up_on_postgres() {
+    use cloud_hub::db::ingest::{Batch, EscalationRow, FrameRow, MetricsRow};
+    use cloud_hub::db::minutes::{minute_of, MINUTE_MS};
+    use insp_core::routing::Band as EdgeBand;
+    let pg = PgDatabase::create().await;
+    let db = cloud_hub::db::Db::open(&pg.url, 2).await.unwrap();
+    let minute = minute_of(now_ms());
+    let frame = |id: &str, device: &str, at: i64, score: f32, band: EdgeBand| FrameRow {
+        frame_id: id.into(),
+        site: "plant-m".into(),
+        device: device.into(),
+        source: format!("test/{id}"),
+        captured_unix_ms: at,
+        scored_unix_ms: at,
+        received_unix_ms: at,
+        edge_score: score,
+        band,
+        model_version: "v1".into(),
+        latency_ms: 10.0,
+        delivery: None,
+    };
+    let escalation = |f: FrameRow| EscalationRow {
+        frame_key: format!("frames/{}.png", f.frame_id),
+        frame: f,
+        frame_format: "png".into(),
+        edge_map_key: None,
+        edge_search: None,
+        delivery: None,
+    };
+    let first = || Batch {
+        frames: vec![
+            frame("a1", "cam-a", minute + 1_000, 1.0, EdgeBand::Ok),
+            frame("a2", "cam-a", minute + 2_000, 40.0, EdgeBand::Ng),
+            frame("b1", "cam-b", minute + 3_000, 0.5, EdgeBand::Ok),
+            // Two hours ago: beyond a one-hour retention.
+            frame("a0", "cam-a", minute - 120 * MINUTE_MS, 1.5, EdgeBand::Ok),
+        ],
+        escalations: vec![escalation(frame(
+            "a3",
+            "cam-a",
+            minute + 4_000,
+            2.0,
+            EdgeBand::Uncertain,
+        ))],
+        // The agent's verdict counters: the minute keeps its latest metrics'.
+        metrics: [(4_000, 7, 3), (500, 5, 2)]
+            .into_iter()
+            .map(|(at, fallbacks, late)| MetricsRow {
+                site: "plant-m".into(),
+                device: "cam-a".into(),
+                payload: Vec::new(),
+                positions: Vec::new(),
+                verdict_fallbacks: fallbacks,
+                late_verdicts: late,
+                received_unix_ms: minute + at,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    db.store_batch(&first(), now_ms()).await.unwrap();
+    // Redelivered: nothing changes.
+    db.store_batch(&first(), now_ms()).await.unwrap();
+    let a = db.device_minutes("plant-m", "cam-a", minute).await.unwrap();
+    assert_eq!(a.len(), 1, "{a:?}");
+    let m = &a[0];
+    assert_eq!(m.minute_unix_ms, minute);
+    assert_eq!(
+        (
+            m.frames,
+            m.escalated,
+            m.band_ok,
+            m.band_uncertain,
+            m.band_ng
+        ),
+        (3, 1, 1, 1, 1)
+    );
+    assert_eq!((m.scored, m.score_sum), (3, 43.0));
+    assert_eq!((m.score_min, m.score_max), (Some(1.0), Some(40.0)));
+    assert_eq!(m.bins.iter().sum::<i64>(), 3);
+    assert_eq!(m.bins[cloud_hub::score_bins::bin(40.0)], 1);
+    assert_eq!((m.fallbacks_total, m.late_total), (Some(7), Some(3)));
+    // A later batch in the same minute adds to it, a lower score moves the minimum.
+    db.store_batch(
+        &Batch {
+            frames: vec![frame("a4", "cam-a", minute + 5_000, 0.25, EdgeBand::Ok)],
+            ..Default::default()
+        },
+        now_ms(),
+    )
+    .await
+    .unwrap();
+    let m = &db.device_minutes("plant-m", "cam-a", minute).await.unwrap()[0];
+    assert_eq!((m.frames, m.band_ok, m.scored), (4, 2, 4));
+    assert_eq!((m.score_min, m.score_max), (Some(0.25), Some(40.0)));
+    // Frames alone leave the counters as they were.
+    assert_eq!((m.fallbacks_total, m.late_total), (Some(7), Some(3)));
+    let counters = db.verdict_counters(minute).await.unwrap();
+    assert_eq!(counters.len(), 1);
+    assert_eq!(
+        (counters[0].fallbacks_total, counters[0].late_total),
+        (7, 3)
+    );
+    let median = m.quantile(0.5).unwrap();
+    assert!((1.0..=2.0).contains(&median), "{median}");
+    // Summed per device over the last three hours: the old minute counts too.
+    let all = db
+        .minutes_per_device(minute - 180 * MINUTE_MS)
+        .await
+        .unwrap();
+    let names: Vec<(&str, i64)> = all.iter().map(|m| (m.device.as_str(), m.frames)).collect();
+    assert_eq!(names, vec![("cam-a", 5), ("cam-b", 1)]);
+    assert_eq!(all[0].minute_unix_ms, minute - 120 * MINUTE_MS);
+    assert_eq!(all[0].score_sum, 44.75);
+    // Retention: the two-hour-old minute goes, the current ones stay.
+    assert_eq!(db.prune_minutes(minute - 60 * MINUTE_MS).await.unwrap(), 1);
+    let all = db.minutes_per_device(0).await.unwrap();
+    assert_eq!(all.iter().map(|m| m.frames).sum::<i64>(), 5);
+}

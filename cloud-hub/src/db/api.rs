@@ -20,6 +20,8 @@ pub struct DeviceRow {
     pub model_version: String,
     /// Agent version.
     pub agent_version: String,
+    /// When its current state began (device clock; 0: no state yet).
+    pub state_since_unix_ms: i64,
     /// First sighting.
     pub first_seen_unix_ms: i64,
     /// Latest sighting.
@@ -39,6 +41,7 @@ fn device_from(r: &AnyRow) -> Result<DeviceRow> {
         status: r.try_get("status")?,
         model_version: unescape_text(r.try_get("model_version")?),
         agent_version: unescape_text(r.try_get("agent_version")?),
+        state_since_unix_ms: r.try_get("state_since_unix_ms")?,
         first_seen_unix_ms: r.try_get("first_seen_unix_ms")?,
         last_seen_unix_ms: r.try_get("last_seen_unix_ms")?,
         frames: r.try_get("frames")?,

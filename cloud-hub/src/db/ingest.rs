@@ -1,5 +1,5 @@
-//! Storing a batch of ingested messages in one transaction: frames, escalations, device
-//! state and metrics, dead letters. Every insert is idempotent on its key (the frame
+//! Storing a batch of ingested messages in one transaction: frames, escalations, their
+//! per-minute aggregates ([`super::minutes`]), device state and metrics, dead letters. Every insert is idempotent on its key (the frame
 //! UUID minted at the edge), because MQTT delivers at least once: a redelivered message
 //! changes nothing, and the caller learns which frames were new.
 //!
@@ -113,6 +113,10 @@ pub struct MetricsRow {
     pub payload: Vec<u8>,
     /// Where the device says its delivery streams stand.
     pub positions: Vec<StreamPosition>,
+    /// Verdicts the agent decided itself since it started (no cloud verdict in time).
+    pub verdict_fallbacks: u64,
+    /// Cloud verdicts that came after the agent's fallback, since it started.
+    pub late_verdicts: u64,
     /// When the hub got it.
     pub received_unix_ms: i64,
 }
@@ -275,6 +279,18 @@ impl Db {
                 new_escalations.insert(row.try_get::<String, _>(0)?);
             }
         }
+
+        // Per-minute aggregates of the new frames and the metrics' verdict counters: one
+        // upsert per device and minute.
+        let minutes = super::minutes::minutes_of(
+            frames
+                .iter()
+                .copied()
+                .filter(|f| new_frames.contains(&f.frame_id)),
+            |id| new_escalations.contains(id),
+            &batch.metrics,
+        );
+        Db::add_minutes(&mut tx, &minutes).await?;
 
         // Device rows: counts of new frames and escalations, latest sighting.
         #[derive(Default)]

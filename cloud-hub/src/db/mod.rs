@@ -9,7 +9,9 @@
 pub mod api;
 pub mod audit;
 pub mod delivery;
+pub mod frame_search;
 pub mod ingest;
+pub mod minutes;
 pub mod queue;
 pub mod registry;
 pub mod rollouts;
@@ -82,6 +84,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         "rollouts",
         include_str!("../../../migrations/postgres/0007_rollouts.sql"),
     ),
+    (
+        8,
+        "device minutes",
+        include_str!("../../../migrations/postgres/0008_device_minutes.sql"),
+    ),
 ];
 const SQLITE: &[(i64, &str, &str)] = &[
     (
@@ -118,6 +125,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         7,
         "rollouts",
         include_str!("../../../migrations/sqlite/0007_rollouts.sql"),
+    ),
+    (
+        8,
+        "device minutes",
+        include_str!("../../../migrations/sqlite/0008_device_minutes.sql"),
     ),
 ];
 
@@ -357,7 +369,7 @@ mod tests {
         // The same migrations for both databases, numbered without gaps.
         let versions = |k| migrator(k).iter().map(|m| m.version).collect::<Vec<_>>();
         assert_eq!(versions(DbKind::Sqlite), versions(DbKind::Postgres));
-        assert_eq!(versions(DbKind::Sqlite), vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(versions(DbKind::Sqlite), vec![1, 2, 3, 4, 5, 6, 7, 8]);
     }
 
     /// Migration 3 turns the -1 that stood for an absent score into NULL and keeps the

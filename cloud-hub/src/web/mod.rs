@@ -1,10 +1,14 @@
-//! The operators' web pages on the hub's HTTP listener: sign-in ([`login`]) and the
-//! review queue and item pages ([`review`]). Server-rendered HTML with one embedded
+//! The operators' web pages on the hub's HTTP listener: sign-in ([`login`]), the
+//! review queue and item pages ([`review`]), the fleet and device pages ([`fleet`], with
+//! plots drawn by [`charts`]) and the frame search with its CSV export ([`frames`]). Server-rendered HTML with one embedded
 //! stylesheet and one script; nothing is loaded from anywhere but the hub (a strict
 //! Content-Security-Policy says so to the browser). Sessions: an HttpOnly, SameSite=Strict
 //! cookie whose secret the database keeps only hashed, signed out after
 //! `auth.session_idle_s` unused; every POST carries the session's CSRF token.
 
+mod charts;
+mod fleet;
+mod frames;
 mod heatmap;
 mod login;
 mod review;
@@ -38,6 +42,8 @@ pub struct WebState {
     pub idle_ms: i64,
     /// Mark cookies `Secure` (the listener is behind HTTPS).
     pub secure_cookies: bool,
+    /// Minutes the fleet page's rates and score quantiles cover.
+    pub recent_minutes: u32,
 }
 
 /// The pages' routes.
@@ -55,6 +61,10 @@ pub fn router(state: WebState) -> Router {
         .route("/review/{frame_id}/map/{model}", get(review::map))
         .route("/review/{frame_id}/label", post(review::label))
         .route("/review/{frame_id}/undo", post(review::undo))
+        .route("/fleet", get(fleet::fleet))
+        .route("/fleet/{site}/{device}", get(fleet::device))
+        .route("/frames", get(frames::search))
+        .route("/frames.csv", get(frames::csv))
         .with_state(state)
 }
 
@@ -107,6 +117,31 @@ pub fn url_encode(text: &str) -> String {
         }
     }
     out
+}
+
+/// `path?q`, or `path` when `q` is empty.
+fn with_query(path: &str, q: &str) -> String {
+    if q.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{q}")
+    }
+}
+
+/// A time the browser shows in its own time zone (UTC until the script runs).
+fn time_cell(unix_ms: i64) -> String {
+    format!(
+        "<time data-ms=\"{unix_ms}\">{}</time>",
+        esc(&crate::table::time(unix_ms))
+    )
+}
+
+/// A number with `digits` decimals, `-` when absent or not finite.
+fn number(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v:.digits$}"),
+        _ => "-".into(),
+    }
 }
 
 /// A cookie's value from the request.
@@ -163,7 +198,8 @@ impl IntoResponse for PageError {
                         esc(&message)
                     ),
                 );
-                with_headers((code, body).into_response())
+                // HTML, not the text/plain a bare String would be served as.
+                with_headers((code, axum::response::Html(body)).into_response())
             }
         }
     }
@@ -245,7 +281,7 @@ fn page(title: &str, session: Option<&Session>, body: &str) -> String {
         None => String::new(),
     };
     format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{} · insp hub</title><link rel=\"stylesheet\" href=\"/assets/app.css\"><script src=\"/assets/app.js\" defer></script></head><body><header><a class=\"brand\" href=\"/review\">insp hub</a><nav><a href=\"/review\">Review queue</a></nav><div class=\"spacer\"></div>{who}</header>{body}</body></html>",
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{} · insp hub</title><link rel=\"stylesheet\" href=\"/assets/app.css\"><script src=\"/assets/app.js\" defer></script></head><body><header><a class=\"brand\" href=\"/review\">insp hub</a><nav><a href=\"/review\">Review queue</a><a href=\"/fleet\">Fleet</a><a href=\"/frames\">Frames</a></nav><div class=\"spacer\"></div>{who}</header>{body}</body></html>",
         esc(title)
     )
 }

@@ -6,7 +6,10 @@
 //! through [`crate::labels::submit`], the code path of the gRPC `SubmitReview`; an
 //! operator can take back their own last label.
 
-use super::{check_csrf, esc, html, page, signed_in, url_encode, PageError, WebState};
+use super::{
+    check_csrf, esc, html, number, page, signed_in, time_cell, url_encode, with_query, PageError,
+    WebState,
+};
 use crate::auth::Role;
 use crate::db::queue::{QueueFilter, QueueRow};
 use crate::db::users::Session;
@@ -31,29 +34,6 @@ fn filter_query(f: &QueueFilter) -> String {
     .map(|(k, v)| format!("{k}={}", url_encode(v)))
     .collect::<Vec<_>>()
     .join("&")
-}
-
-fn with_query(path: &str, q: &str) -> String {
-    if q.is_empty() {
-        path.to_string()
-    } else {
-        format!("{path}?{q}")
-    }
-}
-
-/// A time the browser shows in its own time zone (UTC until the script runs).
-fn time_cell(unix_ms: i64) -> String {
-    format!(
-        "<time data-ms=\"{unix_ms}\">{}</time>",
-        esc(&crate::table::time(unix_ms))
-    )
-}
-
-fn number(v: Option<f64>, digits: usize) -> String {
-    match v {
-        Some(v) if v.is_finite() => format!("{v:.digits$}"),
-        _ => "-".into(),
-    }
 }
 
 fn rows_html(rows: &[QueueRow], q: &str) -> String {

@@ -1,5 +1,5 @@
-// The hub's pages: times in the browser's time zone, the queue's live refresh, and the
-// review item's overlay controls and keys. No framework, nothing loaded from elsewhere.
+// The hub's pages: times in the browser's time zone (shown, and sent with the frame
+// search), the queue's live refresh, and the review item's overlay controls and keys. No framework, nothing loaded from elsewhere.
 "use strict";
 
 function localTimes(root) {
@@ -82,6 +82,9 @@ function reviewItem() {
 
 document.addEventListener("DOMContentLoaded", () => {
   localTimes(document);
+  for (const tz of document.querySelectorAll("input[data-tz=browser]")) {
+    tz.value = String(new Date().getTimezoneOffset());
+  }
   const body = document.getElementById("queue-rows");
   if (body) pollQueue(body);
   if (document.getElementById("label-form")) reviewItem();
