@@ -575,9 +575,10 @@ async fn the_fleet_and_frame_pages_show_every_device_as_text_and_export_every_fr
             spool_escalations: 1,
             verdict_fallbacks: 6,
             late_verdicts: 2,
-            camera_alarms: vec![insp_proto::v1::CameraAlarm {
-                fault: "frozen".into(),
+            alarms: vec![insp_proto::v1::Alarm {
+                kind: "frozen".into(),
                 since_unix_ms: now_ms(),
+                detail: String::new(),
             }],
             ..Default::default()
         }),

@@ -224,13 +224,13 @@ fn state_cell(d: &DeviceRow) -> String {
     )
 }
 
-/// The camera alarms the device's latest metrics list as active (`black`, `saturated`,
-/// `frozen`), each with when it was raised; empty without any.
+/// The alarms the device's latest metrics list as active (camera faults `black`,
+/// `saturated`, `frozen`, and `drift`), each with when it was raised; empty without any.
 fn alarms(metrics: Option<&DeviceMetrics>, long: bool) -> String {
     let Some(m) = metrics else {
         return String::new();
     };
-    m.camera_alarms
+    m.alarms
         .iter()
         .map(|a| {
             let since = if long && a.since_unix_ms > 0 {
@@ -238,9 +238,18 @@ fn alarms(metrics: Option<&DeviceMetrics>, long: bool) -> String {
             } else {
                 String::new()
             };
+            let title = if a.kind == "drift" {
+                format!(
+                    "scores drifted from the bundle's held-out good ones: {}",
+                    a.detail
+                )
+            } else {
+                "camera fault: frames under it are not escalated".to_string()
+            };
             format!(
-                "<span class=\"alarm\" title=\"camera alarm: frames under it are not escalated\">{}{since}</span>",
-                esc(&a.fault)
+                "<span class=\"alarm\" title=\"{}\">{}{since}</span>",
+                esc(&title),
+                esc(&a.kind)
             )
         })
         .collect::<Vec<_>>()
