@@ -242,9 +242,11 @@ fn a_dead_agent_is_offline_within_one_and_a_half_keep_alives_and_no_state_freeze
         shown_after_kill <= limit,
         "offline only after {shown_after_kill:?}"
     );
-    // Mosquitto checks keep-alives about once a second; a loaded machine adds a little.
+    // Mosquitto checks keep-alives about once a second, and the will is stamped when the
+    // hub stores it: a loaded machine (this binary's other tests run beside it) adds a
+    // few seconds (10.5 s seen in a CI run for a 7.5 s limit).
     assert!(
-        will_after_ms <= limit.as_millis() as i64 + 3_000,
+        will_after_ms <= limit.as_millis() as i64 + 5_000,
         "the will came {will_after_ms} ms after the freeze"
     );
     assert!(

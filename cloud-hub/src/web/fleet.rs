@@ -4,7 +4,7 @@
 //! spool backlog, verdict fallbacks, late verdicts, last seen, agent version), sortable
 //! by any column; and `/fleet/{site}/{device}`: one device's score distribution and
 //! escalation rate over time (SVG drawn here), its verdict fallbacks and late verdicts per
-//! minute, its camera alarms and its latest frames. Rates, scores and the rise of the
+//! minute, its alarms (camera faults, drift) and its latest frames. Rates, scores and the rise of the
 //! verdict counters come from the per-minute aggregates ([`crate::db::minutes`]), never
 //! from the result rows; the spool backlog, the counters' totals and the alarms from the
 //! device's latest metrics message.
@@ -609,7 +609,7 @@ pub async fn device(
         "<main><nav class=\"pager\"><a href=\"/fleet\">&larr; fleet</a></nav><h1>Device <code id=\"device-name\">{site}/{device}</code></h1>\
          <dl class=\"facts-inline\"><dt>State</dt><dd>{state}</dd><dt>Model</dt><dd>{model}</dd><dt>Agent</dt><dd class=\"version\">{agent}</dd><dt>Last seen</dt><dd>{seen}</dd>\
          <dt>Frames stored</dt><dd>{frames} ({escalations} escalated)</dd><dt>Last {hours} hours</dt><dd>{recent_frames} frames, {recent_share} escalated, median score {median}, p99 {p99}</dd>\
-         <dt>Spool backlog</dt><dd>{spool}</dd><dt>Verdict fallbacks</dt><dd>{fallbacks}</dd><dt>Late verdicts</dt><dd>{late}</dd><dt>Camera alarms</dt><dd id=\"alarms\">{alarms}</dd></dl>\
+         <dt>Spool backlog</dt><dd>{spool}</dd><dt>Verdict fallbacks</dt><dd>{fallbacks}</dd><dt>Late verdicts</dt><dd>{late}</dd><dt>Alarms</dt><dd id=\"alarms\">{alarms}</dd></dl>\
          {plots}\
          <h2>Latest frames <a class=\"more\" href=\"{all}\">all of its frames</a></h2>\
          <div class=\"wide\"><table class=\"frames\">{frames_head}<tbody id=\"device-frames\">{rows}</tbody></table></div></main>",
