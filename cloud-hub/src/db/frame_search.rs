@@ -5,6 +5,7 @@
 //! into the statement.
 
 use super::{sql, unescape_text, Db};
+use crate::domain::EscalationState;
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use insp_core::routing::Band;
@@ -158,16 +159,16 @@ pub struct FrameHit {
     pub received_unix_ms: i64,
     /// Edge score.
     pub edge_score: f64,
-    /// The edge's band (`OK`, `UNCERTAIN`, `NG`).
-    pub band: String,
+    /// The edge's band.
+    pub band: Band,
     /// Edge bundle version.
     pub model_version: String,
     /// Edge latency.
     pub latency_ms: f64,
-    /// The escalation's state (`pending`, `decided`, `failed`), if escalated.
-    pub escalation: Option<String>,
+    /// The escalation's state, if escalated.
+    pub escalation: Option<EscalationState>,
     /// The verdict's band, if decided.
-    pub verdict: Option<String>,
+    pub verdict: Option<Band>,
     /// The verdict's fused score, if decided.
     pub fused: Option<f64>,
 }
@@ -192,11 +193,17 @@ fn hit_from(r: &AnyRow) -> Result<FrameHit> {
         captured_unix_ms: r.try_get(4)?,
         received_unix_ms: r.try_get(5)?,
         edge_score: r.try_get(6)?,
-        band: r.try_get(7)?,
+        band: r.try_get::<String, _>(7)?.parse()?,
         model_version: unescape_text(r.try_get(8)?),
         latency_ms: r.try_get(9)?,
-        escalation: r.try_get(10)?,
-        verdict: r.try_get(11)?,
+        escalation: r
+            .try_get::<Option<String>, _>(10)?
+            .map(|s| s.parse())
+            .transpose()?,
+        verdict: r
+            .try_get::<Option<String>, _>(11)?
+            .map(|s| s.parse())
+            .transpose()?,
         fused: r.try_get(12)?,
     })
 }

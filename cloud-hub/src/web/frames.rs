@@ -195,8 +195,8 @@ pub fn frame_rows(hits: &[FrameHit], empty: &str) -> String {
                 None => format!("<span class=\"frame-id\">{}</span>", esc(&h.frame_id)),
             };
             let verdict = match (&h.verdict, &h.escalation) {
-                (Some(v), _) => format!("{} ({})", esc(v), number(h.fused, 3)),
-                (None, Some(state)) => esc(state),
+                (Some(v), _) => format!("{} ({})", v.as_str(), number(h.fused, 3)),
+                (None, Some(state)) => state.as_str().to_string(),
                 (None, None) => "-".into(),
             };
             format!(
@@ -207,7 +207,7 @@ pub fn frame_rows(hits: &[FrameHit], empty: &str) -> String {
                 source = esc(&h.source),
                 captured = time_cell(h.captured_unix_ms),
                 score = h.edge_score,
-                band = esc(&h.band),
+                band = h.band.as_str(),
                 by = h.decided_by().as_str(),
             )
         })
@@ -351,12 +351,12 @@ fn csv_line(h: &FrameHit, out: &mut String) {
         crate::table::time(h.captured_unix_ms).into(),
         h.received_unix_ms.to_string().into(),
         h.edge_score.to_string().into(),
-        csv_field(&h.band),
+        h.band.as_str().into(),
         csv_text(&h.model_version),
         h.latency_ms.to_string().into(),
         h.decided_by().as_str().into(),
-        csv_field(h.escalation.as_deref().unwrap_or("")),
-        csv_field(h.verdict.as_deref().unwrap_or("")),
+        h.escalation.map_or("", |s| s.as_str()).into(),
+        h.verdict.map_or("", |b| b.as_str()).into(),
         h.fused.map(|f| f.to_string()).unwrap_or_default().into(),
     ];
     out.push_str(&fields.join(","));
@@ -519,11 +519,11 @@ mod tests {
             captured_unix_ms: 1000,
             received_unix_ms: 2000,
             edge_score: 1.5,
-            band: "UNCERTAIN".into(),
+            band: Band::Uncertain,
             model_version: "v1".into(),
             latency_ms: 3.0,
-            escalation: Some("decided".into()),
-            verdict: Some("NG".into()),
+            escalation: Some(crate::domain::EscalationState::Decided),
+            verdict: Some(Band::Ng),
             fused: Some(2.5),
         };
         let mut line = String::new();
